@@ -1,0 +1,271 @@
+"""``jv5fast.Engine``: load a checkpoint once, then ``embed`` texts exactly as the released reference does.
+
+text → prompt prefix → token ids (truncated, specials kept) → length-sorted token-budget batches →
+packed varlen forward → last token (after the final norm) → Matryoshka truncation → L2 normalize →
+precision, with results restored to input order.
+
+Task adapters: the base linear weights stay in memory in their storage dtype next to each adapter's
+(A, B) factors; switching task re-merges W + s·B·A in fp32 and casts once (no disk access). One lock
+serialises the forward pass, so one engine may be shared by several threads.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+from . import ops
+from .batching import PackedBatch, plan_batches
+from .config import load_model_args
+from .loading import load_adapters, load_prompts, load_weights, resolve_checkpoint
+from .models.backbone import FUSED, Backbone
+from .postprocess import check_precision, quantize
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("jv5fast")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+_PROGRESS_MIN_BATCHES = 8  # show_progress_bar=None shows a bar beyond this many batches
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype {dtype!r} is not supported; choose one of 'float32', 'bfloat16', 'float16'")
+
+
+class Engine:
+    """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
+
+    def __init__(self, model_name_or_path, *, task="retrieval", device=None, dtype=None, max_length=None,
+                 max_batch_tokens=16384):
+        folder = resolve_checkpoint(str(model_name_or_path))
+        self.path = folder
+        self.args = args = load_model_args(folder)
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if max_length is None:
+            max_length = args.max_position_embeddings
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if max_length > args.max_position_embeddings:
+            warnings.warn(f"max_length={max_length} exceeds the model's max_position_embeddings="
+                          f"{args.max_position_embeddings}; positions beyond it were never trained", stacklevel=2)
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+        self.max_length, self.max_batch_tokens = max_length, max_batch_tokens
+
+        self.tokenizer = Tokenizer(folder, max_length)
+        self.prompts, self.default_prompt_name = load_prompts(folder)
+        weights = load_weights(folder, args)
+        self._adapters = {t: a.to(self.device) for t, a in load_adapters(folder, args).items()}
+        self.model = Backbone(args, self.device, self.dtype)
+        self.model.set_static(weights)
+        # Linear weights in their storage dtype, kept only when an adapter may need re-merging.
+        self._base = {k: v.to(self.device) for k, v in weights.items() if k.endswith("_proj.weight")}
+        del weights
+        self._lock = threading.RLock()
+        self._active = object()  # sentinel: nothing merged yet
+        if self._adapters:
+            self.task = self._check_task(task)
+        else:
+            if task not in (None, "retrieval"):
+                raise ValueError(self._no_adapter_msg(task))
+            self.task = None
+        self._activate(self.task)
+        if not self._adapters:
+            self._base = {}
+
+    # ---- properties ----------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.args.hidden_size
+
+    @property
+    def tasks(self) -> tuple:
+        return tuple(self._adapters)
+
+    def __repr__(self):
+        return (f"Engine({self.path!r}, family={self.args.family}, dim={self.dim}, task={self.task!r}, "
+                f"device={self.device}, dtype={self.dtype}, max_length={self.max_length})")
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def _no_adapter_msg(self, task):
+        return (f"task {task!r} requested, but {self.path} has no adapters/ folder (a per-task merged "
+                f"checkpoint); its tasks are: none. Pass task=None.")
+
+    def _check_task(self, task):
+        if not self._adapters:
+            if task is not None:
+                raise ValueError(self._no_adapter_msg(task))
+            return None
+        if task not in self._adapters:
+            raise ValueError(f"unknown task {task!r}; valid tasks: {list(self._adapters)}")
+        return task
+
+    def _activate(self, task):
+        """Make the model's linear weights base + adapter(task), merged in fp32 and cast once."""
+        if task == self._active:
+            return
+        adapter = self._adapters.get(task) if task is not None else None
+        for i in range(self.args.num_layers):
+            for name, parts in FUSED.items():
+                ws = []
+                for part in parts:
+                    key = f"layers.{i}.{part}"
+                    w = self._base[key]
+                    delta = adapter.delta(key) if adapter is not None else None
+                    ws.append(w if delta is None else w.float() + delta)
+                if adapter is not None:  # merged parts are fp32; bring untouched parts to fp32 too
+                    ws = [w.float() for w in ws]
+                fused = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
+                self.model.set_linear(i, name, fused)
+        self._active = task
+
+    # ---- embedding -----------------------------------------------------------------------------
+    def embed(self, texts, *, prompt_name=None, prompt=None, task=None, truncate_dim=None, normalize=True,
+              precision="float32", truncate=True, show_progress_bar=None, convert_to_tensor=False):
+        """Embed ``texts`` (a str or a list of str). Returns (N, D') numpy (or torch with
+        ``convert_to_tensor``); a single str returns (D',). See README for every option."""
+        single = isinstance(texts, str)
+        items = self._check_texts(texts)
+        check_precision(precision)
+        task = self.task if task is None else self._check_task(task)
+        k = self._check_truncate_dim(truncate_dim)
+        prefix = self._prefix(prompt_name, prompt)
+        n = len(items)
+        if n == 0:
+            width = k if precision in ("float32", "float16") else (k + 7) // 8
+            dt = {"float32": np.float32, "float16": np.float16, "binary": np.int8, "ubinary": np.uint8}[precision]
+            out = np.zeros((0, width), dtype=dt)
+            return torch.from_numpy(out) if convert_to_tensor else out
+
+        ids, truncated = self.tokenizer.encode([prefix + t for t in items])
+        for i, seq in enumerate(ids):
+            if len(seq) == 0:
+                raise ValueError(f"texts[{i}] produced no tokens (empty text with an empty prompt); "
+                                 f"give it a prompt or some text")
+        if any(truncated):
+            idx = [i for i, t in enumerate(truncated) if t]
+            if not truncate:
+                i = idx[0]
+                raise ValueError(f"texts[{i}] has {self.tokenizer.count_untruncated(prefix + items[i])} tokens "
+                                 f"(prompt included), more than max_length={self.max_length}; pass truncate=True "
+                                 f"to cut it" + (f" ({len(idx)} texts are too long)" if len(idx) > 1 else ""))
+            log.info("%d of %d texts were truncated to max_length=%d tokens (first: index %d)",
+                     len(idx), n, self.max_length, idx[0])
+
+        lengths = [len(s) for s in ids]
+        batches = plan_batches(lengths, self.max_batch_tokens)
+        show = len(batches) > _PROGRESS_MIN_BATCHES if show_progress_bar is None else bool(show_progress_bar)
+        out = torch.empty(n, k, dtype=torch.float32)
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n, unit="text", desc="embed")
+        try:
+            with self._lock:
+                self._activate(task)
+                for idx in batches:
+                    self._run(idx, ids, out, k, normalize)
+                    if bar is not None:
+                        bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+
+        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise FloatingPointError(f"non-finite embedding for texts{bad[:10]} (dtype {self.dtype}); "
+                                     f"try dtype='float32'")
+        res = out.numpy() if precision == "float32" else quantize(out.numpy(), precision)
+        if single:
+            res = res[0]
+        return torch.from_numpy(np.ascontiguousarray(res)) if convert_to_tensor else res
+
+    def encode_query(self, texts, **kw):
+        """``embed`` with the query prompt ("Query: ") unless ``prompt``/``prompt_name`` is given."""
+        if kw.get("prompt") is None:
+            kw.setdefault("prompt_name", "query")
+        return self.embed(texts, **kw)
+
+    def encode_document(self, texts, **kw):
+        """``embed`` with the document prompt ("Document: ") unless ``prompt``/``prompt_name`` is given."""
+        if kw.get("prompt") is None:
+            kw.setdefault("prompt_name", "document")
+        return self.embed(texts, **kw)
+
+    encode = embed  # sentence-transformers spelling
+
+    def tokenize(self, texts, *, prompt_name=None, prompt=None):
+        """Token ids exactly as ``embed`` would feed them to the model (prefix and truncation applied)."""
+        single = isinstance(texts, str)
+        items = self._check_texts(texts)
+        prefix = self._prefix(prompt_name, prompt)
+        ids, _ = self.tokenizer.encode([prefix + t for t in items])
+        return ids[0] if single else ids
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _run(self, idx, ids, out, k, normalize):
+        """Forward one batch; on CUDA OOM split it in halves and retry down to a single text."""
+        try:
+            batch = PackedBatch.from_ids([ids[i] for i in idx], self.device)
+            hidden = self.model.forward(batch)                                   # (T, E)
+            emb = ops.pool_last(hidden, batch.cu_seqlens, truncate_dim=k, normalize=normalize)
+            out[torch.as_tensor(idx)] = emb.float().cpu()
+        except torch.OutOfMemoryError:
+            if len(idx) == 1:
+                raise torch.OutOfMemoryError(f"out of memory embedding text {idx[0]} alone "
+                                             f"({len(ids[idx[0]])} tokens) on {self.device}") from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(idx) // 2
+            self._run(idx[:half], ids, out, k, normalize)
+            self._run(idx[half:], ids, out, k, normalize)
+
+    @staticmethod
+    def _check_texts(texts):
+        if isinstance(texts, str):
+            return [texts]
+        if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        items = list(texts)
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.40}), expected str")
+        return items
+
+    def _check_truncate_dim(self, truncate_dim) -> int:
+        if truncate_dim is None:
+            return self.dim
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
+            raise TypeError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
+        if not 1 <= truncate_dim <= self.dim:
+            dims = [d for d in (32, 64, 128, 256, 512, 768, 1024) if d <= self.dim]
+            raise ValueError(f"truncate_dim={truncate_dim} is out of range 1..{self.dim}; the Matryoshka "
+                             f"dims are {dims}")
+        return int(truncate_dim)
+
+    def _prefix(self, prompt_name, prompt) -> str:
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            return prompt
+        name = self.default_prompt_name if prompt_name is None else prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise ValueError(f"unknown prompt_name {name!r}; valid: {list(self.prompts)}")
+        return self.prompts[name]
+

@@ -1,0 +1,89 @@
+"""The Qwen3 (small) / EuroBERT (nano) backbone over a packed varlen batch (model-spec.md §4).
+
+The two families share the Llama pre-norm layer; they differ in ``causal`` (Qwen3 decoder vs
+EuroBERT encoder) and ``qk_norm`` (Qwen3's per-head RMSNorm on q and k before RoPE). Weights are held
+fused — q/k/v as one (dq + 2 dkv, E) matrix and gate/up as one (2F, E) — so each layer runs four
+GEMMs over all T tokens of the batch. Every op other than the GEMMs goes through ``jv5fast.ops``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..batching import PackedBatch
+from ..config import ModelArgs
+
+# Our fused names → the checkpoint tensors they are built from (order matters for the concat).
+FUSED = {
+    "wqkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "wo": ("self_attn.o_proj.weight",),
+    "w13": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "w2": ("mlp.down_proj.weight",),
+}
+NORMS = {
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+}
+
+
+class Backbone:
+    """Weights plus a forward pass; no nn.Module, no autograd state at inference."""
+
+    def __init__(self, args: ModelArgs, device, dtype):
+        self.args, self.device, self.dtype = args, torch.device(device), dtype
+        self.embed = None
+        self.norm = None
+        self.layers = [dict() for _ in range(args.num_layers)]
+        self._rope = None  # (cos, sin) fp32 tables, grown on demand
+
+    # ---- weights -------------------------------------------------------------------------------
+    def set_static(self, weights: dict):
+        """Embedding, final norm and per-layer norms (untouched by LoRA), cast once."""
+        cast = dict(device=self.device, dtype=self.dtype)
+        self.embed = weights["embed_tokens.weight"].to(**cast)
+        self.norm = weights["norm.weight"].to(**cast)
+        for i, layer in enumerate(self.layers):
+            for ours, theirs in NORMS.items():
+                key = f"layers.{i}.{theirs}"
+                if key in weights:
+                    layer[ours] = weights[key].to(**cast)
+
+    def set_linear(self, i: int, name: str, weight: torch.Tensor):
+        self.layers[i][name] = weight.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def rope_tables(self, n_positions: int):
+        if self._rope is None or self._rope[0].shape[0] < n_positions:
+            a = self.args
+            self._rope = ops.rope_tables(a.rope_theta, a.head_dim, max(n_positions, 512), device=self.device)
+        return self._rope
+
+    # ---- forward -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Packed batch -> final-normed hidden states (T, E) in the model dtype."""
+        a = self.args
+        D, H, Hkv = a.head_dim, a.num_heads, a.num_kv_heads
+        dq, dkv = H * D, Hkv * D
+        cos, sin = self.rope_tables(batch.max_seqlen)
+        pos = batch.position_ids
+        x = F.embedding(batch.input_ids, self.embed)                      # (T, E)
+        residual = None
+        for layer in self.layers:
+            if residual is None:
+                h, residual = ops.rms_norm(x, layer["attn_norm"], a.rms_norm_eps), x
+            else:
+                h, residual = ops.rms_norm(x, layer["attn_norm"], a.rms_norm_eps, residual)
+            qkv = F.linear(h, layer["wqkv"])                              # (T, dq + 2 dkv)
+            q = qkv[:, :dq].view(-1, H, D)                                 # (T, H, D)
+            k = qkv[:, dq:dq + dkv].view(-1, Hkv, D)                       # (T, Hkv, D)
+            v = qkv[:, dq + dkv:].view(-1, Hkv, D)
+            q = ops.rope(q, cos, sin, pos, layer.get("q_norm"), a.rms_norm_eps)
+            k = ops.rope(k, cos, sin, pos, layer.get("k_norm"), a.rms_norm_eps)
+            o = ops.attention_varlen(q, k, v.contiguous(), batch.cu_seqlens, batch.max_seqlen, causal=a.causal)
+            x = F.linear(o.reshape(-1, dq), layer["wo"])                   # (T, E)
+            h, residual = ops.rms_norm(x, layer["mlp_norm"], a.rms_norm_eps, residual)
+            x = F.linear(ops.swiglu(F.linear(h, layer["w13"])), layer["w2"])
+        return ops.rms_norm(x + residual, self.norm, a.rms_norm_eps)
