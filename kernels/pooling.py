@@ -69,7 +69,7 @@ if HAS_TRITON:
     @triton.jit
     def _pool_kernel(HID, CU, OUT, BITS, stride_h, stride_o, stride_b, K,
                      MODE: tl.constexpr, NORMALIZE: tl.constexpr, STORE_V: tl.constexpr,
-                     PACK: tl.constexpr, BLOCK_BYTES: tl.constexpr, ROWS: tl.constexpr):
+                     PACK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
         b = tl.program_id(0)
         start = tl.load(CU + b).to(tl.int64)
         end = tl.load(CU + b + 1).to(tl.int64)
