@@ -1,0 +1,471 @@
+"""One-shot GPU check for jv5fast (H100/H200): kernel correctness, attention TFLOP/s, engine tokens/s.
+
+    python bench/gpu_check.py [results.md] [--only correctness,attention,engine]
+
+1. correctness: every Triton kernel in bf16 and fp16 against its fp32 reference on fresh random data
+   (attention forward and dq/dk/dv included), error bounded as in tests (style.md): a small multiple of
+   PyTorch's own error in the same dtype plus a floor; Hamming top-k for equality when it exists.
+2. attention: forward and forward+backward TFLOP/s of ``attention_varlen`` against
+   ``scaled_dot_product_attention`` (flash backend, (B, H, S, D), same total tokens) at head_dim 128
+   (16 q / 8 kv heads, causal) and 64 (12 / 12, bidirectional), S = 512 … 32k, ~32k tokens per call.
+3. engine: ``jv5fast.Engine`` tokens/s on a mixed-length corpus against transformers' Qwen3Model /
+   EuroBertModel in bf16 (sdpa, length-sorted padded batches) on random full-size checkpoints, and the
+   peak CUDA memory of one 32k-token text on small.
+
+Each section survives the failure of another (the error is printed and the table says so). One
+markdown table is printed at the end and written to argv[1] if given. Budget: < 6 minutes on an H100.
+The helpers above ``main`` (FLOP counting, tolerance, table formatting) run on CPU and are tested.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+ATTN_SHAPES = [  # (label, H, Hkv, D, causal)
+    ("d128 16/8 causal", 16, 8, 128, True),
+    ("d64 12/12 bidir", 12, 12, 64, False),
+]
+ATTN_SEQLENS = [512, 2048, 8192, 32768]
+TOTAL_TOKENS = 32768
+DEVICE = "cuda"  # the CPU smoke test sets "cpu" (Triton interpreter)
+ATTN_CHECK_CASES = [  # (lens, H, Hkv, D, causal)
+    ([1, 77, 512, 1000, 2049], 16, 8, 128, True), ([3, 300, 1025], 12, 12, 64, False),
+    ([97, 700, 1], 8, 2, 96, True), ([513, 64], 8, 1, 256, False)]
+SMALL_LENS = [1, 2000, 2098]  # sequences for the RMSNorm / RoPE / SwiGLU checks
+POOL_LENS = [1, 7, 513, 2048, 33]
+
+
+# ---- CPU-side helpers (tested in tests/test_gpu_check.py) -----------------------------------------
+def attention_flops(seqlens, n_heads, head_dim, causal, mode="fwd"):
+    """FLOPs of attention over sequences of the given lengths (FlashAttention's convention):
+    forward 4·S²·H·D per sequence (two matmuls), halved when causal; backward = 2.5 × forward."""
+    f = sum(4.0 * s * s * n_heads * head_dim for s in seqlens)
+    if causal:
+        f /= 2
+    return {"fwd": f, "bwd": 2.5 * f, "fwd_bwd": 3.5 * f}[mode]
+
+
+def tflops(flops, ms):
+    return flops / (ms * 1e-3) / 1e12 if ms and ms > 0 else float("nan")
+
+
+def batch_for(seqlen, total_tokens=TOTAL_TOKENS):
+    """(B, S) with B·S ≈ total_tokens and B ≥ 1."""
+    return max(1, total_tokens // seqlen), seqlen
+
+
+def error_bound(torch_err, dtype, mult):
+    """The style.md tolerance: mult × PyTorch's own low-precision error + a floor for the dtype."""
+    return mult * torch_err + FLOOR[dtype]
+
+
+def compare(out, ref32, ref_lowp, dtype, mult):
+    """(ok, err, bound): max |out − ref32| against error_bound(max |ref_lowp − ref32|)."""
+    out, ref32, ref_lowp = out.float(), ref32.float(), ref_lowp.float()
+    if not torch.isfinite(out).all():
+        return False, float("nan"), float("nan")
+    err = (out - ref32).abs().max().item() if out.numel() else 0.0
+    terr = (ref_lowp - ref32).abs().max().item() if out.numel() else 0.0
+    bound = error_bound(terr, dtype, mult)
+    return err <= bound, err, bound
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e5):
+            return f"{x:.{digits - 1}e}"
+        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def markdown_table(header, rows):
+    """A GitHub markdown table; cells pass through fmt()."""
+    cells = [[fmt(c) for c in r] + [""] * (len(header) - len(r)) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
+              for i, h in enumerate(header)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def mixed_lengths(n, lo=8, hi=2048, seed=0):
+    """n text lengths (in words), log-uniform between lo and hi: the embedding regime, many short texts."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g)
+    return [int(round(math.exp(math.log(lo) + x * (math.log(hi) - math.log(lo))))) for x in u.tolist()]
+
+
+def random_text(n_words, seed):
+    import random
+    rng = random.Random(seed)
+    vocab = ["the", "model", "embedding", "vector", "search", "query", "document", "token", "fast", "kernel",
+             "attention", "layer", "retrieval", "text", "data", "index", "graph", "memory", "speed", "sequence",
+             "Berlin", "2024", "über", "naïve", "résumé", "GPU", "12.5%", "x", "of", "and"]
+    return " ".join(rng.choice(vocab) for _ in range(n_words))
+
+
+class Report:
+    """Collects rows (section, check, result, detail) and renders them as one markdown table."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, section, check, result, detail=""):
+        self.rows.append((section, check, result, detail))
+        print(f"[{section}] {check}: {fmt(result)} {detail}", flush=True)
+
+    def render(self, device="", note=""):
+        head = [f"# jv5fast GPU check — {device}", "",
+                f"{datetime.date.today().isoformat()} · torch {torch.__version__} · "
+                f"triton {_version('triton')} · python {platform.python_version()}" + (f" · {note}" if note else ""),
+                ""]
+        return "\n".join(head) + markdown_table(["section", "check", "result", "detail"], self.rows) + "\n"
+
+
+def _version(mod):
+    try:
+        return __import__(mod).__version__
+    except Exception:  # noqa: BLE001
+        return "n/a"
+
+
+# ---- GPU sections ----------------------------------------------------------------------------------
+def _cuda_ms(fn, warmup=3, iters=10):
+    """Median milliseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _cu(lens, device=None):
+    device = device or DEVICE
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def check_attention(rep, dtype):
+    from jv5fast.kernels.attention import attention_varlen, attention_varlen_ref
+    for lens, H, Hkv, D, causal in ATTN_CHECK_CASES:
+        name = f"attention {dtype_name(dtype)} D{D} {H}/{Hkv} {'causal' if causal else 'bidir'}"
+        try:
+            T, S = sum(lens), max(lens)
+            cu = _cu(lens)
+            q, k, v = (torch.randn(T, h, D, device=DEVICE).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
+            q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+            out = attention_varlen(q, k, v, cu, S, causal=causal)
+            ref32 = attention_varlen_ref(q32, k32, v32, cu, S, causal=causal)
+            ref_lp = attention_varlen_ref(q, k, v, cu, S, causal=causal)
+            do = torch.randn_like(ref32)
+            g = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+            g32 = torch.autograd.grad(ref32, (q32, k32, v32), do)
+            glp = torch.autograd.grad(ref_lp, (q, k, v), do.to(dtype))
+            res = [("out", compare(out, ref32, ref_lp, dtype, 2))]
+            res += [(n, compare(a, b, c, dtype, 3)) for n, a, b, c in zip(("dq", "dk", "dv"), g, g32, glp)]
+            ok = all(r[0] for _, r in res)
+            rep.add("correctness", name, "PASS" if ok else "FAIL",
+                    " ".join(f"{n} {fmt(e)}≤{fmt(b)}" for n, (_, e, b) in res))
+        except Exception as e:  # noqa: BLE001
+            _fail(rep, "correctness", name, e)
+
+
+def dtype_name(dtype):
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _grad_check(rep, name, dtype, fn, ref, inputs, n_out=1):
+    """fn/ref take the same inputs; compares outputs (×2) and input gradients (×3)."""
+    leaves = [x.to(DEVICE).to(dtype).requires_grad_() if x.is_floating_point() else x.to(DEVICE) for x in inputs]
+    leaves32 = [x.detach().float().requires_grad_() if x.is_floating_point() else x for x in leaves]
+    outs = fn(*leaves)
+    outs32, outs_lp = ref(*leaves32), ref(*leaves)
+    if n_out == 1:
+        outs, outs32, outs_lp = (outs,), (outs32,), (outs_lp,)
+    res = [(f"out{i}", compare(a, b, c, dtype, 2)) for i, (a, b, c) in enumerate(zip(outs, outs32, outs_lp))]
+    diff = [i for i, x in enumerate(leaves) if x.is_floating_point()]
+    gos = [torch.randn(o.shape, device=DEVICE) for o in outs32]
+    g = torch.autograd.grad(outs, [leaves[i] for i in diff], [x.to(outs[j].dtype) for j, x in enumerate(gos)])
+    g32 = torch.autograd.grad(outs32, [leaves32[i] for i in diff], gos)
+    glp = torch.autograd.grad(outs_lp, [leaves[i] for i in diff], [x.to(outs_lp[j].dtype) for j, x in enumerate(gos)])
+    res += [(f"d{i}", compare(a, b, c, dtype, 3)) for i, a, b, c in zip(diff, g, g32, glp)]
+    ok = all(r[0] for _, r in res)
+    rep.add("correctness", f"{name} {dtype_name(dtype)}", "PASS" if ok else "FAIL",
+            " ".join(f"{n} {fmt(e)}≤{fmt(b)}" for n, (_, e, b) in res))
+
+
+def check_small_kernels(rep, dtype):
+    T = sum(SMALL_LENS)
+    try:
+        from jv5fast.kernels.rmsnorm import rms_norm, rms_norm_ref
+        _grad_check(rep, "rms_norm+residual N1024", dtype, lambda x, w, r: rms_norm(x, w, 1e-6, r),
+                    lambda x, w, r: rms_norm_ref(x, w, 1e-6, r),
+                    [torch.randn(T, 1024), 1 + 0.2 * torch.randn(1024), torch.randn(T, 1024)], n_out=2)
+    except Exception as e:  # noqa: BLE001
+        _fail(rep, "correctness", f"rms_norm {dtype_name(dtype)}", e)
+    try:
+        from jv5fast.kernels.rope import rope, rope_ref, rope_tables
+        cos, sin = rope_tables(3.5e6, 128, 32768, device=DEVICE)
+        pos = torch.cat([torch.arange(n) for n in SMALL_LENS]).to(DEVICE)
+        _grad_check(rep, "rope+qk_norm D128", dtype, lambda x, w: rope(x, cos, sin, pos, w, 1e-6),
+                    lambda x, w: rope_ref(x, cos, sin, pos, w, 1e-6),
+                    [torch.randn(T, 16, 128), 1 + 0.2 * torch.randn(128)])
+        cos64, sin64 = rope_tables(1e6, 64, 8192, device=DEVICE)
+        _grad_check(rep, "rope D64", dtype, lambda x: rope(x, cos64, sin64, pos),
+                    lambda x: rope_ref(x, cos64, sin64, pos), [torch.randn(T, 12, 64)])
+    except Exception as e:  # noqa: BLE001
+        _fail(rep, "correctness", f"rope {dtype_name(dtype)}", e)
+    try:
+        from jv5fast.kernels.swiglu import swiglu, swiglu_ref
+        _grad_check(rep, "swiglu F3072", dtype, swiglu, swiglu_ref, [2 * torch.randn(T, 2 * 3072)])
+    except Exception as e:  # noqa: BLE001
+        _fail(rep, "correctness", f"swiglu {dtype_name(dtype)}", e)
+    try:
+        from jv5fast.kernels.pooling import pack_bits, pack_bits_ref, pool, pool_ref
+        lens = POOL_LENS
+        cu = _cu(lens)
+        hidden = torch.randn(sum(lens), 1024, device=DEVICE).to(dtype)
+        errs, exact = [], True
+        for mode in ("last", "cls", "mean"):
+            for k in (None, 256, 37):
+                v, bits = pool(hidden, cu, mode=mode, truncate_dim=k, pack_bits=True)
+                ref = pool_ref(hidden, cu, mode=mode, truncate_dim=k)
+                errs.append((v - ref).abs().max().item())
+                if mode != "mean":  # mean sums in another order: a near-zero sign may flip
+                    exact &= torch.equal(bits, pack_bits_ref(ref))
+        x = torch.randn(64, 1000, device=DEVICE)
+        exact &= torch.equal(pack_bits(x), pack_bits_ref(x))
+        ok = exact and max(errs) <= FLOOR[torch.float32]
+        rep.add("correctness", f"pool/truncate/normalize/pack {dtype_name(dtype)}", "PASS" if ok else "FAIL",
+                f"max err {fmt(max(errs))}, bits exact {exact}")
+    except Exception as e:  # noqa: BLE001
+        _fail(rep, "correctness", f"pooling {dtype_name(dtype)}", e)
+
+
+def check_hamming(rep):
+    try:
+        from jv5fast.kernels.hamming import hamming_topk, hamming_topk_ref
+    except Exception:  # noqa: BLE001
+        rep.add("correctness", "hamming_topk", "n/a", "jv5fast.kernels.hamming.hamming_topk not available")
+        return
+    try:
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        corpus = torch.randint(0, 256, (100_003, 32), dtype=torch.uint8, device=DEVICE, generator=g)
+        corpus[5000:5100] = corpus[0]  # ties, broken by id
+        queries = torch.cat([corpus[:4], torch.randint(0, 256, (60, 32), dtype=torch.uint8, device=DEVICE,
+                                                       generator=g)])
+        ok = True
+        for k in (1, 10, 100):
+            d, i = hamming_topk(queries, corpus, k)
+            dr, ir = hamming_topk_ref(queries, corpus, k)
+            ok &= torch.equal(d.cpu(), dr.cpu()) and torch.equal(i.cpu(), ir.cpu())
+        ms = _cuda_ms(lambda: hamming_topk(queries, corpus, 10))
+        rep.add("correctness", "hamming_topk 64q × 100k × 256 bit", "PASS" if ok else "FAIL",
+                f"exact D and I for k 1/10/100; k=10 {fmt(ms)} ms")
+    except Exception as e:  # noqa: BLE001
+        _fail(rep, "correctness", "hamming_topk", e)
+
+
+def bench_attention(rep):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    from jv5fast.kernels.attention import attention_varlen
+    dtype = torch.bfloat16
+    for label, H, Hkv, D, causal in ATTN_SHAPES:
+        for S in ATTN_SEQLENS:
+            name = f"{label} S={S}"
+            try:
+                B, S = batch_for(S)
+                T = B * S
+                cu = _cu([S] * B)
+                q = torch.randn(T, H, D, device=DEVICE, dtype=dtype)
+                k = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype)
+                v = torch.randn(T, Hkv, D, device=DEVICE, dtype=dtype)
+                # The peer's layout: (B, H, S, D) views of the same tokens, KV heads expanded for flash.
+                qp = q.view(B, S, H, D).transpose(1, 2)
+                kp = k.view(B, S, Hkv, D).repeat_interleave(H // Hkv, dim=2).transpose(1, 2)
+                vp = v.view(B, S, Hkv, D).repeat_interleave(H // Hkv, dim=2).transpose(1, 2)
+                fwd = attention_flops([S] * B, H, D, causal)
+                with torch.no_grad():
+                    ms_ours = _cuda_ms(lambda: attention_varlen(q, k, v, cu, S, causal=causal))
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        ms_sdpa = _cuda_ms(lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=causal))
+                t_o, t_s = tflops(fwd, ms_ours), tflops(fwd, ms_sdpa)
+                rep.add("attention fwd", name, f"{fmt(t_o)} TF/s", f"SDPA flash {fmt(t_s)} TF/s, ratio {fmt(t_o / t_s)}")
+
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                qpg, kpg, vpg = (x.detach().requires_grad_() for x in (qp, kp, vp))
+                do = torch.randn_like(q)
+                dop = do.view(B, S, H, D).transpose(1, 2)
+
+                def ours():
+                    attention_varlen(qg, kg, vg, cu, S, causal=causal).backward(do)
+
+                def peer():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        F.scaled_dot_product_attention(qpg, kpg, vpg, is_causal=causal).backward(dop)
+
+                fb = attention_flops([S] * B, H, D, causal, "fwd_bwd")
+                t_o, t_s = tflops(fb, _cuda_ms(ours, 2, 5)), tflops(fb, _cuda_ms(peer, 2, 5))
+                rep.add("attention fwd+bwd", name, f"{fmt(t_o)} TF/s", f"SDPA flash {fmt(t_s)} TF/s, ratio {fmt(t_o / t_s)}")
+                del q, k, v, qp, kp, vp, qg, kg, vg, qpg, kpg, vpg, do, dop
+                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001
+                _fail(rep, "attention", name, e)
+
+
+def _peer_embed(model, token_ids, batch_size=32):
+    """transformers peer: length-sorted, right-padded batches, last real token, L2 normalize."""
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    out = [None] * len(token_ids)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            S = len(token_ids[idx[0]])
+            ids = torch.zeros(len(idx), S, dtype=torch.long)
+            mask = torch.zeros(len(idx), S, dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(token_ids[i])] = torch.tensor(token_ids[i])
+                mask[r, :len(token_ids[i])] = 1
+            ids, mask = ids.cuda(non_blocking=True), mask.cuda(non_blocking=True)
+            hs = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = hs[torch.arange(len(idx), device=DEVICE), mask.sum(1) - 1].float()
+            last = torch.nn.functional.normalize(last, dim=-1).cpu()
+            for r, i in enumerate(idx):
+                out[i] = last[r]
+    return torch.stack(out)
+
+
+def bench_engine(rep, n_texts=1500, budget_s=150):
+    try:
+        import jv5fast
+        from jv5fast.testing import write_checkpoint
+    except Exception as e:  # noqa: BLE001
+        _fail(rep, "engine", "import jv5fast / jv5fast.testing.write_checkpoint", e)
+        return
+    t_start = time.time()
+    lengths = mixed_lengths(n_texts)
+    texts = [random_text(n, seed=i) for i, n in enumerate(lengths)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("small", "nano"):
+            if time.time() - t_start > budget_s:
+                rep.add("engine", family, "skipped", f"time budget {budget_s} s spent")
+                continue
+            eng = model = None
+            try:
+                path = write_checkpoint(os.path.join(tmp, family), family=family, size="full", seed=0)
+                eng = jv5fast.Engine(path, device=DEVICE, dtype="bfloat16")
+                ids = eng.tokenize(texts)
+                n_tok = sum(len(x) for x in ids)
+                eng.embed(texts[:64])  # warm-up: compile kernels
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                ours = eng.embed(texts, convert_to_tensor=True)
+                torch.cuda.synchronize()
+                t_ours = time.perf_counter() - t0
+                rep.add("engine", f"{family} jv5fast bf16", f"{fmt(n_tok / t_ours)} tok/s",
+                        f"{n_texts} texts, {n_tok} tokens, {fmt(n_texts / t_ours)} seq/s")
+            except Exception as e:  # noqa: BLE001
+                _fail(rep, "engine", f"{family} jv5fast", e)
+                continue
+            if family == "small":
+                try:  # one 32k-token text: activation memory above the weights
+                    long_text = random_text(40000, seed=12345)
+                    n_long = len(eng.tokenize(long_text))
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                    eng.embed([long_text])
+                    torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+                    rep.add("engine", f"small one {n_long}-token text", f"{fmt(peak)} GiB",
+                            f"activation peak above weights (target ≤ 2 GB); {fmt(dt)} s")
+                except Exception as e:  # noqa: BLE001
+                    _fail(rep, "engine", "small 32k-token text", e)
+            try:
+                from jv5fast.testing import reference_model
+                model = reference_model(path, task=eng.task, dtype=torch.bfloat16, device=DEVICE, attn="sdpa")
+                _peer_embed(model, ids[:64])
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                peer = _peer_embed(model, ids)
+                torch.cuda.synchronize()
+                t_peer = time.perf_counter() - t0
+                cos = torch.nn.functional.cosine_similarity(ours.float().cpu(), peer.float(), dim=-1)
+                rep.add("engine", f"{family} transformers bf16 sdpa", f"{fmt(n_tok / t_peer)} tok/s",
+                        f"jv5fast speed-up {fmt(t_peer / t_ours)}×; cosine vs jv5fast min {fmt(cos.min().item())}")
+            except Exception as e:  # noqa: BLE001
+                _fail(rep, "engine", f"{family} transformers peer", e)
+            del eng, model
+            torch.cuda.empty_cache()
+
+
+def _fail(rep, section, check, e):
+    traceback.print_exc()
+    rep.add(section, check, "ERROR", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+
+
+def main(argv):
+    out_path = next((a for a in argv[1:] if not a.startswith("--")), None)
+    only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,attention,engine")
+    sections = set(only.split(","))
+    rep = Report()
+    if not torch.cuda.is_available():
+        rep.add("setup", "CUDA", "n/a", "no CUDA device: nothing to check")
+        print(rep.render("no GPU"))
+        return 1
+    device = torch.cuda.get_device_name()
+    t0 = time.time()
+    if "correctness" in sections:
+        for dtype in (torch.bfloat16, torch.float16):
+            torch.manual_seed(int(time.time()) % 10_000)  # fresh random data every run
+            check_attention(rep, dtype)
+            check_small_kernels(rep, dtype)
+        check_hamming(rep)
+        print(f"-- correctness done at {time.time() - t0:.0f} s", flush=True)
+    if "attention" in sections:
+        try:
+            bench_attention(rep)
+        except Exception as e:  # noqa: BLE001
+            _fail(rep, "attention", "benchmark", e)
+        print(f"-- attention done at {time.time() - t0:.0f} s", flush=True)
+    if "engine" in sections:
+        try:
+            bench_engine(rep)
+        except Exception as e:  # noqa: BLE001
+            _fail(rep, "engine", "benchmark", e)
+    table = rep.render(device, note=f"total {time.time() - t0:.0f} s")
+    print("\n" + table)
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

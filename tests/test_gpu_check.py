@@ -1,0 +1,80 @@
+"""CPU smoke test of bench/gpu_check.py: it imports, and its FLOP counting / tolerance / table helpers work."""
+import importlib.util
+import math
+import os
+
+import torch
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_flops_and_tflops():
+    gc = _load()
+    f = gc.attention_flops([512] * 64, 16, 128, causal=False)
+    assert f == 4 * 512 * 512 * 16 * 128 * 64
+    assert gc.attention_flops([512] * 64, 16, 128, causal=True) == f / 2
+    assert gc.attention_flops([100], 1, 64, False, "fwd_bwd") == 3.5 * gc.attention_flops([100], 1, 64, False)
+    assert math.isclose(gc.tflops(2e12, 1000.0), 2.0)
+    assert math.isnan(gc.tflops(1.0, 0.0))
+    for S in gc.ATTN_SEQLENS:
+        B, S2 = gc.batch_for(S)
+        assert S2 == S and B * S == gc.TOTAL_TOKENS
+
+
+def test_compare_and_bound():
+    gc = _load()
+    ref32 = torch.randn(100)
+    lowp = ref32.half().float()
+    ok, err, bound = gc.compare(ref32.half(), ref32, lowp, torch.float16, 2)
+    assert ok and err <= bound
+    ok, _, _ = gc.compare(ref32 + 1.0, ref32, lowp, torch.float16, 2)
+    assert not ok
+    ok, _, _ = gc.compare(torch.full((100,), float("nan")), ref32, lowp, torch.float16, 2)
+    assert not ok
+    assert gc.error_bound(0.0, torch.float32, 3) == 1e-4
+
+
+def test_table_and_report(tmp_path):
+    gc = _load()
+    t = gc.markdown_table(["a", "b"], [(1.23456, "x"), (float("nan"), None), (123456.0,)])
+    lines = t.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("| a") and set(lines[1]) <= {"|", "-"}
+    assert "1.23" in t and "nan" in t and "n/a" in t
+    rep = gc.Report()
+    rep.add("correctness", "x", "PASS", "err 1e-3")
+    out = rep.render("CPU test")
+    assert "CPU test" in out and "| correctness" in out
+    assert len(gc.mixed_lengths(50)) == 50 and all(8 <= n <= 2048 for n in gc.mixed_lengths(50))
+    assert len(gc.random_text(17, seed=1).split()) == 17
+
+
+def test_main_without_cuda(tmp_path, monkeypatch):
+    gc = _load()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gc.main(["gpu_check.py", str(tmp_path / "t.md")]) == 1
+
+
+def test_correctness_sections_on_cpu(monkeypatch):
+    """The correctness code paths, shrunk, on CPU under the Triton interpreter (conftest sets it)."""
+    import pytest
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("covered by the real run on GPU")
+    gc = _load()
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    monkeypatch.setattr(gc, "ATTN_CHECK_CASES", [([5, 40], 4, 2, 64, True)])
+    monkeypatch.setattr(gc, "SMALL_LENS", [3, 30])
+    monkeypatch.setattr(gc, "POOL_LENS", [1, 9])
+    rep = gc.Report()
+    gc.check_attention(rep, torch.float16)
+    gc.check_small_kernels(rep, torch.float16)
+    results = {r[1]: r[2] for r in rep.rows}
+    assert len(results) == 6, rep.rows
+    assert all(v == "PASS" for v in results.values()), rep.rows
