@@ -6,3 +6,38 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from jv5fast.testing import write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """Write (and cache per argument set) a checkpoint in the released layout."""
+    cache = {}
+
+    def make(family="nano", size="tiny", seed=0, **kw):
+        key = (family, size, seed, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{family}_{size}_{seed}")
+            cache[key] = write_checkpoint(str(path), family, size, seed, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(ckpt_factory):
+    return ckpt_factory("small")
+
+
+@pytest.fixture(scope="session")
+def nano_ckpt(ckpt_factory):
+    return ckpt_factory("nano")
+
+
+@pytest.fixture(scope="session")
+def engines(small_ckpt, nano_ckpt):
+    import jv5fast
+    return {"small": jv5fast.Engine(small_ckpt, device="cpu"), "nano": jv5fast.Engine(nano_ckpt, device="cpu")}

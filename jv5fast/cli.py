@@ -1,0 +1,93 @@
+"""Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) --output OUT.npy|OUT.jsonl``.
+
+Same semantics as ``Engine.embed``. ``--input`` reads one text per line (a .jsonl file may instead
+hold one JSON string, or an object with a "text" field, per line). ``.npy`` output holds the (N, D')
+array; ``.jsonl`` one {"index", "embedding"} object per text, in input order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .postprocess import PRECISIONS
+
+
+def _read_texts(path: str):
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    try:
+        lines = f.read().splitlines()
+    finally:
+        if f is not sys.stdin:
+            f.close()
+    if path.endswith(".jsonl"):
+        texts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if isinstance(obj, dict):
+                if "text" not in obj:
+                    raise SystemExit(f"error: {path} line {n}: object without a 'text' field")
+                obj = obj["text"]
+            if not isinstance(obj, str):
+                raise SystemExit(f"error: {path} line {n}: expected a string, got {type(obj).__name__}")
+            texts.append(obj)
+        return texts
+    return lines
+
+
+def _write(out: str, emb):
+    import numpy as np
+    if out.endswith(".npy"):
+        np.save(out, emb)
+    elif out.endswith(".jsonl"):
+        with open(out, "w", encoding="utf-8") as f:
+            for i, row in enumerate(emb):
+                f.write(json.dumps({"index": i, "embedding": row.tolist()}) + "\n")
+    else:
+        raise SystemExit(f"error: --output must end in .npy or .jsonl, got {out!r}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="jv5fast", description="jina-embeddings-v5-text engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("embed", help="embed texts with a checkpoint folder or hub id")
+    e.add_argument("--model", required=True, help="checkpoint folder (released layout) or hub id")
+    e.add_argument("--task", default=None, help="adapter: retrieval, text-matching, clustering, classification")
+    e.add_argument("--prompt-name", default=None, help="query or document (default: document)")
+    e.add_argument("--prompt", default=None, help="a literal prefix instead of a named prompt")
+    e.add_argument("--truncate-dim", type=int, default=None, help="Matryoshka dimension")
+    e.add_argument("--precision", default="float32", choices=PRECISIONS)
+    e.add_argument("--no-normalize", action="store_true", help="skip L2 normalization")
+    e.add_argument("--no-truncate", action="store_true", help="error on texts longer than max length")
+    e.add_argument("--max-length", type=int, default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    e.add_argument("--input", default=None, help="file with one text per line, or - for stdin")
+    e.add_argument("--output", required=True, help="OUT.npy or OUT.jsonl")
+    e.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
+    a = p.parse_args(argv)
+
+    if bool(a.texts) == bool(a.input):
+        p.error("give either TEXT arguments or --input FILE (not both, not neither)")
+    if not (a.output.endswith(".npy") or a.output.endswith(".jsonl")):
+        p.error(f"--output must end in .npy or .jsonl, got {a.output!r}")
+    texts = a.texts if a.texts else _read_texts(a.input)
+
+    from .engine import Engine
+    try:
+        kw = {} if a.task is None else {"task": a.task}
+        eng = Engine(a.model, device=a.device, dtype=a.dtype, max_length=a.max_length, **kw)
+        emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
+                        precision=a.precision, normalize=not a.no_normalize, truncate=not a.no_truncate)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _write(a.output, emb)
+    print(f"embedded {len(texts)} texts -> {a.output} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
