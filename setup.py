@@ -59,7 +59,7 @@ def _extensions():
             "jv5fast._C",
             sources,
             cxx_std=17,
-            extra_compile_args=["-O3", "-fopenmp", *_cpu_flags()],
+            extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi", *_cpu_flags()],
             extra_link_args=["-fopenmp"],
         )
     ]

@@ -1,0 +1,410 @@
+// jv5fast._C: exact Hamming top-k search and sign-bit packing for binary embedding codes.
+//
+// Codes are rows of B bytes (np.packbits order, MSB-first; any B >= 1). A search computes the
+// Hamming distance of Q queries to N corpus rows and keeps an exact top-k per query under the faiss
+// IndexBinaryFlat rule: ascending distance, ties by smaller id, k > N padded with (INT32_MAX, -1).
+// Loop order: corpus block (L1-sized) outer, queries inner, so each corpus block is read from memory
+// once per query chunk; threads split the corpus into contiguous ranges (each keeps its own heaps,
+// merged at the end) or, when the corpus is small, split the queries. No Q x N matrix is formed.
+// Popcounts use AVX-512 VPOPCNTQ where the CPU has it (runtime dispatch, 8 rows reduced at once by a
+// transpose-add), else the scalar 64-bit POPCNT. The GIL is released while searching.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define JV5_X86 1
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+struct Cand {
+  int32_t d;
+  int64_t id;
+};
+inline bool cand_less(const Cand& a, const Cand& b) { return a.d < b.d || (a.d == b.d && a.id < b.id); }
+
+// A bounded max-heap of the k best (d, id) pairs for one query; `thr` is the distance a new
+// candidate must beat. Rows are visited in ascending id within one heap, so a candidate whose
+// distance equals the current worst always has a larger id and is rightly rejected by `d < thr`.
+struct TopK {
+  Cand* h;
+  int k;
+  int size = 0;
+  int32_t thr = INT32_MAX;
+  inline void push(int32_t d, int64_t id) {
+    if (size < k) {
+      h[size++] = {d, id};
+      std::push_heap(h, h + size, cand_less);
+      if (size == k) thr = h[0].d;
+    } else {
+      std::pop_heap(h, h + k, cand_less);
+      h[k - 1] = {d, id};
+      std::push_heap(h, h + k, cand_less);
+      thr = h[0].d;
+    }
+  }
+};
+
+inline int cpu_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Distance kernels: out[i] = popcount(q XOR rows[i]) for i < n.
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+inline uint64_t load_tail(const uint8_t* p, size_t nbytes) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, nbytes);
+  return v;
+}
+
+template <int W>  // W = B / 8 known at compile time (the common widths), B % 8 == 0
+void dist_scalar_fixed(const uint8_t* q, const uint8_t* rows, size_t n, size_t, int32_t* out) {
+  uint64_t qw[W];
+  for (int w = 0; w < W; ++w) qw[w] = load_u64(q + 8 * w);
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* r = rows + i * (8 * W);
+    int32_t s = 0;
+    for (int w = 0; w < W; ++w) s += __builtin_popcountll(qw[w] ^ load_u64(r + 8 * w));
+    out[i] = s;
+  }
+}
+
+void dist_scalar_any(const uint8_t* q, const uint8_t* rows, size_t n, size_t B, int32_t* out) {
+  const size_t W = B / 8, tail = B % 8;
+  const uint64_t qt = tail ? load_tail(q + 8 * W, tail) : 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* r = rows + i * B;
+    int32_t s = 0;
+    for (size_t w = 0; w < W; ++w) s += __builtin_popcountll(load_u64(q + 8 * w) ^ load_u64(r + 8 * w));
+    if (tail) s += __builtin_popcountll(qt ^ load_tail(r + 8 * W, tail));
+    out[i] = s;
+  }
+}
+
+#if defined(JV5_X86) && defined(__GNUC__)
+#define JV5_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
+
+// Sum each of 8 vectors of 8 u64 lanes: returns lane i = sum of v[i] (transpose-add, 14 shuffles
+// for 8 rows instead of 3 per row for separate horizontal reductions).
+JV5_AVX512 inline __m512i hsum8(__m512i v0, __m512i v1, __m512i v2, __m512i v3, __m512i v4, __m512i v5,
+                                __m512i v6, __m512i v7) {
+  // per 128-bit lane L: (v0[2L]+v0[2L+1], v1[2L]+v1[2L+1])
+  __m512i a01 = _mm512_add_epi64(_mm512_unpacklo_epi64(v0, v1), _mm512_unpackhi_epi64(v0, v1));
+  __m512i a23 = _mm512_add_epi64(_mm512_unpacklo_epi64(v2, v3), _mm512_unpackhi_epi64(v2, v3));
+  __m512i a45 = _mm512_add_epi64(_mm512_unpacklo_epi64(v4, v5), _mm512_unpackhi_epi64(v4, v5));
+  __m512i a67 = _mm512_add_epi64(_mm512_unpacklo_epi64(v6, v7), _mm512_unpackhi_epi64(v6, v7));
+  // lanes [a01.L0+L1, a01.L2+L3, a23.L0+L1, a23.L2+L3]
+  __m512i c0 = _mm512_add_epi64(_mm512_shuffle_i64x2(a01, a23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i64x2(a01, a23, _MM_SHUFFLE(3, 1, 3, 1)));
+  __m512i c1 = _mm512_add_epi64(_mm512_shuffle_i64x2(a45, a67, _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i64x2(a45, a67, _MM_SHUFFLE(3, 1, 3, 1)));
+  // lanes [(0,1), (2,3), (4,5), (6,7)]
+  return _mm512_add_epi64(_mm512_shuffle_i64x2(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i64x2(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// One 64-byte chunk c of a code; the last chunk is a masked load, so any B works (masked-off bytes
+// are zero on both sides and add nothing).
+JV5_AVX512 inline __m512i load_chunk(const uint8_t* p, int c, int C, __mmask64 last) {
+  return c == C - 1 ? _mm512_maskz_loadu_epi8(last, p + 64 * c) : _mm512_loadu_si512(p + 64 * c);
+}
+
+// popcount(q XOR r) as 8 u64 partial sums; qv holds the query's C chunks.
+template <int CT>
+JV5_AVX512 inline __m512i row_popcnt(const __m512i* qv, const uint8_t* r, int C, __mmask64 last) {
+  __m512i acc = _mm512_popcnt_epi64(_mm512_xor_si512(qv[0], load_chunk(r, 0, C, last)));
+  for (int c = 1; c < (CT > 0 ? CT : C); ++c)
+    acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(qv[c], load_chunk(r, c, C, last))));
+  return acc;
+}
+
+// CT = number of 64-byte chunks known at compile time (CT == 0: up to kMaxChunks, read from B).
+constexpr int kMaxChunks = 16;  // 8192-bit codes; wider ones take the scalar path
+template <int CT>
+JV5_AVX512 void dist_avx512(const uint8_t* q, const uint8_t* rows, size_t n, size_t B, int32_t* out) {
+  const int C = CT > 0 ? CT : int((B + 63) / 64);
+  const __mmask64 last = (B % 64) ? ((__mmask64(1) << (B % 64)) - 1) : ~__mmask64(0);
+  __m512i qv[CT > 0 ? CT : kMaxChunks];
+  for (int c = 0; c < C; ++c) qv[c] = load_chunk(q, c, C, last);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const uint8_t* r = rows + i * B;
+    __m512i s = hsum8(row_popcnt<CT>(qv, r, C, last), row_popcnt<CT>(qv, r + B, C, last),
+                      row_popcnt<CT>(qv, r + 2 * B, C, last), row_popcnt<CT>(qv, r + 3 * B, C, last),
+                      row_popcnt<CT>(qv, r + 4 * B, C, last), row_popcnt<CT>(qv, r + 5 * B, C, last),
+                      row_popcnt<CT>(qv, r + 6 * B, C, last), row_popcnt<CT>(qv, r + 7 * B, C, last));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi64_epi32(s));
+  }
+  for (; i < n; ++i) out[i] = int32_t(_mm512_reduce_add_epi64(row_popcnt<CT>(qv, rows + i * B, C, last)));
+}
+
+// Push the candidates of one distance block that beat the heap threshold (16 compares at a time).
+JV5_AVX512 void filter_avx512(const int32_t* d, size_t n, int64_t base, TopK& t) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __mmask16 m = _mm512_cmplt_epi32_mask(_mm512_loadu_si512(d + i), _mm512_set1_epi32(t.thr));
+    while (m) {
+      int j = __builtin_ctz(m);
+      m &= m - 1;
+      if (d[i + j] < t.thr) t.push(d[i + j], base + int64_t(i + j));
+    }
+  }
+  for (; i < n; ++i)
+    if (d[i] < t.thr) t.push(d[i], base + int64_t(i));
+}
+
+bool cpu_has_avx512_popcnt() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vpopcntdq");
+}
+#else
+bool cpu_has_avx512_popcnt() { return false; }
+#endif
+
+void filter_scalar(const int32_t* d, size_t n, int64_t base, TopK& t) {
+  for (size_t i = 0; i < n; ++i)
+    if (d[i] < t.thr) t.push(d[i], base + int64_t(i));
+}
+
+using DistFn = void (*)(const uint8_t*, const uint8_t*, size_t, size_t, int32_t*);
+using FilterFn = void (*)(const int32_t*, size_t, int64_t, TopK&);
+
+struct Kernel {
+  DistFn dist;
+  FilterFn filter;
+  const char* name;
+};
+
+Kernel pick_kernel(size_t B, const std::string& simd) {
+  bool avx512 = cpu_has_avx512_popcnt();
+  if (simd == "avx512" && !avx512) throw std::invalid_argument("simd='avx512' requested but this CPU lacks AVX-512 VPOPCNTDQ");
+  if (simd != "auto" && simd != "avx512" && simd != "scalar")
+    throw std::invalid_argument("simd must be 'auto', 'avx512' or 'scalar', got '" + simd + "'");
+#if defined(JV5_X86) && defined(__GNUC__)
+  if (avx512 && simd != "scalar" && (B >= 32 || simd == "avx512") && (B + 63) / 64 <= size_t(kMaxChunks)) {
+    switch ((B + 63) / 64) {
+      case 1: return {dist_avx512<1>, filter_avx512, "avx512"};
+      case 2: return {dist_avx512<2>, filter_avx512, "avx512"};
+      case 3: return {dist_avx512<3>, filter_avx512, "avx512"};
+      case 4: return {dist_avx512<4>, filter_avx512, "avx512"};
+      default: return {dist_avx512<0>, filter_avx512, "avx512"};
+    }
+  }
+#endif
+  if (B % 8 == 0) {
+    switch (B / 8) {
+      case 1: return {dist_scalar_fixed<1>, filter_scalar, "scalar"};
+      case 2: return {dist_scalar_fixed<2>, filter_scalar, "scalar"};
+      case 4: return {dist_scalar_fixed<4>, filter_scalar, "scalar"};
+      case 8: return {dist_scalar_fixed<8>, filter_scalar, "scalar"};
+      case 12: return {dist_scalar_fixed<12>, filter_scalar, "scalar"};
+      case 16: return {dist_scalar_fixed<16>, filter_scalar, "scalar"};
+      default: break;
+    }
+  }
+  return {dist_scalar_any, filter_scalar, "scalar"};
+}
+
+// Rows per corpus block: about 24 KiB of codes, so the block stays in L1 while all queries of the
+// chunk pass over it; a multiple of 16 for the vector filter.
+size_t corpus_block_rows(size_t B) {
+  size_t rows = 24576 / B;
+  rows = std::max<size_t>(64, std::min<size_t>(2048, rows));
+  return rows & ~size_t(15);
+}
+
+// Scan corpus rows [lo, hi) for queries [0, nq): heaps[q] receives candidates in ascending id.
+void scan(const Kernel& kern, const uint8_t* Qp, size_t nq, const uint8_t* Cp, int64_t lo, int64_t hi, size_t B,
+          TopK* heaps, std::vector<int32_t>& buf) {
+  const size_t CB = corpus_block_rows(B);
+  buf.resize(CB);
+  for (int64_t c0 = lo; c0 < hi; c0 += int64_t(CB)) {
+    size_t n = size_t(std::min<int64_t>(hi - c0, int64_t(CB)));
+    const uint8_t* rows = Cp + size_t(c0) * B;
+    for (size_t q = 0; q < nq; ++q) {
+      kern.dist(Qp + q * B, rows, n, B, buf.data());
+      kern.filter(buf.data(), n, c0, heaps[q]);
+    }
+  }
+}
+
+// Sorted output of one query from one or more heaps (ascending (d, id), padded with INT32_MAX / -1).
+void emit(std::vector<Cand>& pool, int k, int32_t* D, int64_t* I) {
+  size_t m = std::min<size_t>(pool.size(), size_t(k));
+  std::partial_sort(pool.begin(), pool.begin() + m, pool.end(), cand_less);
+  for (size_t j = 0; j < m; ++j) D[j] = pool[j].d, I[j] = pool[j].id;
+  for (size_t j = m; j < size_t(k); ++j) D[j] = INT32_MAX, I[j] = -1;
+}
+
+void search_impl(const uint8_t* Qp, size_t nq, const uint8_t* Cp, int64_t N, size_t B, int k, int threads,
+                 const Kernel& kern, int32_t* D, int64_t* I) {
+  if (nq == 0) return;
+  const int T = std::max(1, threads);
+  // Small corpus: split the queries; each thread scans the whole corpus for its queries.
+  const int64_t min_rows_per_thread = 16384;
+  if (T == 1 || N < int64_t(T) * min_rows_per_thread) {
+    const size_t QB = 32;
+    const int64_t nblocks = int64_t((nq + QB - 1) / QB);
+#pragma omp parallel num_threads(T) if (T > 1 && nblocks > 1)
+    {
+      std::vector<Cand> hbuf(QB * size_t(k)), pool;
+      std::vector<int32_t> buf;
+      std::vector<TopK> heaps(QB);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < nblocks; ++b) {
+        size_t q0 = size_t(b) * QB, nb = std::min(QB, nq - q0);
+        for (size_t q = 0; q < nb; ++q) heaps[q] = TopK{hbuf.data() + q * size_t(k), k};
+        scan(kern, Qp + q0 * B, nb, Cp, 0, N, B, heaps.data(), buf);
+        for (size_t q = 0; q < nb; ++q) {
+          pool.assign(heaps[q].h, heaps[q].h + heaps[q].size);
+          emit(pool, k, D + (q0 + q) * size_t(k), I + (q0 + q) * size_t(k));
+        }
+      }
+    }
+    return;
+  }
+  // Large corpus: each thread takes a contiguous corpus range and keeps heaps for a chunk of queries;
+  // the per-thread heaps are merged per query. The chunk bounds heap memory to ~64 MiB in all.
+  size_t QC = std::max<size_t>(1, (size_t(64) << 20) / (sizeof(Cand) * size_t(k) * size_t(T)));
+  QC = std::min(QC, std::max<size_t>(nq, 1));
+  std::vector<Cand> hbuf(size_t(T) * QC * size_t(k));
+  std::vector<TopK> heaps(size_t(T) * QC);
+  for (size_t q0 = 0; q0 < nq; q0 += QC) {
+    const size_t nb = std::min(QC, nq - q0);
+#pragma omp parallel num_threads(T)
+    {
+#if defined(_OPENMP)
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+      const int t = 0, nt = 1;
+#endif
+      // Range split in units of 16 rows so every thread's blocks stay vector-aligned.
+      const int64_t units = (N + 15) / 16;
+      const int64_t lo = std::min(N, units * t / nt * 16), hi = std::min(N, units * (t + 1) / nt * 16);
+      TopK* mine = heaps.data() + size_t(t) * QC;
+      for (size_t q = 0; q < nb; ++q) mine[q] = TopK{hbuf.data() + (size_t(t) * QC + q) * size_t(k), k};
+      std::vector<int32_t> buf;
+      scan(kern, Qp + q0 * B, nb, Cp, lo, hi, B, mine, buf);
+#pragma omp barrier
+      std::vector<Cand> pool;
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < int64_t(nb); ++q) {
+        pool.clear();
+        for (int s = 0; s < nt; ++s) {
+          const TopK& h = heaps[size_t(s) * QC + size_t(q)];
+          pool.insert(pool.end(), h.h, h.h + h.size);
+        }
+        emit(pool, k, D + (q0 + size_t(q)) * size_t(k), I + (q0 + size_t(q)) * size_t(k));
+      }
+    }
+  }
+}
+
+using U8 = py::array_t<uint8_t, py::array::c_style>;
+
+py::tuple hamming_topk(U8 queries, U8 corpus, int k, int threads, const std::string& simd) {
+  if (queries.ndim() != 2 || corpus.ndim() != 2)
+    throw std::invalid_argument("queries and corpus must be 2-D uint8 arrays (rows of packed codes)");
+  const size_t B = size_t(corpus.shape(1));
+  if (size_t(queries.shape(1)) != B)
+    throw std::invalid_argument("queries have " + std::to_string(queries.shape(1)) + " bytes per code, corpus has " +
+                                std::to_string(B));
+  if (B == 0) throw std::invalid_argument("codes must have at least one byte");
+  if (k <= 0) throw std::invalid_argument("k must be positive, got " + std::to_string(k));
+  const size_t nq = size_t(queries.shape(0));
+  const int64_t N = int64_t(corpus.shape(0));
+  if (threads <= 0) threads = cpu_threads();
+  const Kernel kern = pick_kernel(B, simd);
+  py::array_t<int32_t> D({py::ssize_t(nq), py::ssize_t(k)});
+  py::array_t<int64_t> I({py::ssize_t(nq), py::ssize_t(k)});
+  const uint8_t* Qp = queries.data();
+  const uint8_t* Cp = corpus.data();
+  int32_t* Dp = D.mutable_data();
+  int64_t* Ip = I.mutable_data();
+  {
+    py::gil_scoped_release release;
+    search_impl(Qp, nq, Cp, N, B, k, threads, kern, Dp, Ip);
+  }
+  return py::make_tuple(D, I);
+}
+
+// Sign-bit packing, np.packbits(x > 0, axis=-1): dimension j goes to bit 7 - j % 8 of byte j / 8.
+// "> 0" is strict; NaN and -0.0 give 0. The tail bits of the last byte are zero.
+template <typename T, typename Pos>
+py::array_t<uint8_t> pack_rows(py::array_t<T, py::array::c_style> x, Pos positive) {
+  if (x.ndim() != 2) throw std::invalid_argument("embeddings must be a 2-D array (n, dim)");
+  const int64_t n = x.shape(0), d = x.shape(1), nb = (d + 7) / 8;
+  py::array_t<uint8_t> out({py::ssize_t(n), py::ssize_t(nb)});
+  const T* src = x.data();
+  uint8_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for schedule(static) if (n * d > (1 << 20))
+    for (int64_t i = 0; i < n; ++i) {
+      const T* r = src + i * d;
+      uint8_t* o = dst + i * nb;
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8) {
+        unsigned b = 0;
+        for (int t = 0; t < 8; ++t) b |= unsigned(positive(r[j + t])) << (7 - t);
+        o[j / 8] = uint8_t(b);
+      }
+      if (j < d) {
+        unsigned b = 0;
+        for (int t = 0; j + t < d; ++t) b |= unsigned(positive(r[j + t])) << (7 - t);
+        o[j / 8] = uint8_t(b);
+      }
+    }
+  }
+  return out;
+}
+
+py::array_t<uint8_t> pack_signs_f32(py::array_t<float, py::array::c_style> x) {
+  return pack_rows<float>(x, [](float v) { return v > 0.0f; });
+}
+
+// float16 given as its raw uint16 bits: positive iff 0 < bits <= 0x7c00 (+inf counts, NaN does not).
+py::array_t<uint8_t> pack_signs_f16(py::array_t<uint16_t, py::array::c_style> x) {
+  return pack_rows<uint16_t>(x, [](uint16_t h) { return h != 0 && h <= 0x7c00; });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "jv5fast C++ kernels: Hamming top-k search and sign-bit packing (see csrc/hamming.cpp)";
+  m.def("hamming_topk", &hamming_topk, py::arg("queries"), py::arg("corpus"), py::arg("k"), py::arg("threads") = 0,
+        py::arg("simd") = "auto",
+        "Exact top-k Hamming search. queries (Q, B) and corpus (N, B) uint8, C-contiguous. Returns (D int32 "
+        "(Q, k), I int64 (Q, k)): ascending distance, ties by smaller id, padding INT32_MAX / -1. threads <= 0 "
+        "means all cores; simd is 'auto', 'avx512' or 'scalar'.");
+  m.def("pack_signs_f32", &pack_signs_f32, py::arg("x"), "np.packbits(x > 0, axis=-1) for float32 (n, d)");
+  m.def("pack_signs_f16", &pack_signs_f16, py::arg("x"), "np.packbits(x > 0, axis=-1) for float16 bits (n, d) uint16");
+  m.def("simd_kernel", [](size_t nbytes, const std::string& simd) { return std::string(pick_kernel(nbytes, simd).name); },
+        py::arg("nbytes"), py::arg("simd") = "auto", "Name of the distance kernel used for codes of nbytes bytes");
+  m.def("num_threads", &cpu_threads, "Threads a search uses by default (OpenMP max threads)");
+}
