@@ -1,0 +1,390 @@
+"""HammingIndex / EmbeddingIndex / sign packing: exact equality against an independent numpy reference
+(byte popcount table + lexsort) and faiss IndexBinaryFlat, on every CPU backend (C++ AVX-512, C++
+scalar, numpy fallback), over widths that are not multiples of 64 bits, ties, N < k and bad input."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import jv5fast
+from jv5fast import _hamming
+from jv5fast.index import EmbeddingIndex, HammingIndex, IndexFileError
+
+INT32_MAX = 2**31 - 1
+POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+WIDTHS = [8, 32, 96, 256, 768, 1024]
+
+
+def ref_topk(q, c, k):
+    """Full distance matrix by a byte popcount table; lexsort by (distance, id); faiss padding."""
+    q, c = np.asarray(q, np.uint8), np.asarray(c, np.uint8)
+    d = np.stack([POP8[qi[None, :] ^ c].sum(-1) for qi in q]) if len(q) else np.zeros((0, len(c)), np.int64)
+    ids = np.broadcast_to(np.arange(len(c)), d.shape)
+    order = np.lexsort((ids, d), axis=-1)[:, :k]
+    m = order.shape[1]
+    D = np.full((len(q), k), INT32_MAX, np.int32)
+    I = np.full((len(q), k), -1, np.int64)
+    D[:, :m] = np.take_along_axis(d, order, 1)
+    I[:, :m] = order
+    return D, I
+
+
+def _backends():
+    out = [pytest.param(("numpy", "auto"), id="numpy")]
+    if _hamming.has_extension():
+        out.append(pytest.param(("cpp", "scalar"), id="cpp-scalar"))
+        if _hamming._C.simd_kernel(128, "auto") == "avx512":
+            out.append(pytest.param(("cpp", "avx512"), id="cpp-avx512"))
+    return out
+
+
+@pytest.fixture(params=_backends())
+def backend(request, monkeypatch):
+    name, simd = request.param
+    monkeypatch.setenv("JV5FAST_HAMMING_SIMD", simd)
+    monkeypatch.setenv("JV5FAST_NO_EXT", "1" if name == "numpy" else "0")
+    assert _hamming.resolve_backend() == name
+    return name
+
+
+def _codes(rng, n, nbytes, levels=256):
+    return rng.integers(0, levels, (n, nbytes), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("nbits", WIDTHS)
+def test_search_matches_reference(backend, nbits):
+    rng = np.random.default_rng(nbits)
+    nb = nbits // 8
+    corpus = _codes(rng, 1500, nb)
+    corpus[700:705] = corpus[3]  # duplicates: ties at distance 0
+    queries = np.concatenate([_codes(rng, 9, nb), corpus[[3, 0, 1499]]])  # queries equal to corpus rows
+    index = HammingIndex(nbits)
+    index.add(corpus[:600])
+    index.add(corpus[600:])  # ids continue across add() calls
+    for k in (1, 10, 37):
+        D, I = index.search(queries, k, threads=2)
+        assert D.dtype == np.int32 and I.dtype == np.int64 and D.shape == I.shape == (len(queries), k)
+        Dr, Ir = ref_topk(queries, corpus, k)
+        np.testing.assert_array_equal(D, Dr)
+        np.testing.assert_array_equal(I, Ir)
+    D, I = index.search(corpus[3], 6)  # a 1-D query is one code
+    np.testing.assert_array_equal(I, ref_topk(corpus[3:4], corpus, 6)[1])
+    if nbits >= 32:  # wide random codes: only the planted duplicates are at distance 0
+        assert D[0].tolist() == [0] * 6 and I[0].tolist() == [3, 700, 701, 702, 703, 704]
+
+
+@pytest.mark.parametrize("nbits", [8, 96, 1024])
+def test_heavy_ties_and_threads(backend, nbits):
+    """Codes from a tiny alphabet give huge tie groups; every thread count must agree exactly."""
+    rng = np.random.default_rng(1)
+    corpus = _codes(rng, 3000, nbits // 8, levels=2)
+    queries = _codes(rng, 5, nbits // 8, levels=2)
+    Dr, Ir = ref_topk(queries, corpus, 50)
+    index = HammingIndex(nbits)
+    index.add(corpus)
+    for threads in (1, 2, 3):
+        D, I = index.search(queries, 50, threads=threads)
+        np.testing.assert_array_equal(D, Dr)
+        np.testing.assert_array_equal(I, Ir)
+
+
+def test_large_corpus_split_path(backend):
+    """N >= threads * 16384 takes the corpus-split path of the C++ kernel (per-thread heaps merged)."""
+    rng = np.random.default_rng(2)
+    corpus = _codes(rng, 40_000, 32, levels=4)
+    queries = np.concatenate([_codes(rng, 3, 32, levels=4), corpus[[39_999, 17]]])
+    index = HammingIndex(256)
+    index.add(corpus)
+    D, I = index.search(queries, 20, threads=2)
+    Dr, Ir = ref_topk(queries, corpus, 20)
+    np.testing.assert_array_equal(D, Dr)
+    np.testing.assert_array_equal(I, Ir)
+
+
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_k_larger_than_n_pads(backend, n):
+    rng = np.random.default_rng(n)
+    corpus = _codes(rng, n, 12)
+    index = HammingIndex(96)
+    index.add(corpus)
+    D, I = index.search(corpus[:2], 10)
+    Dr, Ir = ref_topk(corpus[:2], corpus, 10)
+    np.testing.assert_array_equal(D, Dr)
+    np.testing.assert_array_equal(I, Ir)
+    assert (I[:, n:] == -1).all() and (D[:, n:] == INT32_MAX).all()
+
+
+@pytest.mark.parametrize("nbits", [32, 96, 256, 1024])
+def test_matches_faiss(backend, nbits):
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    corpus = _codes(rng, 2000, nbits // 8, levels=3)  # many ties
+    queries = np.concatenate([_codes(rng, 6, nbits // 8, levels=3), corpus[:2]])
+    fi = faiss.IndexBinaryFlat(nbits)
+    fi.add(corpus)
+    Df, If = fi.search(queries, 25)
+    index = HammingIndex(nbits)
+    index.add(corpus)
+    D, I = index.search(queries, 25)
+    np.testing.assert_array_equal(D, Df)
+    # faiss's default heap path (use_heap=True) compares (distance, id): ids must agree exactly too.
+    np.testing.assert_array_equal(I, If)
+    np.testing.assert_array_equal(D, ref_topk(queries, corpus, 25)[0])
+
+
+def test_binary_int8_codes_equal_ubinary(backend):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 96)).astype(np.float32)
+    ub, b = jv5fast.quantize(x, "ubinary"), jv5fast.quantize(x, "binary")
+    i1, i2 = HammingIndex(96), HammingIndex(96)
+    i1.add(ub)
+    i2.add(b)
+    np.testing.assert_array_equal(i2.codes, ub)
+    for q in (ub[:7], b[:7], torch.from_numpy(b[:7])):  # mixing binary and ubinary is allowed
+        D1, I1 = i1.search(q, 5)
+        D2, I2 = i2.search(q, 5)
+        np.testing.assert_array_equal(D1, D2)
+        np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_array_equal(i1.search(ub[:7], 5)[0], ref_topk(ub[:7], ub, 5)[0])
+
+
+def test_reset_and_len():
+    index = HammingIndex(16)
+    assert len(index) == 0 and index.ntotal == 0 and index.d == 16
+    index.add(np.zeros((5, 2), np.uint8))
+    assert len(index) == 5
+    index.reset()
+    assert len(index) == 0
+    index.add(np.full((2, 2), 255, np.uint8))
+    D, I = index.search(np.zeros((1, 2), np.uint8), 3)
+    assert D.tolist() == [[16, 16, INT32_MAX]] and I.tolist() == [[0, 1, -1]]
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        HammingIndex(12)
+    for bad in (0, -8, 7.5, "256"):
+        with pytest.raises(ValueError, match="nbits"):
+            HammingIndex(bad)
+    index = HammingIndex(64)
+    with pytest.raises(ValueError, match="empty"):
+        index.search(np.zeros((1, 8), np.uint8), 1)
+    with pytest.raises(ValueError, match=r"7 bytes per row .* 8-byte"):
+        index.add(np.zeros((3, 7), np.uint8))
+    with pytest.raises(ValueError, match="dtype uint8 .* got float32"):
+        index.add(np.zeros((3, 8), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        index.add(np.zeros((2, 3, 8), np.uint8))
+    index.add(np.zeros((3, 8), np.uint8))
+    for k in (0, -1, 2.0, None):
+        with pytest.raises(ValueError, match="k must be"):
+            index.search(np.zeros((1, 8), np.uint8), k)
+    with pytest.raises(ValueError, match="queries have 4 bytes per row"):
+        index.search(np.zeros((1, 4), np.uint8), 1)
+    with pytest.raises(ValueError, match="threads"):
+        index.search(np.zeros((1, 8), np.uint8), 1, threads=0)
+    with pytest.raises(ValueError, match="backend"):
+        _hamming.resolve_backend("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            HammingIndex(64, device="cuda")
+
+
+def test_fallback_when_extension_missing(monkeypatch):
+    """Simulate an install without a compiler: _C is None, everything still works through numpy."""
+    monkeypatch.setattr(_hamming, "_C", None)
+    assert _hamming.resolve_backend() == "numpy" and not _hamming.has_extension()
+    with pytest.raises(RuntimeError, match="not built"):
+        _hamming.resolve_backend("cpp")
+    rng = np.random.default_rng(5)
+    corpus = _codes(rng, 500, 12, levels=3)
+    index = HammingIndex(96)
+    index.add(corpus)
+    D, I = index.search(corpus[:4], 7)
+    Dr, Ir = ref_topk(corpus[:4], corpus, 7)
+    np.testing.assert_array_equal(D, Dr)
+    np.testing.assert_array_equal(I, Ir)
+    x = rng.standard_normal((4, 20)).astype(np.float32)
+    np.testing.assert_array_equal(_hamming.pack_signs(x), np.packbits(x > 0, axis=-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+
+def test_save_load_roundtrip(tmp_path):
+    rng = np.random.default_rng(6)
+    corpus = _codes(rng, 777, 12)
+    index = HammingIndex(96)
+    index.add(corpus)
+    path = tmp_path / "codes.jv5"
+    index.save(path)
+    loaded = HammingIndex.load(path)
+    assert loaded.nbits == 96 and len(loaded) == 777
+    np.testing.assert_array_equal(loaded.codes, corpus)
+    for a, b in zip(loaded.search(corpus[:5], 9), index.search(corpus[:5], 9)):
+        np.testing.assert_array_equal(a, b)
+    loaded.add(corpus[:3])  # still growable
+    assert len(loaded) == 780
+    empty = HammingIndex(8)
+    empty.save(tmp_path / "empty.jv5")
+    assert len(HammingIndex.load(tmp_path / "empty.jv5")) == 0
+
+
+def test_corrupted_and_truncated_files(tmp_path):
+    rng = np.random.default_rng(7)
+    index = HammingIndex(256)
+    index.add(_codes(rng, 100, 32))
+    path = tmp_path / "codes.jv5"
+    index.save(path)
+    raw = path.read_bytes()
+
+    def write(data):
+        bad = tmp_path / "bad.jv5"
+        bad.write_bytes(data)
+        return bad
+
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10  # one bit in the payload
+    with pytest.raises(IndexFileError, match="checksum mismatch"):
+        HammingIndex.load(write(bytes(flipped)))
+    with pytest.raises(IndexFileError, match="truncated"):
+        HammingIndex.load(write(raw[:-100]))
+    with pytest.raises(IndexFileError, match="truncated"):
+        HammingIndex.load(write(raw[:10]))
+    with pytest.raises(IndexFileError, match="trailing bytes"):
+        HammingIndex.load(write(raw + b"\0"))
+    with pytest.raises(IndexFileError, match="not a jv5fast index"):
+        HammingIndex.load(write(b"PK\x03\x04" + raw[4:]))
+    newer = bytearray(raw)
+    newer[8] = 99
+    with pytest.raises(IndexFileError, match="version 99"):
+        HammingIndex.load(write(bytes(newer)))
+    with pytest.raises(IndexFileError, match="holds a HammingIndex"):
+        EmbeddingIndex.load(path)
+    assert isinstance(IndexFileError("x"), ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# sign packing
+
+
+@pytest.mark.parametrize("dim", [1, 8, 13, 96, 1024])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_pack_signs_matches_packbits(backend, dim, dtype):
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((17, dim)).astype(dtype)
+    x[0, :] = 0.0
+    x.flat[1::7] = -0.0
+    x.flat[2::11] = np.nan
+    x.flat[3::13] = np.inf
+    x.flat[4::17] = -np.inf
+    x.flat[5::19] = np.finfo(dtype).tiny  # smallest normal: positive
+    got = _hamming.pack_signs(x)
+    np.testing.assert_array_equal(got, np.packbits(x > 0, axis=-1))
+    np.testing.assert_array_equal(got, jv5fast.quantize(x, "ubinary"))
+    np.testing.assert_array_equal(_hamming.pack_signs(x[3]), np.packbits(x[3] > 0))
+
+
+def test_pack_signs_torch_bf16():
+    x = torch.randn(5, 40).to(torch.bfloat16)
+    np.testing.assert_array_equal(_hamming.pack_signs(x), np.packbits(x.float().numpy() > 0, axis=-1))
+    with pytest.raises(ValueError, match="floating point"):
+        _hamming.pack_signs(np.zeros((2, 8), np.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# EmbeddingIndex
+
+
+def _unit(rng, n, dim):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("dim", [32, 100, 256])
+def test_rescore_exact_when_multiplier_covers_corpus(backend, dim):
+    rng = np.random.default_rng(dim)
+    docs, queries = _unit(rng, 400, dim), _unit(rng, 6, dim)
+    index = EmbeddingIndex(dim)
+    index.add(torch.from_numpy(docs[:150]))  # torch input, like Engine.embed(convert_to_tensor=True)
+    index.add(docs[150:])
+    S, I = index.search(queries, 10, rescore_multiplier=40)  # 10 * 40 >= 400: the whole corpus
+    full = queries.astype(np.float64) @ docs.astype(np.float64).T
+    Ir = np.argsort(-full, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(I, Ir)
+    np.testing.assert_allclose(S, np.take_along_axis(full, Ir, 1), rtol=1e-5, atol=1e-6)
+    assert S.dtype == np.float32 and I.dtype == np.int64
+    assert (np.diff(S, axis=1) <= 0).all()
+
+
+def test_rescore_is_a_shortlist_of_hamming_neighbours(backend):
+    rng = np.random.default_rng(8)
+    docs, queries = _unit(rng, 500, 64), _unit(rng, 4, 64)
+    index = EmbeddingIndex(64)
+    index.add(docs)
+    S, I = index.search(queries, 5, rescore_multiplier=2)
+    _, short = ref_topk(np.packbits(queries > 0, -1), np.packbits(docs > 0, -1), 10)
+    for row in range(4):
+        assert set(I[row]) <= set(short[row])
+        np.testing.assert_allclose(S[row], docs[I[row]] @ queries[row], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("store", ["float16", "int8"])
+def test_low_precision_stores(store):
+    rng = np.random.default_rng(9)
+    docs = _unit(rng, 300, 128)
+    queries = docs[:8] + 0.01 * rng.standard_normal((8, 128)).astype(np.float32)
+    index = EmbeddingIndex(128, store=store)
+    index.add(docs)
+    S, I = index.search(queries, 3, rescore_multiplier=100)
+    np.testing.assert_array_equal(I[:, 0], np.arange(8))
+    np.testing.assert_allclose(S[:, 0], np.sum(docs[:8] * queries, 1), atol=2e-2)
+
+
+def test_embedding_index_padding_save_load(tmp_path):
+    rng = np.random.default_rng(10)
+    docs = _unit(rng, 3, 24)
+    index = EmbeddingIndex(24, store="int8")
+    index.add(docs)
+    S, I = index.search(docs[:1], 5)
+    assert I[0, 0] == 0 and (I[0, 3:] == -1).all() and np.isneginf(S[0, 3:]).all()
+    index.save(tmp_path / "e.jv5")
+    loaded = EmbeddingIndex.load(tmp_path / "e.jv5")
+    assert loaded.store == "int8" and len(loaded) == 3
+    for a, b in zip(loaded.search(docs, 2), index.search(docs, 2)):
+        np.testing.assert_array_equal(a, b)
+    loaded.reset()
+    assert len(loaded) == 0
+
+
+def test_embedding_index_bad_input():
+    for bad in (0, -1, 3.5):
+        with pytest.raises(ValueError, match="dim"):
+            EmbeddingIndex(bad)
+    with pytest.raises(ValueError, match="store"):
+        EmbeddingIndex(8, store="bfloat16")
+    index = EmbeddingIndex(16)
+    with pytest.raises(ValueError, match="empty"):
+        index.search(np.ones((1, 16), np.float32), 1)
+    with pytest.raises(ValueError, match=r"shape \(n, 16\)"):
+        index.add(np.ones((2, 15), np.float32))
+    with pytest.raises(ValueError, match="float embeddings"):
+        index.add(np.ones((2, 16), np.uint8))
+    x = np.ones((3, 16), np.float32)
+    x[1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf in row\(s\) \[1\]"):
+        index.add(x)
+    index.add(np.ones((3, 16), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(x, 1)
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.search(np.ones((1, 16), np.float32), 0)
+    with pytest.raises(ValueError, match="rescore_multiplier"):
+        index.search(np.ones((1, 16), np.float32), 1, rescore_multiplier=0)
+
+
+def test_exports():
+    assert jv5fast.HammingIndex is HammingIndex and jv5fast.EmbeddingIndex is EmbeddingIndex
+    assert os.environ.get("JV5FAST_NO_EXT", "0") in ("", "0")  # the fixture restored the environment
