@@ -44,6 +44,27 @@ SMALL_LENS = [1, 2000, 2098]  # sequences for the RMSNorm / RoPE / SwiGLU checks
 POOL_LENS = [1, 7, 513, 2048, 33]
 
 
+def ensure_jv5fast_importable():
+    """Run from a plain checkout too (no ``pip install -e .``): the install maps kernels/ to
+    ``jv5fast.kernels``; without it, load ``jv5fast`` with the repo root on its package path."""
+    try:
+        import jv5fast.kernels  # noqa: F401
+        return "installed"
+    except ImportError:
+        pass
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in [m for m in sys.modules if m == "jv5fast" or m.startswith("jv5fast.")]:
+        del sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        "jv5fast", os.path.join(root, "jv5fast", "__init__.py"),
+        submodule_search_locations=[os.path.join(root, "jv5fast"), root])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["jv5fast"] = mod
+    spec.loader.exec_module(mod)
+    return "checkout"
+
+
 # ---- CPU-side helpers (tested in tests/test_gpu_check.py) -----------------------------------------
 def attention_flops(seqlens, n_heads, head_dim, causal, mode="fwd"):
     """FLOPs of attention over sequences of the given lengths (FlashAttention's convention):
@@ -434,6 +455,10 @@ def main(argv):
     only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,attention,engine")
     sections = set(only.split(","))
     rep = Report()
+    try:
+        print("jv5fast from", ensure_jv5fast_importable(), flush=True)
+    except Exception as e:  # noqa: BLE001
+        _fail(rep, "setup", "import jv5fast", e)
     if not torch.cuda.is_available():
         rep.add("setup", "CUDA", "n/a", "no CUDA device: nothing to check")
         print(rep.render("no GPU"))
