@@ -142,7 +142,7 @@ if HAS_TRITON:
     def _attn_fwd_kernel(Q, K, V, O, LSE, CU, qk_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_ot, stride_oh, stride_lh,
-                         HEAD_DIM, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          DOT_PREC: tl.constexpr):
         # Longest-first order: in causal mode the last query blocks do the most work.
@@ -193,7 +193,7 @@ if HAS_TRITON:
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                               stride_lh,
-                              HEAD_DIM, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                               DOT_PREC: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -250,7 +250,7 @@ if HAS_TRITON:
     def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
-                            HEAD_DIM, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             DOT_PREC: tl.constexpr):
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -348,7 +348,7 @@ def _attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, blocks=None):
         q, k, v, o, lse, cu_seqlens, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), lse.stride(0),
-        D, GROUP=H // Hkv, CAUSAL=bool(causal), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
+        HEAD_DIM=D, GROUP=H // Hkv, CAUSAL=bool(causal), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
         DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -370,11 +370,11 @@ def _attn_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, blocks
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), D, **common)
+        lse.stride(0), HEAD_DIM=D, **common)
     _attn_bwd_dq_kernel[(triton.cdiv(S, BM), B, H)](
         q, k, v, do, lse, delta, dq, cu_seqlens, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), D, **common)
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), HEAD_DIM=D, **common)
     return dq, dk, dv
 
 
