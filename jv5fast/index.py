@@ -222,7 +222,7 @@ class HammingIndex:
 
         from .kernels.hamming import pack_words
 
-        words = pack_words(torch.from_numpy(np.ascontiguousarray(codes)).to(self.device))
+        words = pack_words(torch.from_numpy(np.ascontiguousarray(codes)).to(self.device, copy=True))
         self._dev_words = words if self._dev_words is None else torch.cat([self._dev_words, words])
 
     def search(self, queries, k: int, threads: int | None = None):
@@ -248,7 +248,7 @@ class HammingIndex:
                 raise ValueError(f"queries must have shape (n, {self.code_size}), got {tuple(queries.shape)}")
             q = queries.to(self.device)
         else:
-            q = torch.from_numpy(_hamming.as_codes(queries, self.code_size, "queries")).to(self.device)
+            q = torch.from_numpy(_hamming.as_codes(queries, self.code_size, "queries")).to(self.device, copy=True)
         return hamming_topk_words(pack_words(q), self._dev_words, k)
 
     def save(self, path) -> None:

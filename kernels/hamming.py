@@ -81,7 +81,7 @@ if HAS_TRITON:
     @triton.jit
     def _hamming_topk_fwd_kernel(
         Q, C, Out, nq, n, tiles_per_split,
-        W: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+        W: tl.constexpr, WC: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_POPC: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
@@ -97,11 +97,15 @@ if HAS_TRITON:
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n
             acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.int32)
-            for w in range(W):
-                qw = tl.load(Q + offs_q * W + w, mask=mask_q, other=0)
-                cw = tl.load(C + offs_n.to(tl.int64) * W + w, mask=mask_n, other=0)
-                x = (qw[:, None] ^ cw[None, :]).to(tl.uint32, bitcast=True)  # (BLOCK_Q, BLOCK_N)
-                acc += _popcount32(x, USE_POPC)
+            for w0 in range(0, W, WC):  # WC contiguous words per row: coalesced (rows, WC) tiles
+                offs_w = w0 + tl.arange(0, WC)
+                mask_w = offs_w < W
+                qt = tl.load(Q + offs_q[:, None] * W + offs_w[None, :], mask=mask_q[:, None] & mask_w[None, :],
+                             other=0)  # (BLOCK_Q, WC)
+                ct = tl.load(C + offs_n.to(tl.int64)[:, None] * W + offs_w[None, :],
+                             mask=mask_n[:, None] & mask_w[None, :], other=0)  # (BLOCK_N, WC)
+                x = (qt[:, None, :] ^ ct[None, :, :]).to(tl.uint32, bitcast=True)  # (BLOCK_Q, BLOCK_N, WC)
+                acc += tl.sum(_popcount32(x, USE_POPC), axis=2)
             key = (acc.to(tl.int64) << 32) | offs_n.to(tl.int64)[None, :]
             key = tl.where(mask_n[None, :], key, MAXKEY)
             worst = tl.max(tl.where(kidx[None, :] < K, best, -1), axis=1)  # (BLOCK_Q,) K-th best so far
@@ -127,8 +131,8 @@ def pack_words(codes: torch.Tensor) -> torch.Tensor:
     return codes.contiguous().view(torch.int32)
 
 
-def hamming_topk_words(qwords: torch.Tensor, cwords: torch.Tensor, k: int, block_q: int = 16,
-                       block_n: int = 128, splits: int | None = None):
+def hamming_topk_words(qwords: torch.Tensor, cwords: torch.Tensor, k: int, block_q: int | None = None,
+                       block_n: int = 64, splits: int | None = None):
     """Triton search on int32 words (from ``pack_words``) -> (D int32 (Q, k), I int64 (Q, k))."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton Hamming kernel needs triton (pip install 'jv5fast[gpu]')")
@@ -143,8 +147,9 @@ def hamming_topk_words(qwords: torch.Tensor, cwords: torch.Tensor, k: int, block
     if nq == 0:
         return torch.empty((0, k), dtype=torch.int32, device=dev), torch.empty((0, k), dtype=torch.int64, device=dev)
     KP = max(2, next_pow2(k))
-    if KP >= 256:
-        block_q = min(block_q, 4)
+    if block_q is None:  # no wasted lanes for a handful of queries; fewer registers for a large K
+        block_q = min(16 if KP < 256 else 4, max(2, next_pow2(nq)))
+    WC = min(8, next_pow2(W))
     tiles = max(1, cdiv(n, block_n))
     qblocks = cdiv(nq, block_q)
     if splits is None:
@@ -158,7 +163,7 @@ def hamming_topk_words(qwords: torch.Tensor, cwords: torch.Tensor, k: int, block
     use_popc = dev.type == "cuda" and not _interpreting() and not os.environ.get("JV5FAST_TRITON_SWAR")
     _hamming_topk_fwd_kernel[(qblocks, splits)](
         qwords.contiguous(), cwords.contiguous(), out, nq, n, tiles_per_split,
-        W=W, K=k, KP=KP, BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc,
+        W=W, WC=WC, K=k, KP=KP, BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc,
     )
     keys = out.view(nq, splits * k)
     keys = torch.sort(keys, dim=1).values[:, :k] if splits > 1 else keys
