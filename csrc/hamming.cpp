@@ -261,9 +261,16 @@ void emit(std::vector<Cand>& pool, int k, int32_t* D, int64_t* I) {
   for (size_t j = m; j < size_t(k); ++j) D[j] = INT32_MAX, I[j] = -1;
 }
 
-void search_impl(const uint8_t* Qp, size_t nq, const uint8_t* Cp, int64_t N, size_t B, int k, int threads,
+void search_impl(const uint8_t* Qp, size_t nq, const uint8_t* Cp, int64_t N, size_t B, int kout, int threads,
                  const Kernel& kern, int32_t* D, int64_t* I) {
   if (nq == 0) return;
+  if (N == 0) {
+    std::fill(D, D + nq * size_t(kout), INT32_MAX);
+    std::fill(I, I + nq * size_t(kout), int64_t(-1));
+    return;
+  }
+  // Heaps never need more than N slots; emit() pads the output rows up to kout.
+  const int k = int(std::min<int64_t>(kout, N));
   const int T = std::max(1, threads);
   // Small corpus: split the queries; each thread scans the whole corpus for its queries.
   const int64_t min_rows_per_thread = 16384;
@@ -282,7 +289,7 @@ void search_impl(const uint8_t* Qp, size_t nq, const uint8_t* Cp, int64_t N, siz
         scan(kern, Qp + q0 * B, nb, Cp, 0, N, B, heaps.data(), buf);
         for (size_t q = 0; q < nb; ++q) {
           pool.assign(heaps[q].h, heaps[q].h + heaps[q].size);
-          emit(pool, k, D + (q0 + q) * size_t(k), I + (q0 + q) * size_t(k));
+          emit(pool, kout, D + (q0 + q) * size_t(kout), I + (q0 + q) * size_t(kout));
         }
       }
     }
@@ -319,7 +326,7 @@ void search_impl(const uint8_t* Qp, size_t nq, const uint8_t* Cp, int64_t N, siz
           const TopK& h = heaps[size_t(s) * QC + size_t(q)];
           pool.insert(pool.end(), h.h, h.h + h.size);
         }
-        emit(pool, k, D + (q0 + size_t(q)) * size_t(k), I + (q0 + size_t(q)) * size_t(k));
+        emit(pool, kout, D + (q0 + size_t(q)) * size_t(kout), I + (q0 + size_t(q)) * size_t(kout));
       }
     }
   }

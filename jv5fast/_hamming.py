@@ -108,6 +108,12 @@ def hamming_topk_numpy(queries: np.ndarray, corpus: np.ndarray, k: int, block_by
     """
     nq, nb = queries.shape
     n = corpus.shape[0]
+    if k > n:  # only n results exist: search for n, pad the rest (faiss: INT32_MAX / -1)
+        D = np.full((nq, k), INT32_MAX, dtype=np.int32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        if n:
+            D[:, :n], I[:, :n] = hamming_topk_numpy(queries, corpus, n, block_bytes)
+        return D, I
     if nq > 256:  # bound the (Q, rows) block and the partition work
         parts = [hamming_topk_numpy(queries[i : i + 256], corpus, k, block_bytes) for i in range(0, nq, 256)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,8 +1,6 @@
 """HammingIndex / EmbeddingIndex / sign packing: exact equality against an independent numpy reference
 (byte popcount table + lexsort) and faiss IndexBinaryFlat, on every CPU backend (C++ AVX-512, C++
 scalar, numpy fallback), over widths that are not multiples of 64 bits, ties, N < k and bad input."""
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -387,4 +385,14 @@ def test_embedding_index_bad_input():
 
 def test_exports():
     assert jv5fast.HammingIndex is HammingIndex and jv5fast.EmbeddingIndex is EmbeddingIndex
-    assert os.environ.get("JV5FAST_NO_EXT", "0") in ("", "0")  # the fixture restored the environment
+
+
+def test_huge_k_and_empty_corpus(backend):
+    """k far above N costs O(N) memory, not O(k) per heap; a raw search over no rows is all padding."""
+    rng = np.random.default_rng(11)
+    corpus = _codes(rng, 3, 8)
+    D, I = _hamming.hamming_topk(corpus, corpus, 10**6, threads=2)
+    assert D.shape == (3, 10**6) and (I[:, 3:] == -1).all() and (D[:, 3:] == INT32_MAX).all()
+    np.testing.assert_array_equal(I[:, :3], ref_topk(corpus, corpus, 3)[1])
+    D, I = _hamming.hamming_topk(corpus, corpus[:0], 4)
+    assert (I == -1).all() and (D == INT32_MAX).all()
