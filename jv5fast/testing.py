@@ -132,23 +132,21 @@ def build_tokenizer(kind: str):
 
 def _tiny_tokenizer(kind: str):
     """Fallback without quicktok: a byte-level BPE with a 256-byte alphabet and no merges, whose
-    special ids sit where the real ones do."""
+    special ids sit where the real ones do (the id space between is filled with unused entries)."""
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
     b2u = _byte_to_unicode()
-    vocab = {b2u[b]: b for b in range(256)}
-    tok = Tokenizer(BPE(vocab, [], fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
     if kind == "qwen3":
         specials = {"<|endoftext|>": 151643}
     else:
         specials = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|mask|>": 128002, "<|pad|>": 128004}
-    for name, i in sorted(specials.items(), key=lambda kv: kv[1]):
-        while tok.get_vocab_size(with_added_tokens=True) < i:  # pad the id space with placeholders
-            n = tok.get_vocab_size(with_added_tokens=True)
-            tok.add_tokens([AddedToken(f"<|unused_{n}|>", special=True)])
-        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab.update({f"<|unused_{i}|>": i for i in range(256, max(specials.values()) + 1)})
+    vocab.update(specials)
+    tok = Tokenizer(BPE(vocab, [], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in specials])
     if kind == "llama3":
         tok.post_processor = processors.TemplateProcessing(
             single="$A:0 <|end_of_text|>:0", pair="$A:0 <|end_of_text|>:0 $B:1 <|end_of_text|>:1",
