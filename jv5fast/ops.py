@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from .kernels.attention import attention_varlen_ref
+from .kernels.attention import attention_last_ref, attention_varlen_ref
 from .kernels.pooling import pack_bits_ref, pool_ref
 from .kernels.rmsnorm import rms_norm_ref
 from .kernels.rope import rope_ref, rope_tables  # noqa: F401  (rope_tables re-exported for the models)
@@ -61,6 +61,14 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale=N
     """q (T, H, D), k/v (T, Hkv, D), cu_seqlens (B+1,) int32 -> (T, H, D); differentiable."""
     fn = _pick("attention", "attention_varlen", attention_varlen_ref, q)
     return fn(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
+
+
+def attention_last(q_last, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None):
+    """q_last (B, H, D): each sequence's last query row; k/v (T, Hkv, D) -> (B, H, D). Inference only.
+
+    B query rows are a sliver of the work, so every backend uses the SDPA reference."""
+    backend()  # validates JV5FAST_BACKEND like every other op
+    return attention_last_ref(q_last, k, v, cu_seqlens, max_seqlen, softmax_scale=softmax_scale)
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -71,6 +71,36 @@ def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_sca
     return out.transpose(1, 2).reshape(B * S, H, D).index_select(0, flat)
 
 
+
+def attention_last_ref(q_last, k, v, cu_seqlens, max_seqlen, softmax_scale=None):
+    """Attention of each sequence's last query row over all of that sequence's keys.
+
+    q_last (B, H, D) holds the query of token cu_seqlens[b+1]-1; k/v (T, Hkv, D) the packed keys.
+    The last row sees every key of its sequence under both masks (causal and bidirectional), so this
+    is exactly those rows of ``attention_varlen_ref`` — what a last-token-pooled model's final layer
+    needs. Returns (B, H, D).
+    """
+    B, H, D = q_last.shape
+    Hkv = k.shape[1]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    cu = cu_seqlens.to(device=k.device, dtype=torch.long)
+    lens = cu[1:] - cu[:-1]
+    T, S = k.shape[0], int(max_seqlen)
+    if B * S > 2 * T:  # very ragged: one sequence at a time
+        bounds = cu.tolist()
+        return torch.cat([attention_last_ref(q_last[b:b + 1], k[s:e], v[s:e], cu.new_tensor([0, e - s]), e - s,
+                                             scale) for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    seq_idx = torch.repeat_interleave(torch.arange(B, device=k.device), lens)
+    flat = seq_idx * S + torch.arange(T, device=k.device) - cu[:-1][seq_idx]
+
+    def pad(x):  # (T, Hkv, D) -> (B, Hkv, S, D)
+        return x.new_zeros(B * S, Hkv, D).index_copy(0, flat, x).view(B, S, Hkv, D).transpose(1, 2)
+
+    key_ok = torch.arange(S, device=k.device)[None, :] < lens[:, None]          # (B, S)
+    out = F.scaled_dot_product_attention(q_last[:, :, None, :], pad(k), pad(v), attn_mask=key_ok[:, None, None, :],
+                                         scale=scale, enable_gqa=H != Hkv)
+    return out[:, :, 0, :]
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels (FlashAttention-2 algorithm, Dao 2023) over the packed batch.
 #

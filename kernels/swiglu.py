@@ -4,12 +4,15 @@ gate_up (T, 2F) holds [gate | up] along the last axis; out = silu(gate) * up, sh
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 
 def swiglu_ref(gate_up):
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return F.silu(gate) * up
+    return F.silu(gate).mul_(up)  # inference: one temporary fewer (a memory-bound op on CPU)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -212,9 +212,9 @@ def test_non_finite_output_is_an_error(ckpt_factory, monkeypatch):
     eng = jv5fast.Engine(ckpt_factory("nano", seed=23, tasks=("retrieval",)), device="cpu")
     forward = eng.model.forward
 
-    def poisoned(batch):
-        h = forward(batch).clone()
-        h[batch.cu_seqlens[1] - 1] = float("nan")  # the pooled row of the batch's first text
+    def poisoned(batch, **kw):
+        h = forward(batch, **kw).clone()
+        h[0] = float("nan")  # the pooled row of the batch's first (longest) text
         return h
 
     monkeypatch.setattr(eng.model, "forward", poisoned)
@@ -228,11 +228,11 @@ def test_cpu_oom_is_retried_in_halves(ckpt_factory, monkeypatch):
     want = eng.embed(texts)
     forward, calls = eng.model.forward, []
 
-    def flaky(batch):
+    def flaky(batch, **kw):
         calls.append(batch.num_seqs)
         if batch.num_seqs > 2:
             raise torch.OutOfMemoryError("simulated")
-        return forward(batch)
+        return forward(batch, **kw)
 
     monkeypatch.setattr(eng.model, "forward", flaky)
     np.testing.assert_allclose(eng.embed(texts), want, atol=1e-6)

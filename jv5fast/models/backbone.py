@@ -62,28 +62,43 @@ class Backbone:
 
     # ---- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Packed batch -> final-normed hidden states (T, E) in the model dtype."""
+    def forward(self, batch: PackedBatch, last_only: bool = False) -> torch.Tensor:
+        """Packed batch -> final-normed hidden states in the model dtype: (T, E), or with ``last_only``
+        just each sequence's last token (B, E).
+
+        ``last_only`` skips the work nothing reads: in the final layer only the last rows need a query,
+        the output projection, the MLP and the final norm (keys and values still cover every token).
+        """
         a = self.args
         D, H, Hkv = a.head_dim, a.num_heads, a.num_kv_heads
         dq, dkv = H * D, Hkv * D
         cos, sin = self.rope_tables(batch.max_seqlen)
-        pos = batch.position_ids
+        pos, cu = batch.position_ids, batch.cu_seqlens
         x = F.embedding(batch.input_ids, self.embed)                      # (T, E)
         residual = None
-        for layer in self.layers:
+        for n, layer in enumerate(self.layers):
             if residual is None:
                 h, residual = ops.rms_norm(x, layer["attn_norm"], a.rms_norm_eps), x
             else:
                 h, residual = ops.rms_norm(x, layer["attn_norm"], a.rms_norm_eps, residual)
-            qkv = F.linear(h, layer["wqkv"])                              # (T, dq + 2 dkv)
-            q = qkv[:, :dq].view(-1, H, D)                                 # (T, H, D)
-            k = qkv[:, dq:dq + dkv].view(-1, Hkv, D)                       # (T, Hkv, D)
-            v = qkv[:, dq + dkv:].view(-1, Hkv, D)
-            q = ops.rope(q, cos, sin, pos, layer.get("q_norm"), a.rms_norm_eps)
-            k = ops.rope(k, cos, sin, pos, layer.get("k_norm"), a.rms_norm_eps)
-            o = ops.attention_varlen(q, k, v.contiguous(), batch.cu_seqlens, batch.max_seqlen, causal=a.causal)
-            x = F.linear(o.reshape(-1, dq), layer["wo"])                   # (T, E)
+            if last_only and n == len(self.layers) - 1:
+                last = (cu[1:] - 1).long()                                 # (B,)
+                kv = F.linear(h, layer["wqkv"][dq:])                       # (T, 2 dkv)
+                k = ops.rope(kv[:, :dkv].view(-1, Hkv, D), cos, sin, pos, layer.get("k_norm"), a.rms_norm_eps)
+                v = kv[:, dkv:].view(-1, Hkv, D).contiguous()
+                q = F.linear(h.index_select(0, last), layer["wqkv"][:dq]).view(-1, H, D)   # (B, H, D)
+                q = ops.rope(q, cos, sin, pos.index_select(0, last), layer.get("q_norm"), a.rms_norm_eps)
+                o = ops.attention_last(q, k, v, cu, batch.max_seqlen)                     # (B, H, D)
+                residual = residual.index_select(0, last)
+            else:
+                qkv = F.linear(h, layer["wqkv"])                          # (T, dq + 2 dkv)
+                q = qkv[:, :dq].view(-1, H, D)                             # (T, H, D)
+                k = qkv[:, dq:dq + dkv].view(-1, Hkv, D)                   # (T, Hkv, D)
+                v = qkv[:, dq + dkv:].view(-1, Hkv, D)
+                q = ops.rope(q, cos, sin, pos, layer.get("q_norm"), a.rms_norm_eps)
+                k = ops.rope(k, cos, sin, pos, layer.get("k_norm"), a.rms_norm_eps)
+                o = ops.attention_varlen(q, k, v.contiguous(), cu, batch.max_seqlen, causal=a.causal)
+            x = F.linear(o.reshape(o.shape[0], dq), layer["wo"])          # (T or B, E)
             h, residual = ops.rms_norm(x, layer["mlp_norm"], a.rms_norm_eps, residual)
             x = F.linear(ops.swiglu(F.linear(h, layer["w13"])), layer["w2"])
         return ops.rms_norm(x + residual, self.norm, a.rms_norm_eps)

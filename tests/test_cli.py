@@ -1,0 +1,47 @@
+"""`jv5fast embed` has the same semantics as Engine.embed."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jv5fast.cli import main
+
+
+def test_embed_texts_to_npy(engines, nano_ckpt, tmp_path):
+    out = tmp_path / "q.npy"
+    rc = main(["embed", "--model", nano_ckpt, "--prompt-name", "query", "--truncate-dim", "32",
+               "how fast is light", "second text", "--output", str(out)])
+    assert rc == 0
+    want = engines["nano"].encode_query(["how fast is light", "second text"], truncate_dim=32)
+    np.testing.assert_allclose(np.load(out), want, atol=1e-6)
+
+
+def test_embed_file_and_stdin_to_jsonl(engines, nano_ckpt, tmp_path, monkeypatch):
+    inp = tmp_path / "in.txt"
+    inp.write_text("first line\n\nthird line after an empty one\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    assert main(["embed", "--model", nano_ckpt, "--task", "clustering", "--precision", "ubinary",
+                 "--input", str(inp), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    want = engines["nano"].embed(["first line", "", "third line after an empty one"], task="clustering",
+                                 precision="ubinary")
+    np.testing.assert_array_equal(np.array([r["embedding"] for r in rows]), want)
+    # stdin through the console entry point
+    proc = subprocess.run([sys.executable, "-m", "jv5fast.cli", "embed", "--model", nano_ckpt, "--input", "-",
+                           "--output", str(tmp_path / "s.npy")], input="a\nb\n", text=True, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), engines["nano"].embed(["a", "b"]), atol=1e-6)
+
+
+def test_cli_errors(nano_ckpt, tmp_path, capsys):
+    assert main(["embed", "--model", nano_ckpt, "--task", "nope", "x", "--output", str(tmp_path / "o.npy")]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["embed", "--model", nano_ckpt, "--output", str(tmp_path / "o.npy")])  # no texts
+    with pytest.raises(SystemExit):
+        main(["embed", "--model", nano_ckpt, "x", "--output", str(tmp_path / "o.csv")])
+    assert main(["embed", "--model", str(tmp_path / "missing"), "x", "--output", str(tmp_path / "o.npy")]) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err
