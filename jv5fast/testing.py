@@ -369,3 +369,17 @@ def reference_embed(model, token_ids, *, truncate_dim=None, normalize=True, batc
         for r, i in enumerate(idx):
             out[i] = last[r].cpu()
     return torch.stack(out)
+
+
+# ---- tolerances (style.md: bounded by torch's own low-precision error plus a floor per dtype) --------
+TOL_FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def assert_close_dtype(out, ref32, ref_lowp, dtype, mult, name=""):
+    """out, ref_lowp: results in ``dtype``; ref32: the fp32 reference on the same (upcast) inputs.
+    The kernel's error must stay within ``mult`` × torch's own error in ``dtype`` plus the floor."""
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
+    err = (out.float() - ref32).abs().max().item()
+    torch_err = (ref_lowp.float() - ref32).abs().max().item()
+    bound = mult * torch_err + TOL_FLOOR[dtype]
+    assert err <= bound, f"{name}: max err {err:.3g} > {bound:.3g} (torch's own {torch_err:.3g})"

@@ -61,7 +61,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-POISON_OUTPUTS = False  # tests: fill outputs with NaN / 0xAA first so an unwritten element shows
+from ._common import new_output  # noqa: E402
 _MODES = {"last": 0, "cls": 1, "mean": 2}
 
 if HAS_TRITON:
@@ -103,12 +103,8 @@ def _launch_pool(hidden, cu, mode, K, normalize, store_v, pack):
     B = cu.numel() - 1
     nbytes = (K + 7) // 8
     dev = hidden.device
-    if POISON_OUTPUTS:
-        out = torch.full((B, K), float("nan"), dtype=torch.float32, device=dev) if store_v else None
-        bits = torch.full((B, nbytes), 0xAA, dtype=torch.uint8, device=dev) if pack else None
-    else:
-        out = torch.empty((B, K), dtype=torch.float32, device=dev) if store_v else None
-        bits = torch.empty((B, nbytes), dtype=torch.uint8, device=dev) if pack else None
+    out = new_output((B, K), torch.float32, dev) if store_v else None
+    bits = new_output((B, nbytes), torch.uint8, dev) if pack else None
     dummy = out if out is not None else bits
     _pool_kernel[(B,)](
         hidden, cu, out if out is not None else dummy, bits if bits is not None else dummy,

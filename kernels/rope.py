@@ -47,13 +47,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-POISON_OUTPUTS = False  # tests: fill outputs with NaN first so an unwritten element shows
-
-
-def _out(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+from ._common import new_output as _out  # noqa: E402
 
 
 if HAS_TRITON:

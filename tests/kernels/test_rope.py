@@ -4,24 +4,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from jv5fast.kernels import rope as mod  # noqa: E402
 from jv5fast.kernels.rope import rope, rope_ref, rope_tables  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+from jv5fast.testing import TOL_FLOOR as FLOOR, assert_close_dtype  # noqa: E402,F401
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(mod, "POISON_OUTPUTS", True)
-
-
-def assert_close_dtype(out, ref32, ref_lowp, dtype, mult, name=""):
-    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
-    err = (out.float() - ref32).abs().max().item()
-    torch_err = (ref_lowp.float() - ref32).abs().max().item()
-    bound = mult * torch_err + FLOOR[dtype]
-    assert err <= bound, f"{name}: max err {err:.3g} > {bound:.3g} (torch's own {torch_err:.3g})"
 
 
 def _positions(lens):
