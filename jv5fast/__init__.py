@@ -11,11 +11,14 @@ from .postprocess import PRECISIONS, quantize
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # the index module is optional until it lands
+def __getattr__(name):  # heavier modules load on first use
     if name in ("HammingIndex", "EmbeddingIndex"):
         from . import index
         return getattr(index, name)
+    if name == "export_onnx":
+        from .onnx_export import export_onnx
+        return export_onnx
     raise AttributeError(f"module 'jv5fast' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "quantize", "PRECISIONS", "HammingIndex", "EmbeddingIndex", "__version__"]
+__all__ = ["Engine", "quantize", "PRECISIONS", "HammingIndex", "EmbeddingIndex", "export_onnx", "__version__"]

@@ -1,4 +1,5 @@
-"""Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) --output OUT.npy|OUT.jsonl``.
+"""Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) --output OUT.npy|OUT.jsonl``
+and ``jv5fast export-onnx --model PATH_OR_ID --out DIR [--task ..] [--dtype ..] [--quantize int8] ...``.
 
 Same semantics as ``Engine.embed``. ``--input`` reads one text per line (a .jsonl file may instead
 hold one JSON string, or an object with a "text" field, per line). ``.npy`` output holds the (N, D')
@@ -67,7 +68,21 @@ def main(argv=None):
     e.add_argument("--input", default=None, help="file with one text per line, or - for stdin")
     e.add_argument("--output", required=True, help="OUT.npy or OUT.jsonl")
     e.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
+    e.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                   help="onnx: --model is a folder written by export-onnx")
+    x = sub.add_parser("export-onnx", help="export a checkpoint + one task adapter to ONNX")
+    x.add_argument("--model", required=True, help="checkpoint folder (released layout) or hub id")
+    x.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    x.add_argument("--task", default="retrieval")
+    x.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    x.add_argument("--opset", type=int, default=None)
+    x.add_argument("--truncate-dim", type=int, default=None, help="dimension of the sentence_embedding output")
+    x.add_argument("--quantize", default=None, choices=("int8",), help="also write model_int8.onnx")
+    x.add_argument("--external-data", action="store_true", help="force model.onnx_data (auto above 2 GB)")
+    x.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    if a.cmd == "export-onnx":
+        return _export(a)
 
     if bool(a.texts) == bool(a.input):
         p.error("give either TEXT arguments or --input FILE (not both, not neither)")
@@ -78,7 +93,7 @@ def main(argv=None):
     from .engine import Engine
     try:
         kw = {} if a.task is None else {"task": a.task}
-        eng = Engine(a.model, device=a.device, dtype=a.dtype, max_length=a.max_length, **kw)
+        eng = Engine(a.model, device=a.device, dtype=a.dtype, max_length=a.max_length, backend=a.backend, **kw)
         emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
                         precision=a.precision, normalize=not a.no_normalize, truncate=not a.no_truncate)
     except (ValueError, TypeError, FileNotFoundError, OSError) as err:
@@ -86,6 +101,23 @@ def main(argv=None):
         return 2
     _write(a.output, emb)
     print(f"embedded {len(texts)} texts -> {a.output} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
+    return 0
+
+
+def _export(a):
+    from .onnx_export import export_onnx
+    try:
+        meta = export_onnx(a.model, a.out, task=a.task, dtype=a.dtype, opset=a.opset, truncate_dim=a.truncate_dim,
+                           quantize=a.quantize, external_data=True if a.external_data else None,
+                           overwrite=a.overwrite)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {meta['model_type']} task={meta['task']} dtype={meta['dtype']} -> {a.out}", file=sys.stderr)
+    if "int8" in meta:
+        q = meta["int8"]
+        print(f"int8: mean cosine to float {q['cosine_mean']:.4f} (min {q['cosine_min']:.4f}), "
+              f"top-10 overlap {q['top10_overlap']:.3f} on {q['texts']} texts", file=sys.stderr)
     return 0
 
 

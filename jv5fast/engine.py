@@ -11,6 +11,7 @@ serialises the forward pass, so one engine may be shared by several threads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 
@@ -52,14 +53,30 @@ class Engine:
     """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
 
     def __init__(self, model_name_or_path, *, task="retrieval", device=None, dtype=None, max_length=None,
-                 max_batch_tokens=16384):
-        folder = resolve_checkpoint(str(model_name_or_path))
+                 max_batch_tokens=16384, backend="torch", onnx_quantize=None):
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend {backend!r} is not valid; choose 'torch' or 'onnx'")
+        self.backend = backend
+        if backend == "onnx":
+            folder = str(model_name_or_path)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"ONNX export folder not found: {folder!r} (write one with "
+                                        f"jv5fast.export_onnx or `jv5fast export-onnx`)")
+            from .onnx_runtime import read_metadata
+            meta = read_metadata(folder)
+        else:
+            folder, meta = resolve_checkpoint(str(model_name_or_path)), None
         self.path = folder
         self.args = args = load_model_args(folder)
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"))
+        if meta is not None:
+            if dtype is not None and _resolve_dtype(dtype, self.device) != _DTYPES[meta["dtype"]]:
+                raise ValueError(f"{folder} was exported in {meta['dtype']}; dtype={dtype!r} cannot change that")
+            dtype = meta["dtype"]
         self.dtype = _resolve_dtype(dtype, self.device)
         if max_length is None:
-            max_length = args.max_position_embeddings
+            max_length = meta["max_length"] if meta is not None else args.max_position_embeddings
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         if max_length > args.max_position_embeddings:
@@ -68,9 +85,24 @@ class Engine:
         if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens <= 0:
             raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
         self.max_length, self.max_batch_tokens = max_length, max_batch_tokens
-
         self.tokenizer = Tokenizer(folder, max_length)
         self.prompts, self.default_prompt_name = load_prompts(folder)
+        self._lock = threading.RLock()
+        self._active = object()  # sentinel: nothing merged yet
+        self._adapters, self._base = {}, {}
+
+        if meta is not None:
+            from .onnx_runtime import OnnxBackbone, onnx_file_for
+            self.model = OnnxBackbone(folder, onnx_file_for(folder, onnx_quantize), str(self.device))
+            # one task is merged into the graph; it is the only valid task
+            self._onnx_task = meta.get("task")
+            if task not in (None, "retrieval", self._onnx_task):
+                raise ValueError(f"unknown task {task!r} for this ONNX export; valid tasks: {list(self.tasks)}")
+            self.task = self._onnx_task
+            self._active = self.task
+            return
+        if onnx_quantize is not None:
+            raise ValueError("onnx_quantize applies to backend='onnx' only")
         weights = load_weights(folder, args)
         self._adapters = {t: a.to(self.device) for t, a in load_adapters(folder, args).items()}
         self.model = Backbone(args, self.device, self.dtype)
@@ -78,8 +110,6 @@ class Engine:
         # Linear weights in their storage dtype, kept only when an adapter may need re-merging.
         self._base = {k: v.to(self.device) for k, v in weights.items() if k.endswith("_proj.weight")}
         del weights
-        self._lock = threading.RLock()
-        self._active = object()  # sentinel: nothing merged yet
         if self._adapters:
             self.task = self._check_task(task)
         else:
@@ -90,6 +120,13 @@ class Engine:
         if not self._adapters:
             self._base = {}
 
+    @classmethod
+    def from_onnx(cls, folder, *, device="cpu", quantize=None, max_length=None, max_batch_tokens=16384):
+        """An engine over a folder written by ``jv5fast.export_onnx`` (onnxruntime; CPU, or CUDA with
+        onnxruntime-gpu). ``quantize="int8"`` runs the dynamically quantized graph."""
+        return cls(folder, device=device, max_length=max_length, max_batch_tokens=max_batch_tokens,
+                   backend="onnx", onnx_quantize=quantize, task=None)
+
     # ---- properties ----------------------------------------------------------------------------
     @property
     def dim(self) -> int:
@@ -97,6 +134,8 @@ class Engine:
 
     @property
     def tasks(self) -> tuple:
+        if self.backend == "onnx":
+            return (self._onnx_task,) if self._onnx_task else ()
         return tuple(self._adapters)
 
     def __repr__(self):
@@ -109,6 +148,10 @@ class Engine:
                 f"checkpoint); its tasks are: none. Pass task=None.")
 
     def _check_task(self, task):
+        if self.backend == "onnx":
+            if task not in (None, self._onnx_task):
+                raise ValueError(f"unknown task {task!r}; this ONNX export holds only {list(self.tasks)}")
+            return self._onnx_task
         if not self._adapters:
             if task is not None:
                 raise ValueError(self._no_adapter_msg(task))
@@ -119,7 +162,7 @@ class Engine:
 
     def _activate(self, task):
         """Make the model's linear weights base + adapter(task), merged in fp32 and cast once."""
-        if task == self._active:
+        if task == self._active or self.backend == "onnx":
             return
         adapter = self._adapters.get(task) if task is not None else None
         for i in range(self.args.num_layers):

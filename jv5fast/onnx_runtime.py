@@ -1,0 +1,96 @@
+"""onnxruntime backend: run a folder written by ``export_onnx`` behind the engine's packed-batch interface.
+
+The engine keeps its own tokenization, prompts, batching and post-processing; this module turns a
+packed batch into the right-padded (B, S) arrays the graph takes and returns each sequence's last
+hidden state (B, E) — the same contract as ``Backbone.forward(batch, last_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .batching import PackedBatch
+
+
+def read_metadata(folder: str) -> dict:
+    path = os.path.join(folder, "jv5fast_onnx.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder} is not a jv5fast ONNX export: missing {path}")
+    from .config import read_json
+    meta = read_json(path)
+    if meta.get("format") != "jv5fast-onnx":
+        raise ValueError(f"{path}: not a jv5fast ONNX metadata file")
+    return meta
+
+
+class OnnxSession:
+    """An onnxruntime session over one exported graph (CUDA provider first when available)."""
+
+    def __init__(self, model_path: str, device: str = "cpu"):
+        import onnxruntime as ort
+        if not os.path.exists(model_path):
+            raise FileNotFoundError(f"missing file: {model_path}")
+        providers = ["CPUExecutionProvider"]
+        if str(device).startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(model_path, providers=providers)
+        except Exception as e:
+            raise ValueError(f"corrupt or unreadable ONNX model {model_path}: {e}") from None
+        self.model_path = model_path
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        hidden, pooled = self.session.run(["last_hidden_state", "sentence_embedding"],
+                                          {"input_ids": input_ids, "attention_mask": attention_mask})
+        return hidden, pooled
+
+    def pooled(self, token_ids, batch_size: int = 16) -> np.ndarray:
+        """sentence_embedding for lists of token ids (right-padded batches)."""
+        out = []
+        for s in range(0, len(token_ids), batch_size):
+            ids, mask = pad_right(token_ids[s:s + batch_size])
+            out.append(self.run(ids, mask)[1])
+        return np.concatenate(out).astype(np.float32)
+
+
+def pad_right(seqs):
+    S = max(len(s) for s in seqs)
+    ids = np.zeros((len(seqs), S), dtype=np.int64)
+    mask = np.zeros((len(seqs), S), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = s
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+class OnnxBackbone:
+    """Drop-in for ``Backbone`` in the engine: ``forward(batch, last_only=True)`` -> (B, E) float32."""
+
+    def __init__(self, folder: str, file: str = "model.onnx", device: str = "cpu"):
+        self.session = OnnxSession(os.path.join(folder, file), device)
+
+    def forward(self, batch: PackedBatch, last_only: bool = True) -> torch.Tensor:
+        if not last_only:
+            raise ValueError("the ONNX backend returns pooled rows only")
+        cu = batch.cu_seqlens.cpu().numpy()
+        flat = batch.input_ids.cpu().numpy()
+        seqs = [flat[s:e] for s, e in zip(cu[:-1], cu[1:])]
+        ids, mask = pad_right(seqs)
+        hidden, _ = self.session.run(ids, mask)
+        lens = np.diff(cu)
+        rows = hidden[np.arange(len(seqs)), lens - 1].astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(rows))
+
+
+def onnx_file_for(folder: str, quantize: str | None) -> str:
+    if quantize in (None, "none"):
+        return "model.onnx"
+    if quantize == "int8":
+        if not os.path.exists(os.path.join(folder, "model_int8.onnx")):
+            raise FileNotFoundError(f"{folder} has no model_int8.onnx; export with quantize='int8'")
+        return "model_int8.onnx"
+    raise ValueError(f"quantize {quantize!r} is not valid; choose None or 'int8'")
