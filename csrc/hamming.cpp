@@ -7,9 +7,11 @@
 // once per query chunk; threads split the corpus into contiguous ranges (each keeps its own heaps,
 // merged at the end) or, when the corpus is small, split the queries. No Q x N matrix is formed.
 // Popcounts use AVX-512 VPOPCNTQ where the CPU has it (runtime dispatch, 8 rows reduced at once by a
-// transpose-add), else the scalar 64-bit POPCNT. The GIL is released while searching.
+// transpose-add), else AVX2 (vpshufb nibble-table popcount, vpsadbw sums, 8 rows reduced at once),
+// else the scalar 64-bit POPCNT. The GIL is released while searching.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <climits>
@@ -182,8 +184,153 @@ bool cpu_has_avx512_popcnt() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vpopcntdq");
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 (no vector popcount instruction): per-byte popcount by two 16-entry table lookups (vpshufb
+// on the low and high nibble), byte counts summed over a row's 32-byte chunks, then one vpsadbw
+// per row turns the 32 byte counts into 4 u64 partial sums (the Mula-Kurz-Lemire scheme). Each
+// byte count is <= 8 per chunk, so up to 31 chunks fit in a byte; rows are flushed every 16 chunks.
+#define JV5_AVX2 __attribute__((target("avx2,popcnt")))
+
+JV5_AVX2 inline __m256i popcnt_bytes(__m256i x) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,  //
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(x, low4);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+JV5_AVX2 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Sum the 4 u64 lanes of each of 4 vectors: lane i = sum of v[i].
+JV5_AVX2 inline __m256i hsum4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+  // [v0.0+v0.1, v1.0+v1.1 | v0.2+v0.3, v1.2+v1.3]
+  __m256i a = _mm256_add_epi64(_mm256_unpacklo_epi64(v0, v1), _mm256_unpackhi_epi64(v0, v1));
+  __m256i b = _mm256_add_epi64(_mm256_unpacklo_epi64(v2, v3), _mm256_unpackhi_epi64(v2, v3));
+  return _mm256_add_epi64(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// Sums of 8 rows (two vectors of 4 u64 lanes, each < 2^31) stored as 8 consecutive int32.
+JV5_AVX2 inline void store8(int32_t* out, __m256i s0123, __m256i s4567) {
+  // u64 lane j of s0123 | s4567 << 32 holds rows (j, j + 4) as its two int32 halves
+  __m256i x = _mm256_or_si256(s0123, _mm256_slli_epi64(s4567, 32));
+  x = _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), x);
+}
+
+// Query prepared for the AVX2 kernel: C full 32-byte chunks, and when B % 32 != 0 (B >= 32) a last
+// chunk read from the 32 bytes ending at the row end, with the bytes already counted masked off.
+struct QueryAvx2 {
+  const uint8_t* q;
+  int C;          // full chunks
+  size_t tail_off;  // B - 32, offset of the overlapping last chunk
+  bool tail;
+  __m256i tail_mask, q_tail;
+};
+
+JV5_AVX2 inline QueryAvx2 prep_avx2(const uint8_t* q, size_t B) {
+  QueryAvx2 p;
+  p.q = q;
+  p.C = int(B / 32);
+  p.tail = (B % 32) != 0;
+  p.tail_off = B - 32;
+  // keep the last B % 32 bytes of the overlapping chunk: byte j kept iff j >= 32 - B % 32
+  alignas(32) uint8_t m[32];
+  for (int j = 0; j < 32; ++j) m[j] = j >= 32 - int(B % 32) ? 0xff : 0x00;
+  p.tail_mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
+  p.q_tail = p.tail ? _mm256_and_si256(load32(q + p.tail_off), p.tail_mask) : _mm256_setzero_si256();
+  return p;
+}
+
+// popcount(q XOR r) as 4 u64 partial sums. CT > 0: CT full chunks known at compile time (no tail).
+template <int CT, bool TAIL>
+JV5_AVX2 inline __m256i row_popcnt_avx2(const QueryAvx2& p, const __m256i* qv, const uint8_t* r) {
+  const __m256i zero = _mm256_setzero_si256();
+  if (CT > 0) {
+    __m256i acc = popcnt_bytes(_mm256_xor_si256(qv[0], load32(r)));
+    for (int c = 1; c < CT; ++c) acc = _mm256_add_epi8(acc, popcnt_bytes(_mm256_xor_si256(qv[c], load32(r + 32 * c))));
+    if (TAIL)
+      acc = _mm256_add_epi8(acc, popcnt_bytes(_mm256_and_si256(_mm256_xor_si256(p.q_tail, load32(r + p.tail_off)),
+                                                               p.tail_mask)));
+    return _mm256_sad_epu8(acc, zero);
+  }
+  __m256i sum = zero;
+  int c = 0;
+  while (c < p.C) {
+    const int end = std::min(p.C, c + 16);
+    __m256i acc = zero;
+    for (; c < end; ++c) acc = _mm256_add_epi8(acc, popcnt_bytes(_mm256_xor_si256(load32(p.q + 32 * c), load32(r + 32 * c))));
+    sum = _mm256_add_epi64(sum, _mm256_sad_epu8(acc, zero));
+  }
+  if (TAIL)
+    sum = _mm256_add_epi64(sum, _mm256_sad_epu8(popcnt_bytes(_mm256_and_si256(
+                                                    _mm256_xor_si256(p.q_tail, load32(r + p.tail_off)), p.tail_mask)),
+                                                zero));
+  return sum;
+}
+
+JV5_AVX2 inline int32_t reduce4(__m256i v) {
+  __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi64(s, _mm_unpackhi_epi64(s, s));
+  return int32_t(_mm_cvtsi128_si64(s));
+}
+
+// Codes of B >= 32 bytes. CT > 0: B == 32 * CT exactly (TAIL false); CT == 0: any B >= 32.
+template <int CT, bool TAIL>
+JV5_AVX2 void dist_avx2(const uint8_t* q, const uint8_t* rows, size_t n, size_t B, int32_t* out) {
+  const QueryAvx2 p = prep_avx2(q, B);
+  __m256i qv[CT > 0 ? CT : 1];
+  for (int c = 0; c < CT; ++c) qv[c] = load32(q + 32 * c);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const uint8_t* r = rows + i * B;
+    __m256i s0 = hsum4(row_popcnt_avx2<CT, TAIL>(p, qv, r), row_popcnt_avx2<CT, TAIL>(p, qv, r + B),
+                       row_popcnt_avx2<CT, TAIL>(p, qv, r + 2 * B), row_popcnt_avx2<CT, TAIL>(p, qv, r + 3 * B));
+    __m256i s1 = hsum4(row_popcnt_avx2<CT, TAIL>(p, qv, r + 4 * B), row_popcnt_avx2<CT, TAIL>(p, qv, r + 5 * B),
+                       row_popcnt_avx2<CT, TAIL>(p, qv, r + 6 * B), row_popcnt_avx2<CT, TAIL>(p, qv, r + 7 * B));
+    store8(out + i, s0, s1);
+  }
+  for (; i < n; ++i) out[i] = reduce4(row_popcnt_avx2<CT, TAIL>(p, qv, rows + i * B));
+}
+
+// Codes of B < 32 bytes (only when simd='avx2' is asked for explicitly; 'auto' takes the scalar
+// kernel there): each row is copied into a zeroed 32-byte buffer, so nothing is read past the row.
+JV5_AVX2 void dist_avx2_short(const uint8_t* q, const uint8_t* rows, size_t n, size_t B, int32_t* out) {
+  alignas(32) uint8_t buf[32] = {0};
+  std::memcpy(buf, q, B);
+  const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  const __m256i zero = _mm256_setzero_si256();
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(buf, rows + i * B, B);
+    __m256i x = _mm256_xor_si256(qv, _mm256_load_si256(reinterpret_cast<const __m256i*>(buf)));
+    out[i] = reduce4(_mm256_sad_epu8(popcnt_bytes(x), zero));
+  }
+}
+
+// Push the candidates of one distance block that beat the heap threshold (8 compares at a time).
+JV5_AVX2 void filter_avx2(const int32_t* d, size_t n, int64_t base, TopK& t) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(t.thr), load32(reinterpret_cast<const uint8_t*>(d + i)));
+    unsigned m = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(lt)));
+    while (m) {
+      int j = __builtin_ctz(m);
+      m &= m - 1;
+      if (d[i + j] < t.thr) t.push(d[i + j], base + int64_t(i + j));
+    }
+  }
+  for (; i < n; ++i)
+    if (d[i] < t.thr) t.push(d[i], base + int64_t(i));
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+}
 #else
 bool cpu_has_avx512_popcnt() { return false; }
+bool cpu_has_avx2() { return false; }
 #endif
 
 void filter_scalar(const int32_t* d, size_t n, int64_t base, TopK& t) {
@@ -200,13 +347,19 @@ struct Kernel {
   const char* name;
 };
 
+// Kernel for codes of B bytes. 'auto': AVX-512 VPOPCNTDQ, else AVX2, else scalar; codes under 32
+// bytes take the scalar kernel under 'auto' (a few 64-bit POPCNTs beat a vector setup there). An
+// explicit 'avx512' / 'avx2' is an error where the CPU lacks it; 'avx512' on codes wider than
+// kMaxChunks * 64 bytes runs the AVX2 kernel.
 Kernel pick_kernel(size_t B, const std::string& simd) {
-  bool avx512 = cpu_has_avx512_popcnt();
+  if (simd != "auto" && simd != "avx512" && simd != "avx2" && simd != "scalar")
+    throw std::invalid_argument("simd must be 'auto', 'avx512', 'avx2' or 'scalar', got '" + simd + "'");
+  const bool avx512 = cpu_has_avx512_popcnt(), avx2 = cpu_has_avx2();
   if (simd == "avx512" && !avx512) throw std::invalid_argument("simd='avx512' requested but this CPU lacks AVX-512 VPOPCNTDQ");
-  if (simd != "auto" && simd != "avx512" && simd != "scalar")
-    throw std::invalid_argument("simd must be 'auto', 'avx512' or 'scalar', got '" + simd + "'");
+  if (simd == "avx2" && !avx2) throw std::invalid_argument("simd='avx2' requested but this CPU lacks AVX2");
 #if defined(JV5_X86) && defined(__GNUC__)
-  if (avx512 && simd != "scalar" && (B >= 32 || simd == "avx512") && (B + 63) / 64 <= size_t(kMaxChunks)) {
+  const bool want512 = simd == "avx512" || (simd == "auto" && avx512 && B >= 32);
+  if (want512 && (B + 63) / 64 <= size_t(kMaxChunks)) {
     switch ((B + 63) / 64) {
       case 1: return {dist_avx512<1>, filter_avx512, "avx512"};
       case 2: return {dist_avx512<2>, filter_avx512, "avx512"};
@@ -214,6 +367,19 @@ Kernel pick_kernel(size_t B, const std::string& simd) {
       case 4: return {dist_avx512<4>, filter_avx512, "avx512"};
       default: return {dist_avx512<0>, filter_avx512, "avx512"};
     }
+  }
+  if (want512 || simd == "avx2" || (simd == "auto" && avx2 && B >= 32)) {
+    if (B < 32) return {dist_avx2_short, filter_avx2, "avx2"};
+    if (B % 32 == 0) {
+      switch (B / 32) {
+        case 1: return {dist_avx2<1, false>, filter_avx2, "avx2"};
+        case 2: return {dist_avx2<2, false>, filter_avx2, "avx2"};
+        case 3: return {dist_avx2<3, false>, filter_avx2, "avx2"};
+        case 4: return {dist_avx2<4, false>, filter_avx2, "avx2"};
+        default: return {dist_avx2<0, false>, filter_avx2, "avx2"};
+      }
+    }
+    return {dist_avx2<0, true>, filter_avx2, "avx2"};
   }
 #endif
   if (B % 8 == 0) {
@@ -408,10 +574,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("simd") = "auto",
         "Exact top-k Hamming search. queries (Q, B) and corpus (N, B) uint8, C-contiguous. Returns (D int32 "
         "(Q, k), I int64 (Q, k)): ascending distance, ties by smaller id, padding INT32_MAX / -1. threads <= 0 "
-        "means all cores; simd is 'auto', 'avx512' or 'scalar'.");
+        "means all cores; simd is 'auto', 'avx512', 'avx2' or 'scalar'.");
   m.def("pack_signs_f32", &pack_signs_f32, py::arg("x"), "np.packbits(x > 0, axis=-1) for float32 (n, d)");
   m.def("pack_signs_f16", &pack_signs_f16, py::arg("x"), "np.packbits(x > 0, axis=-1) for float16 bits (n, d) uint16");
   m.def("simd_kernel", [](size_t nbytes, const std::string& simd) { return std::string(pick_kernel(nbytes, simd).name); },
         py::arg("nbytes"), py::arg("simd") = "auto", "Name of the distance kernel used for codes of nbytes bytes");
+  m.def(
+      "simd_available",
+      []() {
+        std::vector<std::string> v;
+        if (cpu_has_avx512_popcnt()) v.push_back("avx512");
+        if (cpu_has_avx2()) v.push_back("avx2");
+        v.push_back("scalar");
+        return v;
+      },
+      "Popcount kernels this CPU can run, best first (values for simd=)");
   m.def("num_threads", &cpu_threads, "Threads a search uses by default (OpenMP max threads)");
 }

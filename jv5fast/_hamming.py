@@ -8,7 +8,8 @@ both encodings may be mixed and give the same distances. Search results follow f
 
 Backend: the extension when it was built, else numpy. ``JV5FAST_NO_EXT=1`` (the same switch that
 skips building it) or ``backend="numpy"`` forces the fallback; ``JV5FAST_HAMMING_SIMD`` =
-auto | avx512 | scalar picks the extension's popcount kernel.
+auto | avx512 | avx2 | scalar picks the extension's popcount kernel (runtime dispatch: ``auto`` takes
+AVX-512 VPOPCNTDQ, else AVX2, else the scalar 64-bit popcount; naming one the CPU lacks is an error).
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def resolve_backend(backend: str | None = None) -> str:
         use_ext = _C is not None and os.environ.get("JV5FAST_NO_EXT", "") in ("", "0")
         backend = "cpp" if use_ext else "numpy"
     return backend
+
+
+def simd_kernels() -> list[str]:
+    """Popcount kernels of the extension this CPU can run, best first (e.g. ['avx512', 'avx2', 'scalar'])."""
+    return list(_C.simd_available()) if _C is not None else []
 
 
 def default_threads() -> int:

@@ -1,6 +1,7 @@
 """HammingIndex / EmbeddingIndex / sign packing: exact equality against an independent numpy reference
-(byte popcount table + lexsort) and faiss IndexBinaryFlat, on every CPU backend (C++ AVX-512, C++
-scalar, numpy fallback), over widths that are not multiples of 64 bits, ties, N < k and bad input."""
+(byte popcount table + lexsort) and faiss IndexBinaryFlat, on every CPU backend (each C++ popcount
+kernel the CPU can run: AVX-512, AVX2, scalar; and the numpy fallback), over widths that are not
+multiples of 64 bits, ties, N < k and bad input."""
 import numpy as np
 import pytest
 import torch
@@ -28,12 +29,13 @@ def ref_topk(q, c, k):
     return D, I
 
 
+SIMD = _hamming.simd_kernels()  # C++ kernels this CPU can run, e.g. ['avx512', 'avx2', 'scalar']
+
+
 def _backends():
     out = [pytest.param(("numpy", "auto"), id="numpy")]
-    if _hamming.has_extension():
-        out.append(pytest.param(("cpp", "scalar"), id="cpp-scalar"))
-        if _hamming._C.simd_kernel(128, "auto") == "avx512":
-            out.append(pytest.param(("cpp", "avx512"), id="cpp-avx512"))
+    for simd in SIMD:  # each kernel explicitly, also on widths where 'auto' would pick another
+        out.append(pytest.param(("cpp", simd), id=f"cpp-{simd}"))
     return out
 
 
@@ -72,7 +74,7 @@ def test_search_matches_reference(backend, nbits):
         assert D[0].tolist() == [0] * 6 and I[0].tolist() == [3, 700, 701, 702, 703, 704]
 
 
-@pytest.mark.parametrize("nbits", [8, 96, 1024])
+@pytest.mark.parametrize("nbits", WIDTHS)
 def test_heavy_ties_and_threads(backend, nbits):
     """Codes from a tiny alphabet give huge tie groups; every thread count must agree exactly."""
     rng = np.random.default_rng(1)
@@ -113,7 +115,7 @@ def test_k_larger_than_n_pads(backend, n):
     assert (I[:, n:] == -1).all() and (D[:, n:] == INT32_MAX).all()
 
 
-@pytest.mark.parametrize("nbits", [32, 96, 256, 1024])
+@pytest.mark.parametrize("nbits", WIDTHS)
 def test_matches_faiss(backend, nbits):
     faiss = pytest.importorskip("faiss")
     rng = np.random.default_rng(3)
@@ -129,6 +131,47 @@ def test_matches_faiss(backend, nbits):
     # faiss's default heap path (use_heap=True) compares (distance, id): ids must agree exactly too.
     np.testing.assert_array_equal(I, If)
     np.testing.assert_array_equal(D, ref_topk(queries, corpus, 25)[0])
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_kernel_every_byte_width(simd):
+    """The C++ kernels on raw widths of any byte count (the index only makes multiples of 8 bits, _C
+    takes any): each vector path's full chunks, masked or overlapping tails, short codes, and codes
+    long enough to flush the AVX2 byte counters (> 16 chunks of 32 bytes)."""
+    rng = np.random.default_rng(12)
+    for nb in [*range(1, 70), 95, 127, 128, 129, 160, 511, 512, 513, 544, 1025, 2048]:
+        corpus = _codes(rng, 137, nb, levels=256 if nb % 2 else 2)
+        corpus[60:64] = corpus[5]
+        queries = np.concatenate([_codes(rng, 3, nb), corpus[[5]]])
+        D, I = _hamming._C.hamming_topk(queries, corpus, 11, 2, simd)
+        Dr, Ir = ref_topk(queries, corpus, 11)
+        np.testing.assert_array_equal(D, Dr, err_msg=f"{simd}, {nb} bytes")
+        np.testing.assert_array_equal(I, Ir, err_msg=f"{simd}, {nb} bytes")
+        # all bits differ: the largest distance a row can have (no counter overflows)
+        far = np.full((19, nb), 0xFF, np.uint8)
+        D, I = _hamming._C.hamming_topk(np.zeros((1, nb), np.uint8), far, 3, 1, simd)
+        assert D.tolist() == [[8 * nb] * 3] and I.tolist() == [[0, 1, 2]]
+
+
+def test_kernel_dispatch(monkeypatch):
+    if not _hamming.has_extension():
+        pytest.skip("extension not built")
+    C = _hamming._C
+    assert SIMD[-1] == "scalar" and set(SIMD) <= {"avx512", "avx2", "scalar"}
+    best = SIMD[0]
+    assert C.simd_kernel(128, "auto") == best  # 1024-bit codes: the best kernel the CPU has
+    assert C.simd_kernel(12, "auto") == "scalar"  # short codes: scalar under 'auto'
+    for simd in SIMD:
+        assert C.simd_kernel(12, simd) == simd and C.simd_kernel(128, simd) == simd
+    for simd in {"avx512", "avx2"} - set(SIMD):
+        with pytest.raises(ValueError, match=f"simd='{simd}' requested but this CPU lacks"):
+            C.simd_kernel(128, simd)
+    with pytest.raises(ValueError, match="simd must be 'auto', 'avx512', 'avx2' or 'scalar'"):
+        C.simd_kernel(128, "sse")
+    monkeypatch.setenv("JV5FAST_NO_EXT", "0")
+    monkeypatch.setenv("JV5FAST_HAMMING_SIMD", "neon")  # the environment switch is checked the same way
+    with pytest.raises(ValueError, match="simd must be"):
+        _hamming.hamming_topk(np.zeros((1, 4), np.uint8), np.zeros((2, 4), np.uint8), 1)
 
 
 def test_binary_int8_codes_equal_ubinary(backend):
