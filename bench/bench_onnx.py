@@ -6,6 +6,7 @@ backend. Reports tokens/s, the ratio to torch fp32, and int8's quality against f
 vector and top-10 retrieval overlap on the benchmark corpus (plus the fixed corpus the exporter uses).
 
     python bench/bench_onnx.py [--texts 48] [--out bench/results/onnx_cpu.md]
+    pytest bench/bench_onnx.py              # pytest-benchmark, onnxruntime fp32 vs the torch engine
 """
 from __future__ import annotations
 
@@ -80,3 +81,18 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_onnxruntime_vs_torch_nano(benchmark, tmp_path):
+    """pytest-benchmark entry: onnxruntime fp32 on full-size nano; asserts parity, reports the ratio."""
+    ck = write_checkpoint(str(tmp_path / "nano"), "nano", "full", seed=0, tasks=("retrieval",))
+    jv5fast.export_onnx(ck, str(tmp_path / "onnx"))
+    torch_eng = jv5fast.Engine(ck, device="cpu")
+    texts = corpus(torch_eng, 16)
+    ref, t_ref = timed(torch_eng, texts)
+    eng = jv5fast.Engine.from_onnx(str(tmp_path / "onnx"))
+    out = benchmark.pedantic(eng.embed, args=(texts,), rounds=2, iterations=1, warmup_rounds=1)
+    ratio = t_ref / benchmark.stats.stats.min
+    benchmark.extra_info.update(ratio_vs_torch_engine=ratio)
+    print(f"\nnano: torch engine {t_ref:.2f} s, onnxruntime {benchmark.stats.stats.min:.2f} s, ratio {ratio:.2f}x")
+    assert (out * ref).sum(1).min() >= 0.99999
