@@ -47,7 +47,8 @@ def _check_info_nce(q, d, temperature, hard_negatives):
                 raise ValueError(f"per-query hard_negatives must be (B={q.shape[0]}, n, E={E}); "
                                  f"got {tuple(hn.shape)}")
         else:
-            raise ValueError(f"hard_negatives must be (M, E) shared or (B, n, E) per query; got {tuple(hn.shape)}")
+            raise ValueError(f"hard_negatives must be (M, E) shared or (B, n, E) per query; "
+                             f"got {tuple(hn.shape)}")
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     if torch.is_tensor(temperature):
         if temperature.numel() != 1:
@@ -116,8 +117,8 @@ if HAS_TRITON:
             e_ok = offs_e < E
             a = tl.load(A + offs_a[:, None] * stride_a + offs_e[None, :], mask=a_ok[:, None] & e_ok[None, :],
                         other=0.0)
-            bt = tl.load(Bm + offs_b[None, :] * stride_b + offs_e[:, None], mask=b_ok[None, :] & e_ok[:, None],
-                         other=0.0)
+            bt = tl.load(Bm + offs_b[None, :] * stride_b + offs_e[:, None],
+                         mask=b_ok[None, :] & e_ok[:, None], other=0.0)
             s += tl.dot(a, bt, input_precision=DOT_PREC)
         return s
 
@@ -167,8 +168,8 @@ if HAS_TRITON:
                         BLOCK_M, BLOCK_N, BLOCK_E, DOT_PREC)
             ok = row_ok[:, None] & col_ok[None, :]
             gp = tl.where(ok, tl.exp2(s * scale - lse2[:, None]), 0.0) * g[:, None]   # (BLOCK_M, BLOCK_N)
-            c = tl.load(C + cols[:, None] * stride_c + offs_eo[None, :], mask=col_ok[:, None] & eo_ok[None, :],
-                        other=0.0)
+            c = tl.load(C + cols[:, None] * stride_c + offs_eo[None, :],
+                        mask=col_ok[:, None] & eo_ok[None, :], other=0.0)
             dq += tl.dot(gp.to(c.dtype), c, input_precision=DOT_PREC)
         tl.store(DQ + offs_m[:, None] * stride_dq + offs_eo[None, :], (dq * inv_tau).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & eo_ok[None, :])
@@ -194,8 +195,8 @@ if HAS_TRITON:
                          BLOCK_N, BLOCK_M, BLOCK_E, DOT_PREC)
             ok = col_ok[:, None] & row_ok[None, :]
             gpt = tl.where(ok, tl.exp2(st * scale - lse2[None, :]), 0.0) * g[None, :]
-            q = tl.load(Q + offs_m[:, None] * stride_q + offs_eo[None, :], mask=row_ok[:, None] & eo_ok[None, :],
-                        other=0.0)
+            q = tl.load(Q + offs_m[:, None] * stride_q + offs_eo[None, :],
+                        mask=row_ok[:, None] & eo_ok[None, :], other=0.0)
             dc += tl.dot(gpt.to(q.dtype), q, input_precision=DOT_PREC)
         tl.store(DC + cols[:, None] * stride_dc + offs_eo[None, :], (dc * inv_tau).to(DC.dtype.element_ty),
                  mask=col_ok[:, None] & eo_ok[None, :])
@@ -255,7 +256,7 @@ class ContrastiveLSEFunction(torch.autograd.Function):
 
     Saves q, c, inv_tau, lse and sbar_i = sum_j p_ij (q_i . c_j), p_ij = exp(inv_tau q_i . c_j - lse_i).
     Backward, with g = dL/dlse (B,):
-        dq_i = inv_tau g_i sum_j p_ij c_j,   dc_j = inv_tau sum_i g_i p_ij q_i,   d inv_tau = sum_i g_i sbar_i.
+        dq_i = inv_tau g_i sum_j p_ij c_j,  dc_j = inv_tau sum_i g_i p_ij q_i,  d inv_tau = sum_i g_i sbar_i.
     """
 
     @staticmethod
