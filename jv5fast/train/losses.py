@@ -11,12 +11,12 @@ inputs), and are differentiable in every tensor input, the temperature included.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels.contrastive import info_nce_ref
+from ..ops import backend
 
 _EPS = 1e-8   # floor for norms and RKD means: only keeps degenerate inputs finite
 
@@ -88,9 +88,7 @@ def distill_loss(student_projected, teacher, *, reduction="mean"):
 def _contrastive_impl(x):
     """The InfoNCE implementation for tensors like ``x``: the ops.py rule (Triton on CUDA, the reference
     elsewhere; JV5FAST_BACKEND=torch|triton forces one)."""
-    b = os.environ.get("JV5FAST_BACKEND", "auto").strip().lower() or "auto"
-    if b not in ("auto", "torch", "triton"):
-        raise ValueError(f"JV5FAST_BACKEND={b!r} is not valid; choose one of ['auto', 'torch', 'triton']")
+    b = backend()   # validates JV5FAST_BACKEND
     if b == "torch" or (b == "auto" and (not x.is_cuda or x.dtype == torch.float64)):
         return info_nce_ref
     from ..kernels import contrastive
