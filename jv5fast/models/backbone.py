@@ -69,6 +69,17 @@ class Backbone:
         ``last_only`` skips the work nothing reads: in the final layer only the last rows need a query,
         the output projection, the MLP and the final norm (keys and values still cover every token).
         """
+        return self.hidden_states(batch, last_only)
+
+    def hidden_states(self, batch: PackedBatch, last_only: bool = False, linear=None) -> torch.Tensor:
+        """``forward`` without inference mode, so the trainer can differentiate through it. ``linear(i,
+        name, h)`` replaces ``F.linear(h, layers[i][name])`` for the fused projections (the trainer adds
+        LoRA there); it needs the full path (``last_only=False``)."""
+        if linear is not None and last_only:
+            raise ValueError("a custom linear needs last_only=False")
+        if linear is None:
+            def linear(i, name, h):
+                return F.linear(h, self.layers[i][name])
         a = self.args
         D, H, Hkv = a.head_dim, a.num_heads, a.num_kv_heads
         dq, dkv = H * D, Hkv * D
@@ -91,14 +102,14 @@ class Backbone:
                 o = ops.attention_last(q, k, v, cu, batch.max_seqlen)                     # (B, H, D)
                 residual = residual.index_select(0, last)
             else:
-                qkv = F.linear(h, layer["wqkv"])                          # (T, dq + 2 dkv)
+                qkv = linear(n, "wqkv", h)                                 # (T, dq + 2 dkv)
                 q = qkv[:, :dq].view(-1, H, D)                             # (T, H, D)
                 k = qkv[:, dq:dq + dkv].view(-1, Hkv, D)                   # (T, Hkv, D)
                 v = qkv[:, dq + dkv:].view(-1, Hkv, D)
                 q = ops.rope(q, cos, sin, pos, layer.get("q_norm"), a.rms_norm_eps)
                 k = ops.rope(k, cos, sin, pos, layer.get("k_norm"), a.rms_norm_eps)
                 o = ops.attention_varlen(q, k, v.contiguous(), cu, batch.max_seqlen, causal=a.causal)
-            x = F.linear(o.reshape(o.shape[0], dq), layer["wo"])          # (T or B, E)
+            x = linear(n, "wo", o.reshape(o.shape[0], dq))                # (T or B, E)
             h, residual = ops.rms_norm(x, layer["mlp_norm"], a.rms_norm_eps, residual)
-            x = F.linear(ops.swiglu(F.linear(h, layer["w13"])), layer["w2"])
+            x = linear(n, "w2", ops.swiglu(linear(n, "w13", h)))
         return ops.rms_norm(x + residual, self.norm, a.rms_norm_eps)
