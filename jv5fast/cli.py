@@ -1,5 +1,6 @@
 """Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) --output OUT.npy|OUT.jsonl``
-and ``jv5fast export-onnx --model PATH_OR_ID --out DIR [--task ..] [--dtype ..] [--quantize int8] ...``.
+``jv5fast export-onnx --model PATH_OR_ID --out DIR [--task ..] [--dtype ..] [--quantize int8] ...`` and
+``jv5fast train --stage STAGE --student DIR --output DIR --data FILE.jsonl [--teacher DIR | --teacher-embeddings DIR]``.
 
 Same semantics as ``Engine.embed``. ``--input`` reads one text per line (a .jsonl file may instead
 hold one JSON string, or an object with a "text" field, per line). ``.npy`` output holds the (N, D')
@@ -80,9 +81,12 @@ def main(argv=None):
     x.add_argument("--quantize", default=None, choices=("int8",), help="also write model_int8.onnx")
     x.add_argument("--external-data", action="store_true", help="force model.onnx_data (auto above 2 GB)")
     x.add_argument("--overwrite", action="store_true")
+    _add_train_parser(sub)
     a = p.parse_args(argv)
     if a.cmd == "export-onnx":
         return _export(a)
+    if a.cmd == "train":
+        return _train(a)
 
     if bool(a.texts) == bool(a.input):
         p.error("give either TEXT arguments or --input FILE (not both, not neither)")
@@ -101,6 +105,67 @@ def main(argv=None):
         return 2
     _write(a.output, emb)
     print(f"embedded {len(texts)} texts -> {a.output} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
+    return 0
+
+
+def _add_train_parser(sub):
+    """``jv5fast train``: one flag per TrainConfig field (--stage, --student, --output, --steps, ...)."""
+    import dataclasses
+
+    from .train.trainer import TrainConfig
+    t = sub.add_parser("train", help="stage 1 distillation or a stage 2 task adapter (see TrainConfig)")
+    t.add_argument("--data", required=True, help="JSONL: {query, document[, negatives, score]} or {text, label}")
+    t.add_argument("--teacher", default=None, help="a jv5fast checkpoint used as the teacher (Engine.embed)")
+    t.add_argument("--teacher-embeddings", default=None,
+                   help="folder with query.npy and document.npy aligned with --data (memory-mapped)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is dataclasses.MISSING else f.default
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if isinstance(default, bool) or f.name in ("resume",):
+            t.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
+                           metavar="BOOL")
+        elif isinstance(default, tuple):
+            cast = int if f.name == "matryoshka_dims" else str
+            t.add_argument(flag, type=lambda v, c=cast: tuple(c(x) for x in v.split(",") if x), default=default,
+                           metavar="A,B,...")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            t.add_argument(flag, type=type(default), default=default)
+        elif f.name in ("rope_theta",):
+            t.add_argument(flag, type=float, default=default)
+        elif f.name in ("average_from_step",):
+            t.add_argument(flag, type=int, default=default)
+        else:
+            t.add_argument(flag, default=default, required=required)
+
+
+def _train(a):
+    import dataclasses
+
+    import numpy as np
+
+    from .train.trainer import TrainConfig, Trainer
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    try:
+        cfg = TrainConfig(**{k: getattr(a, k) for k in fields if getattr(a, k) is not None or k == "rope_theta"})
+        with open(a.data, encoding="utf-8") as f:
+            examples = [json.loads(line) for line in f if line.strip()]
+        teacher = embeddings = None
+        if a.teacher_embeddings:
+            embeddings = {s: np.load(f"{a.teacher_embeddings}/{s}.npy", mmap_mode="r") for s in ("query", "document")}
+        elif a.teacher:
+            from .engine import Engine
+            eng = Engine(a.teacher)
+
+            def teacher(texts):
+                return eng.embed(texts, prompt="")
+        Trainer(cfg, examples, teacher=teacher, teacher_embeddings=embeddings).train()
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"trained {cfg.stage} -> {cfg.output}", file=sys.stderr)
     return 0
 
 

@@ -116,3 +116,23 @@ def test_bad_config(student, tmp_path):
         Trainer(TrainConfig(stage="distill", student=student, output=str(tmp_path / "o")), pairs())
     with pytest.raises(ValueError, match="unknown LoRA targets"):
         TrainModel(student, lora_r=4, lora_targets=("qkv",))
+
+
+def test_cli_train_with_precomputed_teacher(student, tmp_path):
+    import json
+
+    from jv5fast.cli import main
+    data = tmp_path / "pairs.jsonl"
+    ex = pairs(24)
+    data.write_text("\n".join(json.dumps(e) for e in ex), encoding="utf-8")
+    teacher = char_trigram_teacher()
+    emb = tmp_path / "teacher"
+    emb.mkdir()
+    np.save(emb / "query.npy", teacher([e["query"] for e in ex]))
+    np.save(emb / "document.npy", teacher([e["document"] for e in ex]))
+    out = str(tmp_path / "out")
+    rc = main(["train", "--stage", "retrieval", "--student", student, "--output", out, "--data", str(data),
+               "--teacher-embeddings", str(emb), "--steps", "2", "--batch-size", "4", "--lora-r", "4"])
+    assert rc == 0
+    assert jv5fast.Engine(out, task="retrieval").embed("x").shape == (64,)
+    assert main(["train", "--stage", "nope", "--student", student, "--output", out, "--data", str(data)]) == 2
