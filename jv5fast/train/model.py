@@ -115,6 +115,11 @@ class TrainModel(nn.Module):
         hidden = self.backbone.hidden_states(batch, linear=linear)
         return ops.pool_last(hidden, batch.cu_seqlens, truncate_dim=truncate_dim, normalize=True)
 
+    def forward(self, batch: PackedBatch, use_lora: bool = True):
+        """(embeddings (B, E), ψ(embeddings) (B, m) or None): the one call per step that DDP wraps."""
+        e = self.embed(batch, use_lora=use_lora)
+        return e, (self.projection(e) if self.projection is not None else None)
+
     # ---- saving --------------------------------------------------------------------------------
     def save_adapter(self, folder, task):
         """PEFT layout under ``folder/adapters/<task>/``, loadable by ``Engine(folder, task=task)``."""

@@ -103,6 +103,12 @@ class Trainer:
             c.stage == "text-matching" and "score" not in self.examples[0])
         if self.needs_teacher and teacher is None and teacher_embeddings is None:
             raise ValueError(f"stage {c.stage!r} needs a teacher: pass teacher= (callable) or teacher_embeddings=")
+        from ..engine import Engine
+        if isinstance(teacher, Engine):  # any Engine: raw texts in (the trainer adds the teacher prompts)
+            engine = teacher
+
+            def teacher(texts):
+                return engine.embed(texts, prompt="")
         self.teacher, self.teacher_embeddings = teacher, teacher_embeddings
         if c.stage == "classification":
             self._by_label = {}
@@ -139,7 +145,8 @@ class Trainer:
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
-            self.ddp = DistributedDataParallel(self.model)
+            # ψ is applied outside forward and is unused in some stages; let DDP tolerate that
+            self.ddp = DistributedDataParallel(self.model, find_unused_parameters=True)
         self.state_path = os.path.join(c.output, f"trainer_state_{c.stage}.pt")  # one per stage/task
         if c.resume and os.path.exists(self.state_path):
             self.load_state(self.state_path)
@@ -198,12 +205,19 @@ class Trainer:
             arr = np.asarray(self.teacher([prompt + t for t in texts]), dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
 
-    def _embed(self, texts, prefix, use_lora=True, truncate_dim=None):
-        ids, _ = self.tokenizer.encode([prefix + t for t in texts])
+    def _embed(self, groups, use_lora=True, grad=True):
+        """Embed [(prefix, texts), ...] in ONE packed forward pass (one DDP call per micro-step); returns the
+        per-group embeddings, the per-group ψ projections (or Nones) and the token count."""
+        texts = [prefix + t for prefix, group in groups for t in group]
+        ids, _ = self.tokenizer.encode(texts)
         batch = PackedBatch.from_ids(ids, self.device)
-        model = self.ddp.module if self.ddp is not None else self.model
+        model = self.ddp if (self.ddp is not None and grad) else self.model  # DDP synchronizes the gradients
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return model.embed(batch, use_lora=use_lora, truncate_dim=truncate_dim).float(), batch.num_tokens
+            e, proj = model(batch, use_lora=use_lora)
+        sizes = [len(g) for _, g in groups]
+        es = torch.split(e.float(), sizes)
+        ps = torch.split(proj.float(), sizes) if proj is not None else [None] * len(sizes)
+        return es, ps, batch.num_tokens
 
     def _indices(self, step, micro):
         rng = np.random.default_rng([self.config.seed, step, micro])
@@ -223,32 +237,30 @@ class Trainer:
         return total / (1 + len(self.config.matryoshka_dims))
 
     def _loss(self, step, micro):
-        c, m = self.config, self.model
+        c = self.config
         idx, rng = self._indices(step, micro)
         ex = [self.examples[i] for i in idx]
         if c.stage == "classification":
             return self._classification_loss(idx, rng)
         queries, docs = [e["query"] for e in ex], [e["document"] for e in ex]
         qp = "Document: " if c.stage in ("clustering", "text-matching") else "Query: "
-        q, nq = self._embed(queries, qp)
-        d, nd = self._embed(docs, "Document: ")
-        tokens, parts = nq + nd, {}
+        groups = [(qp, queries), ("Document: ", docs)]
+        if c.stage == "retrieval" and ex[0].get("negatives"):
+            groups.append(("Document: ", [n for e in ex for n in e["negatives"]]))
+        es, ps, tokens = self._embed(groups)
+        q, d = es[0], es[1]
+        negs = es[2] if len(es) > 2 else None
+        parts = {}
         if c.stage == "text-matching" and "score" in ex[0]:
             scores = torch.tensor([e["score"] for e in ex], dtype=torch.float32, device=self.device)
             parts["cosent"] = self._nested(lambda a, b: losses.cosent_loss(a, b, scores, tau=c.cosent_tau), q, d)
             return sum(parts.values()), parts, tokens
         if self.needs_teacher:
             tq, td = self._teach(idx, "query", queries), self._teach(idx, "document", docs)
-            proj = m.projection
-            parts["distill"] = losses.distill_loss(proj(torch.cat([q, d])), torch.cat([tq, td]))
+            parts["distill"] = losses.distill_loss(torch.cat([ps[0], ps[1]]), torch.cat([tq, td]))
             if c.stage in ("distill", "clustering"):
                 return parts["distill"], parts, tokens
             parts["distill"] = c.lambda_distill * parts["distill"]
-        negs = None
-        if c.stage == "retrieval" and ex[0].get("negatives"):
-            flat = [n for e in ex for n in e["negatives"]]
-            negs, nn_ = self._embed(flat, "Document: ")
-            tokens += nn_
         parts["nce"] = c.lambda_nce * self._nested(
             lambda a, b, *n: losses.info_nce_loss(a, b, temperature=self._tau(), hard_negatives=n[0] if n else None),
             q, d, *([negs] if negs is not None else []))
@@ -270,12 +282,12 @@ class Trainer:
                 pool = self._by_label[others[int(rng.integers(len(others)))]]
                 negatives.append(self.examples[int(rng.choice(pool))]["text"])
         texts = anchors + positives + negatives
-        emb, tokens = self._embed(texts, "Document: ")
+        (emb,), _, tokens = self._embed([("Document: ", texts)])
         B = len(anchors)
         a, p, n = emb[:B], emb[B:2 * B], emb[2 * B:]
         parts = {"nce": losses.bidirectional_info_nce_loss(a, p, temperature=self._tau(), hard_negatives=n)}
-        with torch.no_grad():
-            teacher, _ = self._embed(texts, "Document: ", use_lora=False)
+        with torch.no_grad():  # the "teacher" is the same backbone with the adapter switched off
+            (teacher,), _, _ = self._embed([("Document: ", texts)], use_lora=False, grad=False)
         parts["rkd"] = c.lambda_rkd * losses.relational_kd_loss(emb, teacher)
         return sum(parts.values()), parts, tokens
 
@@ -301,6 +313,9 @@ class Trainer:
                 tokens += n_tok
                 for k, v in parts.items():
                     logged[k] = logged.get(k, 0.0) + float(v.detach()) / c.grad_accum
+            if self.world > 1 and self.log_tau.grad is not None:  # τ lives outside the DDP module
+                torch.distributed.all_reduce(self.log_tau.grad)
+                self.log_tau.grad /= self.world
             if c.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
