@@ -109,6 +109,12 @@ class Trainer:
 
             def teacher(texts):
                 return engine.embed(texts, prompt="")
+        if teacher_embeddings is not None:
+            for side in ("query", "document"):
+                if side not in teacher_embeddings or len(teacher_embeddings[side]) != len(self.examples):
+                    got = len(teacher_embeddings[side]) if side in teacher_embeddings else "missing"
+                    raise ValueError(f"teacher_embeddings[{side!r}] must have one row per example "
+                                     f"({len(self.examples)}), got {got}")
         self.teacher, self.teacher_embeddings = teacher, teacher_embeddings
         if c.stage == "classification":
             self._by_label = {}

@@ -114,6 +114,9 @@ def test_bad_config(student, tmp_path):
         TrainConfig(stage="distill", student=str(tmp_path / "nope"), output=str(tmp_path))
     with pytest.raises(ValueError, match="needs a teacher"):
         Trainer(TrainConfig(stage="distill", student=student, output=str(tmp_path / "o")), pairs())
+    with pytest.raises(ValueError, match=r"teacher_embeddings\['query'\] must have one row per example \(48\), got 3"):
+        Trainer(TrainConfig(stage="distill", student=student, output=str(tmp_path / "o")), pairs(),
+                teacher_embeddings={"query": np.zeros((3, 4)), "document": np.zeros((48, 4))})
     with pytest.raises(ValueError, match="unknown LoRA targets"):
         TrainModel(student, lora_r=4, lora_targets=("qkv",))
 
