@@ -6,8 +6,8 @@ else L_NCE + 2·L_distill; clustering = L_distill with the teacher's topic instr
 bidirectional L_NCE over 1 positive + 7 different-label negatives per anchor + 20·relational KD against
 the adapter-less model. Batches are sampled from a generator seeded by (seed, step), so a resumed run
 draws exactly the batches an uninterrupted one would. Optimizer AdamW, linear warmup then cosine or
-linear decay, gradient clipping, bf16 autocast on CUDA, DDP under torchrun (negatives are not gathered
-across ranks yet).
+linear decay, gradient clipping, bf16 autocast on CUDA, DDP under torchrun with every rank's documents
+gathered as extra negatives.
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ class TrainConfig:
     teacher_query_prompt: str = TEACHER_QUERY_PROMPT
     teacher_document_prompt: str = ""
     average_from_step: int | None = None  # average the adapter of this step with the final one (§11 #17)
+    gather_negatives: bool = True       # under DDP, other ranks' documents join each query's candidates (§11 #14)
     save_every: int = 0
     resume: bool = True
     seed: int = 0
@@ -267,12 +268,21 @@ class Trainer:
             if c.stage in ("distill", "clustering"):
                 return parts["distill"], parts, tokens
             parts["distill"] = c.lambda_distill * parts["distill"]
+        if self.world > 1 and c.gather_negatives:
+            others = self._gather_others(torch.cat([d] + ([negs] if negs is not None else [])))
+            negs = others if negs is None else torch.cat([negs, others])
         parts["nce"] = c.lambda_nce * self._nested(
             lambda a, b, *n: losses.info_nce_loss(a, b, temperature=self._tau(), hard_negatives=n[0] if n else None),
             q, d, *([negs] if negs is not None else []))
         if c.stage == "retrieval" and c.lambda_gor:
             parts["gor"] = c.lambda_gor * losses.gor_loss(q, d)
         return sum(parts.values()), parts, tokens
+
+    def _gather_others(self, local):
+        """Every other rank's ``local`` rows (differentiable all_gather), to join as shared negatives."""
+        import torch.distributed.nn.functional as dist_f
+        everything = dist_f.all_gather(local.contiguous())
+        return torch.cat([t for r, t in enumerate(everything) if r != self.rank])
 
     def _classification_loss(self, idx, rng):
         c = self.config
@@ -291,6 +301,8 @@ class Trainer:
         (emb,), _, tokens = self._embed([("Document: ", texts)])
         B = len(anchors)
         a, p, n = emb[:B], emb[B:2 * B], emb[2 * B:]
+        if self.world > 1 and c.gather_negatives:
+            n = torch.cat([n, self._gather_others(torch.cat([p, n]))])
         parts = {"nce": losses.bidirectional_info_nce_loss(a, p, temperature=self._tau(), hard_negatives=n)}
         with torch.no_grad():  # the "teacher" is the same backbone with the adapter switched off
             (teacher,), _, _ = self._embed([("Document: ", texts)], use_lora=False, grad=False)
