@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jv5fast  # noqa: E402
 from bench_engine import corpus, machine  # noqa: E402
+from jv5fast.onnx_export import top10_overlap  # noqa: E402
 from jv5fast.testing import write_checkpoint  # noqa: E402
 
 
@@ -31,12 +32,6 @@ def timed(eng, texts):
     t0 = time.perf_counter()
     out = eng.embed(texts)
     return out, time.perf_counter() - t0
-
-
-def overlap_at_10(a, b):
-    ta = np.argsort(-(a @ a.T), axis=1)[:, 1:11]
-    tb = np.argsort(-(b @ b.T), axis=1)[:, 1:11]
-    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb)]))
 
 
 def main(argv=None):
@@ -58,7 +53,7 @@ def main(argv=None):
             eng = jv5fast.Engine.from_onnx(os.path.join(tmp, "onnx"), quantize=q)
             out, t = timed(eng, texts)
             cos = (out * ref).sum(1)
-            rows.append((name, t, (cos.min(), cos.mean()), overlap_at_10(ref, out)))
+            rows.append((name, t, (cos.min(), cos.mean()), top10_overlap(ref, out)))
     lines = [f"# ONNX backend, CPU\n\n{datetime.date.today()} · {machine()}\n",
              f"Command: `python bench/bench_onnx.py --texts {a.texts}`; full-size nano (random weights, real "
              f"tokenizer), {a.texts} texts, {n_tok} tokens (10–500 tokens each).\n",

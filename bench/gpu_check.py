@@ -356,28 +356,6 @@ def bench_attention(rep):
                 _fail(rep, "attention", name, e)
 
 
-def _peer_embed(model, token_ids, batch_size=32):
-    """transformers peer: length-sorted, right-padded batches, last real token, L2 normalize."""
-    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-    out = [None] * len(token_ids)
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            S = len(token_ids[idx[0]])
-            ids = torch.zeros(len(idx), S, dtype=torch.long)
-            mask = torch.zeros(len(idx), S, dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, :len(token_ids[i])] = torch.tensor(token_ids[i])
-                mask[r, :len(token_ids[i])] = 1
-            ids, mask = ids.cuda(non_blocking=True), mask.cuda(non_blocking=True)
-            hs = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            last = hs[torch.arange(len(idx), device=DEVICE), mask.sum(1) - 1].float()
-            last = torch.nn.functional.normalize(last, dim=-1).cpu()
-            for r, i in enumerate(idx):
-                out[i] = last[r]
-    return torch.stack(out)
-
-
 def bench_engine(rep, n_texts=1500, budget_s=150):
     try:
         import jv5fast
@@ -429,12 +407,12 @@ def bench_engine(rep, n_texts=1500, budget_s=150):
                 except Exception as e:  # noqa: BLE001
                     _fail(rep, "engine", "small 32k-token text", e)
             try:
-                from jv5fast.testing import reference_model
+                from jv5fast.testing import reference_embed, reference_model
                 model = reference_model(path, task=eng.task, dtype=torch.bfloat16, device=DEVICE, attn="sdpa")
-                _peer_embed(model, ids[:64])
+                reference_embed(model, ids[:64], device=DEVICE)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                peer = _peer_embed(model, ids)
+                peer = reference_embed(model, ids, device=DEVICE)
                 torch.cuda.synchronize()
                 t_peer = time.perf_counter() - t0
                 cos = torch.nn.functional.cosine_similarity(ours.float().cpu(), peer.float(), dim=-1)

@@ -138,9 +138,6 @@ class LoraAdapter:
         self.factors = {k: (a.to(device), b.to(device)) for k, (a, b) in self.factors.items()}
         return self
 
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
-
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(layers\.\d+\.(?:self_attn|mlp)\.(\w+))"
                        r"\.lora_([AB])(?:\.default)?\.weight$")

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.rmsnorm import rms_norm_ref
+
 FORMAT_VERSION = 1
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -60,9 +62,7 @@ class PaddedBackbone(nn.Module):
             self.layers.append(m)
 
     def _rms(self, x, w):
-        u = x.float()
-        u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + self.args.rms_norm_eps)
-        return w * u.to(x.dtype)
+        return rms_norm_ref(x, w, self.args.rms_norm_eps)
 
     def forward(self, input_ids, attention_mask):
         a = self.args
@@ -203,6 +203,14 @@ def export_onnx(model_name_or_path, out_dir, *, task="retrieval", dtype="float32
     return meta
 
 
+def top10_overlap(a, b):
+    """Mean fraction of each row's 10 nearest other rows (dot product) that ``a`` and ``b`` agree on."""
+    import numpy as np
+    ta = np.argsort(-(a @ a.T), axis=1)[:, 1:11]
+    tb = np.argsort(-(b @ b.T), axis=1)[:, 1:11]
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb)]))
+
+
 def _quantize_int8(src, dst, eng):
     """Dynamic int8 quantization (weights int8, activations quantized at run time) plus its quality on a
     fixed multilingual corpus: cosine to the float graph per text and top-10 retrieval overlap."""
@@ -218,10 +226,7 @@ def _quantize_int8(src, dst, eng):
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     q8 = q8 / np.linalg.norm(q8, axis=1, keepdims=True)
     cos = (ref * q8).sum(1)
-    k = 10
-    top_ref = np.argsort(-(ref @ ref.T), axis=1)[:, 1:k + 1]
-    top_q8 = np.argsort(-(q8 @ q8.T), axis=1)[:, 1:k + 1]
-    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_q8)]))
+    overlap = top10_overlap(ref, q8)
     quality = {"file": "model_int8.onnx", "texts": len(texts), "cosine_mean": float(cos.mean()),
                "cosine_min": float(cos.min()), "top10_overlap": overlap}
     warnings.warn(f"int8 ONNX model quality vs float: mean cosine {quality['cosine_mean']:.4f}, "

@@ -366,8 +366,9 @@ def reference_embed(model, token_ids, *, truncate_dim=None, normalize=True, batc
             last = last[:, :truncate_dim]
         if normalize:
             last = torch.nn.functional.normalize(last, dim=-1)
+        last = last.cpu()  # one copy per batch, not one per row
         for r, i in enumerate(idx):
-            out[i] = last[r].cpu()
+            out[i] = last[r]
     return torch.stack(out)
 
 

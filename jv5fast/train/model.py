@@ -108,11 +108,7 @@ class TrainModel(nn.Module):
 
     def embed(self, batch: PackedBatch, use_lora: bool = True, truncate_dim=None) -> torch.Tensor:
         """(B, E') L2-normalized last-token embeddings, differentiable."""
-        linear = self._linear if use_lora else None
-        if linear is None:
-            def linear(i, name, h):
-                return F.linear(h, self.backbone.layers[i][name])
-        hidden = self.backbone.hidden_states(batch, linear=linear)
+        hidden = self.backbone.hidden_states(batch, linear=self._linear if use_lora else None)
         return ops.pool_last(hidden, batch.cu_seqlens, truncate_dim=truncate_dim, normalize=True)
 
     def forward(self, batch: PackedBatch, use_lora: bool = True):
