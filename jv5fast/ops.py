@@ -64,11 +64,9 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale=N
 
 
 def attention_last(q_last, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None):
-    """q_last (B, H, D): each sequence's last query row; k/v (T, Hkv, D) -> (B, H, D). Inference only.
-
-    B query rows are a sliver of the work, so every backend uses the SDPA reference."""
-    backend()  # validates JV5FAST_BACKEND like every other op
-    return attention_last_ref(q_last, k, v, cu_seqlens, max_seqlen, softmax_scale=softmax_scale)
+    """q_last (B, H, D): each sequence's last query row; k/v (T, Hkv, D) -> (B, H, D). Inference only."""
+    fn = _pick("attention", "attention_last", attention_last_ref, q_last)
+    return fn(q_last, k, v, cu_seqlens, max_seqlen, softmax_scale=softmax_scale)
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -214,6 +214,50 @@ if HAS_TRITON:
         tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=row_ok)
 
     @triton.jit
+    def _attn_last_kernel(Q, K, V, O, CU, qk_scale,
+                          stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_ob, stride_oh,
+                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+        # One program per (sequence, KV head): the GROUP query heads sharing that KV head are the rows
+        # of one (BLOCK_G, D) tile, so each key/value tile is read once per group.
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        seq_start = tl.load(CU + b).to(tl.int64)
+        seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        g_ok = offs_g < GROUP
+        d_ok = offs_d < HEAD_DIM
+        heads = hk * GROUP + offs_g
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + seq_start * stride_kt + hk * stride_kh
+        v_base = V + seq_start * stride_vt + hk * stride_vh
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, seqlen, BLOCK_N):
+            cols = start_n + offs_n
+            c_ok = cols < seqlen
+            kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
+                         mask=c_ok[None, :] & d_ok[:, None], other=0.0)             # (BLOCK_D, BLOCK_N)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :],
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)              # (BLOCK_N, BLOCK_D)
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale                 # (BLOCK_G, BLOCK_N), log2
+            s = tl.where(c_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
     def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scale,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -442,3 +486,39 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale=N
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     return AttentionVarlenFunction.apply(q, k, v, cu, int(max_seqlen), bool(causal), scale)
+
+
+def attention_last(q_last, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None):
+    """Triton ``attention_last_ref``: each sequence's last query row over all of its keys (inference).
+
+    q_last (B, H, D), k/v (T, Hkv, D), cu_seqlens (B+1,) with every sequence non-empty -> (B, H, D).
+    No host synchronisation and no padded copies (the reference pads k/v to (B, Hkv, S, D)), so it can
+    run inside a CUDA graph. ``max_seqlen`` is accepted for the common signature and not needed.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("attention_last needs Triton; use attention_last_ref")
+    if q_last.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q_last.shape[2] != k.shape[2]:
+        raise ValueError(f"q_last must be (B, H, D) and k/v (T, Hkv, D) with the same D; got "
+                         f"{tuple(q_last.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, D = q_last.shape
+    Hkv = k.shape[1]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() != B + 1:
+        raise ValueError(f"cu_seqlens must be (B+1,) = ({B + 1},); got {tuple(cu_seqlens.shape)}")
+    if not (q_last.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q_last.dtype}, {k.dtype}, {v.dtype}")
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    q_last, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_last, k, v))
+    cu = cu_seqlens.to(device=q_last.device, dtype=torch.int32).contiguous()
+    o = _out_like(q_last)
+    group = H // Hkv
+    interp = q_last.device.type != "cuda" or _interpreting()
+    BN = 64 if interp or D > 128 else 128
+    _attn_last_kernel[(B, Hkv)](
+        q_last, k, v, o, cu, scale * _LOG2E,
+        q_last.stride(0), q_last.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1),
+        HEAD_DIM=D, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BN,
+        BLOCK_D=_block_d(D), DOT_PREC=_dot_precision(q_last.dtype), num_warps=4, num_stages=2)
+    return o

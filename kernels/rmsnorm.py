@@ -37,7 +37,7 @@ from ._common import new_output as _out  # noqa: E402
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # row count varies per batch: one compile
     def _rms_norm_fwd_kernel(X, R, W, Y, H, RSTD, M, N, eps,
                              HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -56,7 +56,7 @@ if HAS_TRITON:
         tl.store(Y + offs, (u * w[None, :]).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # row count varies per batch: one compile
     def _rms_norm_bwd_kernel(DY, DHO, H, W, RSTD, DX, DW, M, N,
                              HAS_DHO: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)

@@ -52,7 +52,7 @@ from ._common import new_output as _out  # noqa: E402
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # row count varies per batch: one compile
     def _rope_fwd_kernel(X, COS, SIN, POS, W, Y, RSTD, T, D, stride_xt, stride_xh, stride_yt, stride_yh,
                          stride_c, eps,
                          HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -90,7 +90,7 @@ if HAS_TRITON:
         tl.store(Y + rows[:, None] * stride_yt + h * stride_yh + offs_d[None, :], y.to(Y.dtype.element_ty),
                  mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # row count varies per batch: one compile
     def _rope_bwd_kernel(DY, X, COS, SIN, POS, W, RSTD, DX, DW, T, D, stride_c,
                          HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         # DY, X, DX are contiguous (T, H, D); DW partials are (programs, D) fp32.

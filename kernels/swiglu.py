@@ -33,7 +33,7 @@ from ._common import new_output as _out  # noqa: E402
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # row count varies per batch: one compile
     def _swiglu_fwd_kernel(GU, OUT, T, F, stride_gu, stride_o, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -45,7 +45,7 @@ if HAS_TRITON:
         tl.store(OUT + rows[:, None].to(tl.int64) * stride_o + cols[None, :], out.to(OUT.dtype.element_ty),
                  mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # row count varies per batch: one compile
     def _swiglu_bwd_kernel(GU, DO, DGU, T, F, stride_gu, stride_do, stride_dgu,
                            BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)

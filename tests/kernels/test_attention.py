@@ -74,3 +74,45 @@ def test_attention_views_scale_and_uneven_blocks():
         o, lse = _attn_fwd(q, k, v, cu, S, causal, 64 ** -0.5, blocks=(64, 32, 4, 1))
         torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
         assert lse.shape == (4, T) and torch.isfinite(lse).all()
+
+
+LAST_CASES = [  # lens, H, Hkv, D, dtype
+    ([1], 2, 2, 64, torch.float32),
+    ([7, 33, 1], 4, 1, 40, torch.float16),
+    ([65, 130, 3], 8, 2, 128, torch.float16),
+    ([65, 130, 3], 12, 12, 64, torch.float32),
+    ([200, 1, 17], 16, 8, 128, torch.float32),
+]
+
+
+@pytest.mark.parametrize("lens,H,Hkv,D,dtype", LAST_CASES)
+def test_attention_last_kernel(lens, H, Hkv, D, dtype):
+    """The last-row kernel (engine's pruned final layer) against attention_last_ref and against the
+    last rows of the full varlen reference, on strided views of a fused projection."""
+    from jv5fast.kernels.attention import attention_last, attention_last_ref
+    torch.manual_seed(sum(lens) * 7 + H + D)
+    cu, T, S = _cu(lens), sum(lens), max(lens)
+    q, k, v = _qkv(T, H, Hkv, D, dtype, fused=True)
+    last = (cu[1:] - 1).long()
+    out = attention_last(q[last], k, v, cu, S)
+    assert out.shape == (len(lens), H, D) and out.dtype == dtype
+    ref32 = attention_last_ref(q[last].float(), k.float(), v.float(), cu, S)
+    ref_lp = attention_last_ref(q[last], k, v, cu, S)
+    assert_close_dtype(out, ref32, ref_lp, dtype, 2, "out")
+    full = attention_varlen_ref(q.float(), k.float(), v.float(), cu, S, causal=False)[last]
+    assert_close_dtype(out, full, ref_lp, dtype, 2, "out vs full")
+    custom = attention_last(q[last], k, v, cu, S, softmax_scale=0.2)
+    assert_close_dtype(custom, attention_last_ref(q[last].float(), k.float(), v.float(), cu, S, softmax_scale=0.2),
+                       attention_last_ref(q[last], k, v, cu, S, softmax_scale=0.2), dtype, 2, "scaled")
+
+
+def test_attention_last_bad_input():
+    from jv5fast.kernels.attention import attention_last
+    q, k, v = _qkv(10, 4, 2, 64, torch.float32)
+    cu = _cu([4, 6])
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        attention_last(q[:3], k, v, cu, 6)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        attention_last(q[:2, :3], k, v, cu, 6)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention_last(q[:2].half(), k, v, cu, 6)

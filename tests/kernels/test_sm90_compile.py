@@ -1,4 +1,5 @@
-"""The fused contrastive kernels compile for an H100 (sm_90) in fp32/bf16/fp16 — checked without a GPU.
+"""Kernels not yet run on a GPU compile for an H100 (sm_90) — checked without one (the fused contrastive
+kernels in fp32/bf16/fp16, the last-row attention kernel in bf16/fp16).
 
 The interpreter never runs Triton's GPU compiler, so a kernel can pass every interpreter test and still
 fail to compile on the card (this happened to the attention kernel once). The contrastive kernels have
@@ -40,3 +41,31 @@ def test_contrastive_kernels_compile_for_sm90():
         pytest.skip("this Triton build has no CUDA toolchain (ptxas) to compile with")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("OK") == 9
+
+
+LAST_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import jv5fast.kernels.attention as A
+fn = A._attn_last_kernel
+for dt in ("bf16", "fp16"):
+    for D, group, BN in ((128, 2, 128), (64, 1, 128), (96, 4, 64)):
+        consts = dict(HEAD_DIM=D, GROUP=group, BLOCK_G=16, BLOCK_N=BN, BLOCK_D=triton.next_power_of_2(D),
+                      DOT_PREC="tf32")
+        ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, O="*" + dt, CU="*i32", qk_scale="fp32")
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+        print("OK", dt, D, group)
+'''
+
+
+def test_attention_last_kernel_compiles_for_sm90():
+    """The engine's last-row attention kernel (new, not yet run on a GPU) compiles for sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", LAST_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
+        pytest.skip("this Triton build has no CUDA toolchain (ptxas) to compile with")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("OK") == 6
