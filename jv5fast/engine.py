@@ -53,7 +53,7 @@ class Engine:
     """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
 
     def __init__(self, model_name_or_path, *, task="retrieval", device=None, dtype=None, max_length=None,
-                 max_batch_tokens=16384, backend="torch", onnx_quantize=None):
+                 max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None):
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend {backend!r} is not valid; choose 'torch' or 'onnx'")
         self.backend = backend
@@ -90,6 +90,12 @@ class Engine:
         self._lock = threading.RLock()
         self._active = object()  # sentinel: nothing merged yet
         self._adapters, self._base = {}, {}
+        self._graphs = None
+        if cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs must be None (auto), True or False; got {cuda_graphs!r}")
+        if cuda_graphs and (backend != "torch" or self.device.type != "cuda"):
+            raise ValueError(f"cuda_graphs=True needs backend='torch' on a CUDA device; this engine is "
+                             f"backend={backend!r} on {self.device}")
 
         if meta is not None:
             from .onnx_runtime import OnnxBackbone, onnx_file_for
@@ -119,6 +125,9 @@ class Engine:
         self._activate(self.task)
         if not self._adapters:
             self._base = {}
+        if cuda_graphs or (cuda_graphs is None and self.device.type == "cuda" and ops.uses_triton(self.device)):
+            from .graphs import CudaGraphRunner
+            self._graphs = CudaGraphRunner(self.model)
 
     @classmethod
     def from_onnx(cls, folder, *, device="cpu", quantize=None, max_length=None, max_batch_tokens=16384):
@@ -176,6 +185,8 @@ class Engine:
                 if adapter is not None:  # merged parts are fp32; bring untouched parts to fp32 too
                     ws = [w.float() for w in ws]
                 fused = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
+                if self._adapters and len(ws) == 1 and fused.data_ptr() == self._base[key].data_ptr():
+                    fused = fused.clone()  # task switches overwrite the layer tensor in place: never the base
                 self.model.set_linear(i, name, fused)
         self._active = task
 
@@ -268,12 +279,36 @@ class Engine:
         ids, _ = self.tokenizer.encode([prefix + t for t in items])
         return ids[0] if single else ids
 
+    def warmup(self, max_tokens=None):
+        """Do now what the first calls would otherwise pay for: compile the kernels (one eager batch of
+        ragged lengths) and, with CUDA graphs, capture every short-batch bucket up to ``max_tokens``
+        (default: all, ~50 graphs). Returns the number of captured graphs."""
+        if self.backend != "torch":
+            return 0
+        with self._lock:
+            self._activate(self.task)
+            lens = [min(self.max_length, n) for n in (300, 17, 1)]
+            batch = PackedBatch.from_ids([[0] * n for n in lens], self.device)
+            self.model.forward(batch, last_only=True)
+            if self._graphs is None:
+                return 0
+            return self._graphs.capture_all(max_tokens)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether short batches currently replay CUDA graphs (False once switched off after a failure)."""
+        return self._graphs is not None and self._graphs.disabled is None
+
     # ---- internals -----------------------------------------------------------------------------
     def _run(self, idx, ids, out, k, normalize):
         """Forward one batch; on CUDA OOM split it in halves and retry down to a single text."""
         try:
-            batch = PackedBatch.from_ids([ids[i] for i in idx], self.device)
-            rows = self.model.forward(batch, last_only=True)                     # (B, E)
+            rows = None
+            if self._graphs is not None:
+                rows = self._graphs.run([ids[i] for i in idx])                  # (B, E) or None
+            if rows is None:
+                batch = PackedBatch.from_ids([ids[i] for i in idx], self.device)
+                rows = self.model.forward(batch, last_only=True)                 # (B, E)
             one_each = torch.arange(rows.shape[0] + 1, device=rows.device, dtype=torch.int32)
             emb = ops.pool_last(rows, one_each, truncate_dim=k, normalize=normalize)
             out[torch.as_tensor(idx)] = emb.float().cpu()

@@ -44,6 +44,14 @@ def _triton_fn(module: str, name: str):
     return _triton_cache[key]
 
 
+def uses_triton(device) -> bool:
+    """Whether ops on tensors on ``device`` run the Triton kernels (under the current JV5FAST_BACKEND)."""
+    b = backend()
+    if b == "torch" or _triton_fn("attention", "attention_varlen") is None:
+        return False
+    return b == "triton" or str(device).startswith("cuda")
+
+
 def _pick(module: str, name: str, ref, x):
     b = backend()
     if b == "torch":

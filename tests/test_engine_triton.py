@@ -18,3 +18,20 @@ def test_triton_path_matches_torch_path(family, engines, monkeypatch):
     assert got.shape == want.shape
     assert (got * want).sum(1).min() >= 0.9999
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["small", "nano"])
+def test_triton_graph_buckets_match_torch_path(family, small_ckpt, nano_ckpt, monkeypatch):
+    """The padded bucket layout of the CUDA-graph path (emulated: no capture on CPU) on the Triton
+    kernels — varlen attention with max_seqlen = bucket size and the last-row attention kernel."""
+    from jv5fast.graphs import CudaGraphRunner
+    path = small_ckpt if family == "small" else nano_ckpt
+    texts = ["a short one", "x", "a somewhat longer text with a few more tokens in it " * 2, "y z"]
+    monkeypatch.setenv("JV5FAST_BACKEND", "torch")
+    want = jv5fast.Engine(path, device="cpu").embed(texts, prompt_name="query")
+    monkeypatch.setenv("JV5FAST_BACKEND", "triton")
+    eng = jv5fast.Engine(path, device="cpu")
+    eng._graphs = CudaGraphRunner(eng.model, 128, emulate=True)
+    got = eng.embed(texts, prompt_name="query")
+    assert eng._graphs.replays == 1 and eng.cuda_graphs
+    assert (got * want).sum(1).min() >= 0.9999

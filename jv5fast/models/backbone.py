@@ -38,6 +38,7 @@ class Backbone:
         self.norm = None
         self.layers = [dict() for _ in range(args.num_layers)]
         self._rope = None  # (cos, sin) fp32 tables, grown on demand
+        self.version = 0   # bumped whenever a weight tensor is replaced (CUDA graphs hold addresses)
 
     # ---- weights -------------------------------------------------------------------------------
     def set_static(self, weights: dict):
@@ -52,7 +53,17 @@ class Backbone:
                     layer[ours] = weights[key].to(**cast)
 
     def set_linear(self, i: int, name: str, weight: torch.Tensor):
-        self.layers[i][name] = weight.to(device=self.device, dtype=self.dtype).contiguous()
+        """Set a fused projection. A tensor of the same shape is overwritten in place, so its address
+        (which captured CUDA graphs read) stays; the caller must not pass a tensor that the current
+        one aliases. Otherwise the tensor is replaced and ``version`` bumped."""
+        w = weight.to(device=self.device, dtype=self.dtype)
+        cur = self.layers[i].get(name)
+        if cur is not None and cur.shape == w.shape:
+            if cur.data_ptr() != w.data_ptr():
+                cur.copy_(w)
+            return
+        self.layers[i][name] = w.contiguous()
+        self.version += 1
 
     def rope_tables(self, n_positions: int):
         if self._rope is None or self._rope[0].shape[0] < n_positions:
