@@ -1,6 +1,6 @@
 """One-shot GPU check for jv5fast (H100/H200): kernel correctness, attention TFLOP/s, engine tokens/s.
 
-    python bench/gpu_check.py [results.md] [--only correctness,attention,engine]
+    python bench/gpu_check.py [results.md] [--only=correctness,attention,engine,latency]
 
 1. correctness: every Triton kernel in bf16 and fp16 against its fp32 reference on fresh random data
    (attention forward and dq/dk/dv included), error bounded as in tests (style.md): a small multiple of
@@ -11,9 +11,11 @@
 3. engine: ``jv5fast.Engine`` tokens/s on a mixed-length corpus against transformers' Qwen3Model /
    EuroBertModel in bf16 (sdpa, length-sorted padded batches) on random full-size checkpoints, and the
    peak CUDA memory of one 32k-token text on small.
+4. latency: ``embed`` of 1 / 8 / 32 short queries with CUDA graphs (after ``Engine.warmup``) against the
+   same engine eager (``cuda_graphs=False``) and transformers bf16 sdpa, plus the graphs-vs-eager cosine.
 
 Each section survives the failure of another (the error is printed and the table says so). One
-markdown table is printed at the end and written to argv[1] if given. Budget: < 6 minutes on an H100.
+markdown table is printed at the end and written to argv[1] if given. Budget: < 8 minutes on an H100.
 The helpers above ``main`` (FLOP counting, tolerance, table formatting) run on CPU and are tested.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ ATTN_CHECK_CASES = [  # (lens, H, Hkv, D, causal)
     ([97, 700, 1], 8, 2, 96, True), ([513, 64], 8, 1, 256, False)]
 SMALL_LENS = [1, 2000, 2098]  # sequences for the RMSNorm / RoPE / SwiGLU checks
 POOL_LENS = [1, 7, 513, 2048, 33]
+LATENCY_BATCHES = (1, 8, 32)  # texts per embed() call in the short-batch latency section
 
 
 def ensure_jv5fast_importable():
@@ -208,6 +211,18 @@ def check_attention(rep, dtype):
             ok = all(r[0] for _, r in res)
             rep.add("correctness", name, "PASS" if ok else "FAIL",
                     " ".join(f"{n} {fmt(e)}≤{fmt(b)}" for n, (_, e, b) in res))
+        except Exception as e:  # noqa: BLE001
+            _fail(rep, "correctness", name, e)
+        name = f"attention_last {dtype_name(dtype)} D{D} {H}/{Hkv}"
+        try:  # the engine's pruned final layer: each sequence's last query row over all its keys
+            from jv5fast.kernels.attention import attention_last, attention_last_ref
+            last = (cu[1:] - 1).long()
+            ql = q.detach()[last]
+            k0, v0 = k.detach(), v.detach()
+            ok, err, bound = compare(attention_last(ql, k0, v0, cu, S),
+                                     attention_last_ref(ql.float(), k0.float(), v0.float(), cu, S),
+                                     attention_last_ref(ql, k0, v0, cu, S), dtype, 2)
+            rep.add("correctness", name, "PASS" if ok else "FAIL", f"out {fmt(err)}≤{fmt(bound)}")
         except Exception as e:  # noqa: BLE001
             _fail(rep, "correctness", name, e)
 
@@ -424,6 +439,68 @@ def bench_engine(rep, n_texts=1500, budget_s=150):
             torch.cuda.empty_cache()
 
 
+def query_batches(sizes=LATENCY_BATCHES, seed=7):
+    """{batch size: texts}: query-like texts of 4–24 words (≈ 8–60 tokens with the prompt)."""
+    import random
+    rng = random.Random(seed)
+    return {n: [random_text(rng.randint(4, 24), seed=seed * 1000 + n * 100 + i) for i in range(n)] for n in sizes}
+
+
+def _wall_ms(fn, iters=20):
+    """Median wall-clock ms of fn() (which ends in a host copy, so it is synchronous)."""
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench_latency(rep, budget_s=120, size="full"):
+    """Short batches, where launch overhead dominates: embed() latency with CUDA graphs vs eager vs the
+    transformers peer, on full-size random checkpoints in bf16."""
+    import jv5fast
+    from jv5fast.testing import reference_embed, reference_model, write_checkpoint
+    t_start = time.time()
+    batches = query_batches()
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("small", "nano"):
+            if time.time() - t_start > budget_s:
+                rep.add("latency", family, "skipped", f"time budget {budget_s} s spent")
+                continue
+            graphs = eager = model = None
+            try:
+                path = write_checkpoint(os.path.join(tmp, family), family=family, size=size, seed=0)
+                eager = jv5fast.Engine(path, device=DEVICE, dtype="bfloat16", cuda_graphs=False)
+                graphs = jv5fast.Engine(path, device=DEVICE, dtype="bfloat16")
+                t0 = time.perf_counter()
+                n_graphs = graphs.warmup()
+                t_warm = time.perf_counter() - t0
+                rep.add("latency", f"{family} warmup", f"{fmt(t_warm)} s",
+                        f"{n_graphs} graphs captured; graphs on: {graphs.cuda_graphs}")
+                eager.warmup()
+                model = reference_model(path, task=eager.task, dtype=torch.bfloat16, device=DEVICE, attn="sdpa")
+                for n, texts in batches.items():
+                    ids = eager.tokenize(texts, prompt_name="query")
+                    n_tok = sum(len(x) for x in ids)
+                    ms_g = _wall_ms(lambda: graphs.embed(texts, prompt_name="query"))
+                    ms_e = _wall_ms(lambda: eager.embed(texts, prompt_name="query"))
+                    ms_p = _wall_ms(lambda: reference_embed(model, ids, device=DEVICE))
+                    a = torch.from_numpy(graphs.embed(texts, prompt_name="query"))
+                    b = torch.from_numpy(eager.embed(texts, prompt_name="query"))
+                    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+                    rep.add("latency", f"{family} {n} queries ({n_tok} tok)", f"{fmt(ms_g)} ms",
+                            f"eager {fmt(ms_e)} ms ({fmt(ms_e / ms_g)}×), transformers {fmt(ms_p)} ms "
+                            f"({fmt(ms_p / ms_g)}×); cosine graphs vs eager min {fmt(cos)}; "
+                            f"graphs on: {graphs.cuda_graphs}")
+            except Exception as e:  # noqa: BLE001
+                _fail(rep, "latency", family, e)
+            del graphs, eager, model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 def _fail(rep, section, check, e):
     traceback.print_exc()
     rep.add(section, check, "ERROR", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
@@ -431,7 +508,7 @@ def _fail(rep, section, check, e):
 
 def main(argv):
     out_path = next((a for a in argv[1:] if not a.startswith("--")), None)
-    only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,attention,engine")
+    only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,attention,engine,latency")
     sections = set(only.split(","))
     rep = Report()
     try:
@@ -462,6 +539,12 @@ def main(argv):
             bench_engine(rep)
         except Exception as e:  # noqa: BLE001
             _fail(rep, "engine", "benchmark", e)
+    if "latency" in sections:
+        try:
+            bench_latency(rep)
+        except Exception as e:  # noqa: BLE001
+            _fail(rep, "latency", "benchmark", e)
+        print(f"-- latency done at {time.time() - t0:.0f} s", flush=True)
     table = rep.render(device, note=f"total {time.time() - t0:.0f} s")
     print("\n" + table)
     if out_path:

@@ -76,5 +76,25 @@ def test_correctness_sections_on_cpu(monkeypatch):
     gc.check_attention(rep, torch.float16)
     gc.check_small_kernels(rep, torch.float16)
     results = {r[1]: r[2] for r in rep.rows}
-    assert len(results) == 6, rep.rows
+    assert len(results) == 7 and "attention_last fp16 D64 4/2" in results, rep.rows
     assert all(v == "PASS" for v in results.values()), rep.rows
+
+
+def test_latency_section_on_cpu(monkeypatch):
+    """The latency section end to end on tiny checkpoints on CPU (no graphs there: it must say so)."""
+    gc = _load()
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    monkeypatch.setattr(gc, "LATENCY_BATCHES", (1, 3))
+    monkeypatch.setattr(gc, "_wall_ms", lambda fn, iters=20: (fn(), 1.0)[1])
+    batches = gc.query_batches((1, 3))
+    assert [len(v) for v in batches.values()] == [1, 3]
+    assert all(4 <= len(t.split()) <= 24 for v in batches.values() for t in v)
+    rep = gc.Report()
+    monkeypatch.setattr(gc, "query_batches", lambda: batches)
+    gc.bench_latency(rep, size="tiny")
+    rows = {r[1]: (r[2], r[3]) for r in rep.rows}
+    assert not any(v[0] == "ERROR" for v in rows.values()), rep.rows
+    assert sorted(k.split(" (")[0] for k in rows) == sorted(
+        [f"{f} warmup" for f in ("small", "nano")] + [f"{f} {n} queries" for f in ("small", "nano") for n in (1, 3)])
+    assert all("graphs on: False" in v[1] and "cosine graphs vs eager min 1" in v[1]
+               for k, v in rows.items() if "queries" in k), rep.rows
