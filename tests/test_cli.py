@@ -33,7 +33,9 @@ def test_embed_file_and_stdin_to_jsonl(engines, nano_ckpt, tmp_path, monkeypatch
     proc = subprocess.run([sys.executable, "-m", "jv5fast.cli", "embed", "--model", nano_ckpt, "--input", "-",
                            "--output", str(tmp_path / "s.npy")], input="a\nb\n", text=True, capture_output=True)
     assert proc.returncode == 0, proc.stderr
-    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), engines["nano"].embed(["a", "b"]), atol=1e-6)
+    # Another process: fp32 CPU GEMMs there agree to ~1e-7 usually, but now and then (~1 process in 30 on
+    # the 2-core dev VM) one computes a fixed variant 2.6e-5 away; 1e-4 still catches a wrong prompt/task.
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), engines["nano"].embed(["a", "b"]), atol=1e-4)
 
 
 def test_cli_errors(nano_ckpt, tmp_path, capsys):
