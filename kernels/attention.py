@@ -122,6 +122,7 @@ except ImportError:  # the reference above still works
     HAS_TRITON = False
 
 _LOG2E = 1.4426950408889634
+FLAT_MAX_SEQS = 1024  # forward: batches of up to this many sequences use the flat grid (one compile)
 from ._common import new_output  # noqa: E402
 
 
@@ -163,17 +164,35 @@ if HAS_TRITON:
             m_i = m_new
         return acc, m_i, l_i
 
-    @triton.jit
-    def _attn_fwd_kernel(Q, K, V, O, LSE, CU, qk_scale,
+    @triton.jit(do_not_specialize=["NSEQ"])
+    def _attn_fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, NSEQ,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_ot, stride_oh, stride_lh,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
-        # Longest-first order: in causal mode the last query blocks do the most work.
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        b = tl.program_id(1)
-        h = tl.program_id(2)
+                         DOT_PREC: tl.constexpr, FLAT_B: tl.constexpr):
+        if FLAT_B > 0:
+            # Flat grid (cdiv(T, BLOCK_M) + B, H): sequence b owns cdiv(len_b, BLOCK_M) consecutive
+            # program ids (at most cdiv(T, BLOCK_M) + B in all); the surplus programs exit. A program finds
+            # its sequence from all B offsets at once (B <= FLAT_B), so no table is built on the host.
+            flat = tl.program_id(0)
+            h = tl.program_id(1)
+            offs_b = tl.arange(0, FLAT_B)
+            ok_b = offs_b < NSEQ
+            lo = tl.load(CU + offs_b, mask=ok_b, other=0)
+            hi = tl.load(CU + offs_b + 1, mask=ok_b, other=0)
+            nblk = (hi - lo + BLOCK_M - 1) // BLOCK_M
+            ends = tl.cumsum(nblk, 0)
+            b = tl.sum((ends <= flat).to(tl.int32), 0)
+            if b >= NSEQ:
+                return
+            # Last block of each sequence first: in causal mode it does the most work.
+            pid_m = tl.sum(tl.where(offs_b <= b, nblk, 0), 0) - 1 - flat
+        else:
+            # Grid (cdiv(max_seqlen, BLOCK_M), B, H); longest-first order as above.
+            pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+            b = tl.program_id(1)
+            h = tl.program_id(2)
         seq_start = tl.load(CU + b).to(tl.int64)
         seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
         start_m = pid_m * BLOCK_M
@@ -412,13 +431,16 @@ def _attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, blocks=None):
     BM, BN, warps, stages = blocks or _fwd_config(D, q.dtype, q.device)
     o = _out_like(q)
     lse = _out_like(q, (H, T), torch.float32)
-    grid = (triton.cdiv(max(int(max_seqlen), 1), BM), B, H)
+    flat = B <= FLAT_MAX_SEQS
+    # The flat grid is sized by the tokens, not by max_seqlen x B: a ragged batch (or a CUDA-graph bucket
+    # whose max_seqlen is only an upper bound) launches no idle (block, sequence) programs.
+    grid = (triton.cdiv(T, BM) + B, H) if flat else (triton.cdiv(max(int(max_seqlen), 1), BM), B, H)
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, cu_seqlens, scale * _LOG2E,
+        q, k, v, o, lse, cu_seqlens, scale * _LOG2E, B,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), lse.stride(0),
         HEAD_DIM=D, GROUP=H // Hkv, CAUSAL=bool(causal), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
-        DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+        DOT_PREC=_dot_precision(q.dtype), FLAT_B=FLAT_MAX_SEQS if flat else 0, num_warps=warps, num_stages=stages)
     return o, lse
 
 

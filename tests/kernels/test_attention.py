@@ -116,3 +116,20 @@ def test_attention_last_bad_input():
         attention_last(q[:2, :3], k, v, cu, 6)
     with pytest.raises(ValueError, match="dtypes differ"):
         attention_last(q[:2].half(), k, v, cu, 6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_fwd_both_grids(causal, monkeypatch):
+    """The flat (tokens + sequences) grid and the (max_seqlen blocks x sequences) grid the forward falls
+    back to above FLAT_MAX_SEQS sequences give the same result; max_seqlen may be a loose upper bound."""
+    import jv5fast.kernels.attention as A
+    torch.manual_seed(11 + causal)
+    lens = [1, 64, 65, 3, 128, 129, 2]
+    cu, T = _cu(lens), sum(lens)
+    q, k, v = _qkv(T, 4, 2, 64, torch.float32)
+    ref = attention_varlen_ref(q, k, v, cu, max(lens), causal=causal)
+    flat, _ = A._attn_fwd(q, k, v, cu, T, causal, 64 ** -0.5)           # loose bound: T
+    torch.testing.assert_close(flat, ref, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(A, "FLAT_MAX_SEQS", len(lens) - 1)
+    grid, _ = A._attn_fwd(q, k, v, cu, max(lens), causal, 64 ** -0.5)
+    torch.testing.assert_close(grid, ref, atol=1e-4, rtol=1e-4)

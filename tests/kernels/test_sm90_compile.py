@@ -1,5 +1,5 @@
 """Kernels not yet run on a GPU compile for an H100 (sm_90) — checked without one (the fused contrastive
-kernels in fp32/bf16/fp16, the last-row attention kernel in bf16/fp16).
+kernels in fp32/bf16/fp16, the attention forward with both grids and the last-row attention kernel in bf16/fp16).
 
 The interpreter never runs Triton's GPU compiler, so a kernel can pass every interpreter test and still
 fail to compile on the card (this happened to the attention kernel once). The contrastive kernels have
@@ -48,6 +48,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import jv5fast.kernels.attention as A
+fwd = A._attn_fwd_kernel
+for dt in ("bf16", "fp16"):
+    for flat in (1024, 0):
+        consts = dict(HEAD_DIM=128, GROUP=2, CAUSAL=True, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32",
+                      FLAT_B=flat)
+        ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, O="*" + dt, LSE="*fp32", CU="*i32", qk_scale="fp32")
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fwd.arg_names}
+        src = ASTSource(fn=fwd, signature=sig, constexprs={(fwd.arg_names.index(k),): v for k, v in consts.items()})
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["cubin"]
+        print("OK fwd", dt, flat)
 fn = A._attn_last_kernel
 for dt in ("bf16", "fp16"):
     for D, group, BN in ((128, 2, 128), (64, 1, 128), (96, 4, 64)):
@@ -61,11 +71,12 @@ for dt in ("bf16", "fp16"):
 '''
 
 
-def test_attention_last_kernel_compiles_for_sm90():
-    """The engine's last-row attention kernel (new, not yet run on a GPU) compiles for sm_90."""
+def test_attention_kernels_compile_for_sm90():
+    """The engine's last-row attention kernel and the forward kernel's flat grid (both new, not yet run on
+    a GPU) compile for sm_90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", LAST_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
         pytest.skip("this Triton build has no CUDA toolchain (ptxas) to compile with")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("OK") == 6
+    assert proc.stdout.count("OK") == 10
