@@ -10,6 +10,7 @@ serialises the forward pass, so one engine may be shared by several threads.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -56,6 +57,11 @@ class Engine:
                  max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None):
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend {backend!r} is not valid; choose 'torch' or 'onnx'")
+        if cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs must be None (auto), True or False; got {cuda_graphs!r}")
+        if cuda_graphs and backend != "torch":
+            raise ValueError(f"cuda_graphs=True needs backend='torch' on a CUDA device; this engine is "
+                             f"backend={backend!r}")
         self.backend = backend
         if backend == "onnx":
             folder = str(model_name_or_path)
@@ -91,11 +97,13 @@ class Engine:
         self._active = object()  # sentinel: nothing merged yet
         self._adapters, self._base = {}, {}
         self._graphs = None
-        if cuda_graphs not in (None, True, False):
-            raise ValueError(f"cuda_graphs must be None (auto), True or False; got {cuda_graphs!r}")
-        if cuda_graphs and (backend != "torch" or self.device.type != "cuda"):
+        if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs backend='torch' on a CUDA device; this engine is "
                              f"backend={backend!r} on {self.device}")
+        if cuda_graphs and not ops.uses_triton(self.device):
+            raise ValueError(f"cuda_graphs=True needs the Triton kernels on CUDA (the torch references "
+                             f"synchronise with the host and cannot be captured): install triton and leave "
+                             f"JV5FAST_BACKEND unset or 'triton' (it is {ops.backend()!r})")
 
         if meta is not None:
             from .onnx_runtime import OnnxBackbone, onnx_file_for
@@ -238,7 +246,7 @@ class Engine:
             from tqdm.auto import tqdm
             bar = tqdm(total=n, unit="text", desc="embed")
         try:
-            with self._lock:
+            with self._lock, self._on_device():
                 self._activate(task)
                 for idx in batches:
                     self._run(idx, ids, out, k, normalize)
@@ -285,7 +293,7 @@ class Engine:
         (default: all, ~50 graphs). Returns the number of captured graphs."""
         if self.backend != "torch":
             return 0
-        with self._lock:
+        with self._lock, self._on_device():
             self._activate(self.task)
             lens = [min(self.max_length, n) for n in (300, 17, 1)]
             batch = PackedBatch.from_ids([[0] * n for n in lens], self.device)
@@ -293,6 +301,10 @@ class Engine:
             if self._graphs is None:
                 return 0
             return self._graphs.capture_all(max_tokens)
+
+    def _on_device(self):
+        """Make the engine's GPU current: Triton launches on the current device, not the tensors'."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @property
     def cuda_graphs(self) -> bool:

@@ -5,11 +5,12 @@ at a few microseconds each the GPU idles between them, so short batches are laun
 batches of at most ``max_tokens`` tokens the engine replays a captured graph instead.
 
 A graph has fixed shapes, so a batch of B texts and T tokens is padded up to a bucket (T_b, B_b):
-B_b = next power of two >= B + 1 and T_b = next power of two >= T + (B_b - B), at least 64 tokens. The
-padding forms B_b - B dummy sequences (each >= 1 token, of the pad id), after the real ones; every
-op works within a sequence (attention) or a row (everything else), so real rows never see padding,
-and the dummy rows are dropped. ``max_seqlen`` of a bucket is T_b (it only sizes the attention grid;
-programs past their sequence exit at once).
+B_b = next power of two >= B + 1, and T_b = the smallest of 64, 128, 256, 512, 768, 1024, ... (steps of
+256 above 512, so at most ~1/3 of the rows are padding there) that is >= T + (B_b - B). The padding
+forms B_b - B dummy sequences of the pad id after the real ones, its tokens spread evenly over them
+(short dummies: little attention work); every op works within a sequence (attention) or a row
+(everything else), so real rows never see padding, and the dummy rows are dropped. ``max_seqlen`` of a
+bucket is T_b, an upper bound: the attention forward's grid is sized by tokens + sequences, not by it.
 
 What a graph captures is addresses, so everything it reads must stay where it was at capture:
 static input buffers (ids, positions, cu_seqlens: views of ``max_tokens``-long buffers), the RoPE
@@ -26,6 +27,7 @@ capture: a "replay" re-runs the eager forward on the static buffers.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import numpy as np
@@ -39,10 +41,20 @@ GRAPH_MAX_TOKENS = 2048   # beyond this a batch is compute-bound and runs eagerl
 GRAPH_MIN_TOKENS = 64
 GRAPH_MAX_SEQS = 256      # batches of more texts (all tiny) run eagerly
 PAD_ID = 0
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (each engine has its own lock)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def token_buckets(max_tokens: int = GRAPH_MAX_TOKENS):
+    """64, 128, 256, 512, then steps of 256, up to ``max_tokens``."""
+    out, t = [], GRAPH_MIN_TOKENS
+    while t <= max_tokens:
+        out.append(t)
+        t = t * 2 if t < 512 else t + 256
+    return out
 
 
 def bucket(num_tokens: int, num_seqs: int, max_tokens: int = GRAPH_MAX_TOKENS, max_seqs: int = GRAPH_MAX_SEQS):
@@ -51,22 +63,23 @@ def bucket(num_tokens: int, num_seqs: int, max_tokens: int = GRAPH_MAX_TOKENS, m
         raise ValueError(f"a batch needs >= 1 sequence and >= 1 token per sequence; got {num_seqs} "
                          f"sequences, {num_tokens} tokens")
     b = _next_pow2(num_seqs + 1)
-    t = max(GRAPH_MIN_TOKENS, _next_pow2(num_tokens + b - num_seqs))
-    if t > max_tokens or b > max_seqs:
+    need = num_tokens + b - num_seqs
+    t = next((t for t in token_buckets(max_tokens) if t >= need), None)
+    if t is None or b > max_seqs:
         return None
     return t, b
 
 
 def pad_layout(lengths, t_b: int, b_b: int):
-    """Lengths of the B_b sequences of a bucket: the real ones, then B_b - B - 1 one-token dummies, then
-    one dummy with the remaining tokens (>= 1)."""
+    """Lengths of the B_b sequences of a bucket: the real ones, then B_b - B dummies sharing the remaining
+    tokens evenly (each >= 1)."""
     lengths = [int(n) for n in lengths]
-    n_dummy = b_b - len(lengths)
-    rest = t_b - sum(lengths) - (n_dummy - 1)
-    if n_dummy < 1 or rest < 1:
+    n_dummy, pad = b_b - len(lengths), t_b - sum(lengths)
+    if n_dummy < 1 or pad < n_dummy:
         raise ValueError(f"bucket ({t_b} tokens, {b_b} seqs) cannot hold {len(lengths)} texts of "
                          f"{sum(lengths)} tokens plus padding")
-    return lengths + [1] * (n_dummy - 1) + [rest]
+    q, r = divmod(pad, n_dummy)
+    return lengths + [q + 1] * r + [q] * (n_dummy - r)
 
 
 class _Graph:
@@ -89,26 +102,32 @@ class CudaGraphRunner:
         self.ids = torch.zeros(self.max_tokens, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(self.max_tokens, dtype=torch.int64, device=dev)
         self.cu = torch.zeros(self.max_tokens + 1, dtype=torch.int32, device=dev)
+        # Host staging (pinned on CUDA, so the three uploads are asynchronous; the engine reads every
+        # result back to the host before the next upload, so a staging buffer is never overwritten early).
+        pin = dev.type == "cuda"
+        self._ids_h, self._pos_h, self._cu_h = (
+            torch.zeros(n, dtype=dt, pin_memory=pin) for n, dt in
+            ((self.max_tokens, torch.int64), (self.max_tokens, torch.int64), (self.max_tokens + 1, torch.int32)))
         model.rope_tables(self.max_tokens)   # grown once here, not inside a capture
         self.graphs: dict = {}
         self.pool = None
         self.version = model.version
         self.disabled = None  # reason, once graphs are off
         self.replays = 0
+        self._stream = None  # the capture stream (CUDA), made on first capture
 
     # ---- static inputs ---------------------------------------------------------------------------
     def _load(self, seqs, t_b, b_b):
-        lens = pad_layout([len(s) for s in seqs], t_b, b_b)
-        ids = np.full(t_b, PAD_ID, dtype=np.int64)
+        lens = np.asarray(pad_layout([len(s) for s in seqs], t_b, b_b), dtype=np.int64)
+        ids, pos, cu = self._ids_h.numpy()[:t_b], self._pos_h.numpy()[:t_b], self._cu_h.numpy()[:b_b + 1]
         n_real = sum(len(s) for s in seqs)
-        if seqs:
-            ids[:n_real] = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
-        cu = np.zeros(b_b + 1, dtype=np.int64)
+        ids[:n_real] = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
+        ids[n_real:] = PAD_ID
+        cu[0] = 0
         np.cumsum(lens, out=cu[1:])
-        pos = np.arange(t_b, dtype=np.int64) - np.repeat(cu[:-1], lens)
-        self.ids[:t_b].copy_(torch.from_numpy(ids), non_blocking=False)
-        self.pos[:t_b].copy_(torch.from_numpy(pos))
-        self.cu[:b_b + 1].copy_(torch.from_numpy(cu.astype(np.int32)))
+        pos[:] = np.arange(t_b, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lens)
+        for dst, src, n in ((self.ids, self._ids_h, t_b), (self.pos, self._pos_h, t_b), (self.cu, self._cu_h, b_b + 1)):
+            dst[:n].copy_(src[:n], non_blocking=True)
 
     def _batch(self, t_b, b_b) -> PackedBatch:
         return PackedBatch(self.ids[:t_b], self.pos[:t_b], self.cu[:b_b + 1], t_b)
@@ -123,9 +142,7 @@ class CudaGraphRunner:
         key = bucket(sum(len(s) for s in seqs), len(seqs), self.max_tokens, self.max_seqs)
         if key is None:
             return None
-        if self.model.version != self.version:   # a weight tensor was replaced: addresses changed
-            self.graphs.clear()
-            self.version = self.model.version
+        self._check_version()
         self._load(seqs, *key)
         g = self.graphs.get(key)
         if g is None:
@@ -141,8 +158,8 @@ class CudaGraphRunner:
     def capture_all(self, max_tokens=None):
         """Capture every bucket up to ``max_tokens`` now (Engine.warmup). Returns how many exist."""
         limit = self.max_tokens if max_tokens is None else min(int(max_tokens), self.max_tokens)
-        t = GRAPH_MIN_TOKENS
-        while t <= limit and self.disabled is None:
+        self._check_version()
+        for t in token_buckets(limit):
             b = 2
             while b <= min(t, self.max_seqs) and self.disabled is None:
                 if (t, b) not in self.graphs:
@@ -151,13 +168,22 @@ class CudaGraphRunner:
                     if g is not None:
                         self.graphs[(t, b)] = g
                 b *= 2
-            t *= 2
         return len(self.graphs)
+
+    def _check_version(self):
+        if self.model.version != self.version:   # a weight tensor was replaced: addresses changed
+            self._drop()
+            self.version = self.model.version
+
+    def _drop(self):
+        """Forget every graph, and their pool with them (a new capture must not reuse its handle)."""
+        self.graphs.clear()
+        self.pool = None
 
     # ---- capture ---------------------------------------------------------------------------------
     def _disable(self, reason):
         self.disabled = reason
-        self.graphs.clear()
+        self._drop()
         warnings.warn(f"jv5fast: CUDA graphs switched off for this engine ({reason}); batches run eagerly",
                       RuntimeWarning, stacklevel=4)
 
@@ -174,7 +200,13 @@ class CudaGraphRunner:
                 g.replay()
             else:
                 g, eager = self._capture_cuda(batch)
-        except Exception as e:  # noqa: BLE001 — any capture failure means: run eagerly
+        except torch.OutOfMemoryError:
+            # Transient: this batch runs eagerly (where the engine splits it on OOM); the bucket is
+            # tried again next time.
+            torch.cuda.empty_cache()
+            log.info("out of memory capturing a (%d tokens, %d seqs) CUDA graph; running eagerly", t_b, b_b)
+            return None
+        except Exception as e:  # noqa: BLE001 — any other capture failure means: run eagerly
             self._disable(f"capturing a ({t_b} tokens, {b_b} seqs) graph failed: {type(e).__name__}: {e}")
             return None
         bad = self.check(g.out, eager)
@@ -190,16 +222,22 @@ class CudaGraphRunner:
     def _capture_cuda(self, batch):
         dev = self.model.device
         with torch.cuda.device(dev):
-            side = torch.cuda.Stream(device=dev)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=dev)
+            side = self._stream
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 # Eager run first: compiles every Triton kernel outside the capture; gives the check value.
                 eager = self.model.forward(batch, last_only=True).clone()
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA calls (another engine, say) do not break this capture
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self.model.forward(batch, last_only=True)
+            # One capture at a time in the process (engines have separate locks); our own stream, entered
+            # outside torch.cuda.graph, so a failed capture_end cannot leave this thread on it.
+            # thread_local: other threads' plain CUDA work does not invalidate the capture.
+            with _CAPTURE_LOCK, torch.cuda.stream(side):
+                with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
+                    out = self.model.forward(batch, last_only=True)
+            torch.cuda.current_stream(dev).wait_stream(side)
             if self.pool is None:
                 self.pool = graph.pool()
             graph.replay()

@@ -13,31 +13,34 @@ import pytest
 import torch
 
 import jv5fast
-from jv5fast.graphs import GRAPH_MIN_TOKENS, CudaGraphRunner, bucket, pad_layout
+from jv5fast.graphs import CudaGraphRunner, bucket, pad_layout, token_buckets
 
 
 def test_bucket_invariants():
+    steps = token_buckets(2048)
+    assert steps == [64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048] and token_buckets(100) == [64]
     rng = random.Random(0)
     for _ in range(2000):
         B = rng.randint(1, 300)
         T = B + rng.randint(0, 3000)
         key = bucket(T, B, 2048, 256)
+        b_min = 1 << B.bit_length()                       # next power of two > B
         if key is None:
-            assert max(GRAPH_MIN_TOKENS, T + 1) > 1024 or B + 1 > 128
+            assert T + b_min - B > 2048 or b_min > 256
             continue
         t_b, b_b = key
-        assert t_b & (t_b - 1) == 0 and b_b & (b_b - 1) == 0
-        assert b_b >= B + 1 and t_b >= T + (b_b - B) and GRAPH_MIN_TOKENS <= t_b <= 2048 and b_b <= 256
-        assert b_b < 2 * (B + 1) and (t_b == GRAPH_MIN_TOKENS or t_b < 2 * (T + b_b - B))
+        assert b_b == b_min and t_b in steps and t_b >= T + (b_b - B)
+        assert t_b == min(t for t in steps if t >= T + b_b - B)   # the smallest bucket that fits
         lens = [1] * (B - 1) + [T - B + 1]
         layout = pad_layout(lens, t_b, b_b)
         assert len(layout) == b_b and sum(layout) == t_b and min(layout) >= 1 and layout[:B] == lens
+        assert max(layout[B:]) - min(layout[B:]) <= 1     # padding spread evenly over the dummies
     assert bucket(1, 1) == (64, 2) and bucket(63, 1) == (64, 2) and bucket(64, 1) == (128, 2)
-    assert bucket(2048, 1) is None and bucket(2000, 300) is None
+    assert bucket(600, 3) == (768, 4) and bucket(2048, 1) is None and bucket(2000, 300) is None
     with pytest.raises(ValueError, match="sequence"):
         bucket(3, 5)
     with pytest.raises(ValueError, match="cannot hold"):
-        pad_layout([60, 4], 64, 4)          # 64 real tokens leave nothing for the 2 dummies
+        pad_layout([60, 3], 64, 4)          # 1 token left for 2 dummies
     with pytest.raises(ValueError, match="cannot hold"):
         pad_layout([1, 1], 64, 2)           # no room for a dummy sequence
 
@@ -102,12 +105,13 @@ def test_replaced_weight_drops_graphs(nano_ckpt):
     texts = _texts(3, seed=3)
     want = eng.embed(texts)
     assert len(eng._graphs.graphs) == 1
+    eng._graphs.pool = "pool of the graphs about to be dropped"
     w, version = eng.model.layers[0]["w2"], eng.model.version
     eng.model.set_linear(0, "w2", torch.zeros(w.shape[0], w.shape[1] + 1))   # new shape: a new tensor
     assert eng.model.version == version + 1
     eng.model.set_linear(0, "w2", w.clone())
     eng.embed(texts[:1] + ["different " * 30])  # another bucket: only it is captured anew
-    assert len(eng._graphs.graphs) == 1 and eng._graphs.version == version + 2
+    assert len(eng._graphs.graphs) == 1 and eng._graphs.version == version + 2 and eng._graphs.pool is None
     np.testing.assert_allclose(eng.embed(texts), want, atol=2e-6, rtol=1e-5)
 
 
@@ -133,6 +137,24 @@ def test_failed_check_or_capture_falls_back_to_eager(nano_ckpt, monkeypatch):
         got = eng.embed(texts)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
     assert not eng.cuda_graphs
+
+
+def test_out_of_memory_while_capturing_is_transient(nano_ckpt, monkeypatch):
+    eng = _graph_engine(nano_ckpt)
+    texts = _texts(4, seed=6)
+    want = jv5fast.Engine(nano_ckpt, device="cpu").embed(texts)
+    forward, calls = eng.model.forward, []
+
+    def flaky(batch, last_only=False):
+        calls.append(batch.num_tokens)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(batch, last_only)
+    monkeypatch.setattr(eng.model, "forward", flaky)
+    np.testing.assert_allclose(eng.embed(texts), want, atol=2e-6, rtol=1e-5)   # eager this time
+    assert eng.cuda_graphs and eng._graphs.graphs == {} and eng._graphs.replays == 0
+    np.testing.assert_allclose(eng.embed(texts), want, atol=2e-6, rtol=1e-5)   # captured now
+    assert len(eng._graphs.graphs) == 1 and eng._graphs.replays == 1
 
 
 def test_check_detects_wrong_rows():
@@ -161,6 +183,8 @@ def test_warmup_captures_buckets(nano_ckpt):
 def test_bad_cuda_graphs_arguments(nano_ckpt):
     with pytest.raises(ValueError, match="cuda_graphs=True needs backend='torch' on a CUDA device"):
         jv5fast.Engine(nano_ckpt, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs backend='torch' on a CUDA device"):
+        jv5fast.Engine(nano_ckpt, device="cpu", cuda_graphs=True, backend="onnx")
     with pytest.raises(ValueError, match="cuda_graphs must be None"):
         jv5fast.Engine(nano_ckpt, device="cpu", cuda_graphs="yes")
     eng = jv5fast.Engine(nano_ckpt, device="cpu", cuda_graphs=False)
