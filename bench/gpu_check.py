@@ -528,23 +528,13 @@ def main(argv):
             check_small_kernels(rep, dtype)
         check_hamming(rep)
         print(f"-- correctness done at {time.time() - t0:.0f} s", flush=True)
-    if "attention" in sections:
-        try:
-            bench_attention(rep)
-        except Exception as e:  # noqa: BLE001
-            _fail(rep, "attention", "benchmark", e)
-        print(f"-- attention done at {time.time() - t0:.0f} s", flush=True)
-    if "engine" in sections:
-        try:
-            bench_engine(rep)
-        except Exception as e:  # noqa: BLE001
-            _fail(rep, "engine", "benchmark", e)
-    if "latency" in sections:
-        try:
-            bench_latency(rep)
-        except Exception as e:  # noqa: BLE001
-            _fail(rep, "latency", "benchmark", e)
-        print(f"-- latency done at {time.time() - t0:.0f} s", flush=True)
+    for name, fn in (("attention", bench_attention), ("engine", bench_engine), ("latency", bench_latency)):
+        if name in sections:
+            try:
+                fn(rep)
+            except Exception as e:  # noqa: BLE001
+                _fail(rep, name, "benchmark", e)
+            print(f"-- {name} done at {time.time() - t0:.0f} s", flush=True)
     table = rep.render(device, note=f"total {time.time() - t0:.0f} s")
     print("\n" + table)
     if out_path:

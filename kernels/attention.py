@@ -132,6 +132,17 @@ def _out_like(x, shape=None, dtype=None):
 if HAS_TRITON:
 
     @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
+        """Fold one masked score tile s (rows, BLOCK_N; log2 units, -inf where masked) and its value tile
+        into the running (acc, max, sum) of every row."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
                         offs_m, offs_d, d_ok, seqlen, lo, hi, qk_scale,
                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
@@ -156,12 +167,7 @@ if HAS_TRITON:
                 if CAUSAL:
                     ok = ok & (cols[None, :] <= offs_m[:, None])
                 s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
         return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["NSEQ"])
@@ -266,12 +272,7 @@ if HAS_TRITON:
                         mask=c_ok[:, None] & d_ok[None, :], other=0.0)              # (BLOCK_N, BLOCK_D)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale                 # (BLOCK_G, BLOCK_N), log2
             s = tl.where(c_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
         acc = acc / l_i[:, None]
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=g_ok[:, None] & d_ok[None, :])

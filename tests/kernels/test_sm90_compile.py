@@ -34,13 +34,18 @@ for dt in ("fp32", "bf16", "fp16"):
 '''
 
 
-def test_contrastive_kernels_compile_for_sm90():
+def _compile(script):
+    """Run ``script`` without TRITON_INTERPRET; returns its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
         pytest.skip("this Triton build has no CUDA toolchain (ptxas) to compile with")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("OK") == 9
+    return proc.stdout
+
+
+def test_contrastive_kernels_compile_for_sm90():
+    assert _compile(SCRIPT).count("OK") == 9
 
 
 LAST_SCRIPT = r'''
@@ -74,9 +79,4 @@ for dt in ("bf16", "fp16"):
 def test_attention_kernels_compile_for_sm90():
     """The engine's last-row attention kernel and the forward kernel's flat grid (both new, not yet run on
     a GPU) compile for sm_90."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", LAST_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
-        pytest.skip("this Triton build has no CUDA toolchain (ptxas) to compile with")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("OK") == 10
+    assert _compile(LAST_SCRIPT).count("OK") == 10
