@@ -290,7 +290,7 @@ class Engine:
     def warmup(self, max_tokens=None):
         """Do now what the first calls would otherwise pay for: compile the kernels (one eager batch of
         ragged lengths) and, with CUDA graphs, capture every short-batch bucket up to ``max_tokens``
-        (default: all, ~50 graphs). Returns the number of captured graphs."""
+        (default: all 77 buckets). Returns the number of captured graphs."""
         if self.backend != "torch":
             return 0
         with self._lock, self._on_device():
