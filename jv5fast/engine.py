@@ -98,8 +98,7 @@ class Engine:
         self._adapters, self._base = {}, {}
         self._graphs = None
         if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs backend='torch' on a CUDA device; this engine is "
-                             f"backend={backend!r} on {self.device}")
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine is on {self.device}")
         if cuda_graphs and not ops.uses_triton(self.device):
             raise ValueError(f"cuda_graphs=True needs the Triton kernels on CUDA (the torch references "
                              f"synchronise with the host and cannot be captured): install triton and leave "
@@ -315,11 +314,10 @@ class Engine:
     def _run(self, idx, ids, out, k, normalize):
         """Forward one batch; on CUDA OOM split it in halves and retry down to a single text."""
         try:
-            rows = None
-            if self._graphs is not None:
-                rows = self._graphs.run([ids[i] for i in idx])                  # (B, E) or None
+            seqs = [ids[i] for i in idx]
+            rows = self._graphs.run(seqs) if self._graphs is not None else None   # (B, E) or None
             if rows is None:
-                batch = PackedBatch.from_ids([ids[i] for i in idx], self.device)
+                batch = PackedBatch.from_ids(seqs, self.device)
                 rows = self.model.forward(batch, last_only=True)                 # (B, E)
             one_each = torch.arange(rows.shape[0] + 1, device=rows.device, dtype=torch.int32)
             emb = ops.pool_last(rows, one_each, truncate_dim=k, normalize=normalize)

@@ -181,7 +181,7 @@ def test_warmup_captures_buckets(nano_ckpt):
 
 
 def test_bad_cuda_graphs_arguments(nano_ckpt):
-    with pytest.raises(ValueError, match="cuda_graphs=True needs backend='torch' on a CUDA device"):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device; this engine is on cpu"):
         jv5fast.Engine(nano_ckpt, device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs=True needs backend='torch' on a CUDA device"):
         jv5fast.Engine(nano_ckpt, device="cpu", cuda_graphs=True, backend="onnx")

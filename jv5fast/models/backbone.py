@@ -54,8 +54,9 @@ class Backbone:
 
     def set_linear(self, i: int, name: str, weight: torch.Tensor):
         """Set a fused projection. A tensor of the same shape is overwritten in place, so its address
-        (which captured CUDA graphs read) stays; the caller must not pass a tensor that the current
-        one aliases. Otherwise the tensor is replaced and ``version`` bumped."""
+        (which captured CUDA graphs read) stays; otherwise the tensor is replaced and ``version`` bumped.
+        A first set keeps ``weight`` itself when its dtype and device already match, so a caller that
+        keeps using that tensor and will set this projection again must pass a copy."""
         w = weight.to(device=self.device, dtype=self.dtype)
         cur = self.layers[i].get(name)
         if cur is not None and cur.shape == w.shape:
