@@ -2,8 +2,9 @@
 ``jv5fast export-onnx --model PATH_OR_ID --out DIR [--task ..] [--dtype ..] [--quantize int8] ...`` and
 ``jv5fast train --stage STAGE --student DIR --output DIR --data FILE.jsonl [--teacher DIR | --teacher-embeddings DIR]``.
 
-Same semantics as ``Engine.embed``. ``--input`` reads one text per line (a .jsonl file may instead
-hold one JSON string, or an object with a "text" field, per line). ``.npy`` output holds the (N, D')
+Same semantics as ``Engine.embed``. ``--input`` reads one text per line, split on newlines only (one
+trailing carriage return is dropped; form feeds, U+2028 and the like stay inside the text). A .jsonl
+file may instead hold one JSON string, or an object with a "text" field, per line. ``.npy`` output holds the (N, D')
 array; ``.jsonl`` one {"index", "embedding"} object per text, in input order.
 """
 from __future__ import annotations
@@ -15,13 +16,24 @@ import sys
 from .postprocess import PRECISIONS
 
 
+def split_lines(text: str) -> list:
+    """One text per input line: split on "\n" only (str.splitlines also breaks on form feed, U+0085,
+    U+2028, \x1c-\x1e, which may sit inside a text), drop one trailing "\r" per line (CRLF files), and
+    let a final newline end the last line rather than start an empty one."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _read_texts(path: str):
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    try:
-        lines = f.read().splitlines()
-    finally:
-        if f is not sys.stdin:
-            f.close()
+    # Bytes, decoded here: text mode's universal newlines would also split on a lone "\r".
+    if path == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        with open(path, "rb") as f:
+            raw = f.read()
+    lines = split_lines(raw.decode("utf-8"))
     if path.endswith(".jsonl"):
         texts = []
         for n, line in enumerate(lines, 1):

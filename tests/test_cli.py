@@ -47,3 +47,18 @@ def test_cli_errors(nano_ckpt, tmp_path, capsys):
         main(["embed", "--model", nano_ckpt, "x", "--output", str(tmp_path / "o.csv")])
     assert main(["embed", "--model", str(tmp_path / "missing"), "x", "--output", str(tmp_path / "o.npy")]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_input_lines_split_on_newline_only(engines, nano_ckpt, tmp_path):
+    """Form feed, U+0085, U+2028, \\x1c-\\x1e and a lone \\r sit inside a line; CRLF ends one."""
+    texts = ["page one\x0cpage two", "next\x85line", "para\u2028graph", "fs\x1cgs\x1drs\x1e", "lone\rcr", "", "last"]
+    inp = tmp_path / "in.txt"
+    inp.write_bytes(("\r\n".join(texts[:3]) + "\n" + "\n".join(texts[3:]) + "\n").encode("utf-8"))
+    out = tmp_path / "o.jsonl"
+    assert main(["embed", "--model", nano_ckpt, "--input", str(inp), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    assert [r["index"] for r in rows] == list(range(len(texts)))
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), engines["nano"].embed(texts), atol=1e-6)
+    from jv5fast.cli import split_lines
+    assert split_lines("a\nb") == split_lines("a\nb\n") == split_lines("a\r\nb\r\n") == ["a", "b"]
+    assert split_lines("") == [] and split_lines("\n") == [""] and split_lines("a\r\r\n") == ["a\r"]
