@@ -77,14 +77,28 @@ def _safe_open(path):
         raise ValueError(f"corrupt or unreadable safetensors file {path}: {e}") from None
 
 
+def shard_name(index: str, key, name) -> str:
+    """A weight_map entry, checked to name a .safetensors file inside the checkpoint folder: a relative
+    path without ``..`` (the index is untrusted; it must not make us read files elsewhere). Symlinks are
+    not resolved, since the hub cache links every file of a snapshot to a blob outside it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"corrupt index {index}: weight_map[{key!r}] is {name!r}, expected a shard file name")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in parts or not name.endswith(".safetensors"):
+        raise ValueError(f"index {index}: weight_map[{key!r}] = {name!r} is not a .safetensors file inside the "
+                         f"checkpoint folder; shard names must be relative paths without '..'")
+    return name
+
+
 def _weight_files(folder: str) -> list:
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         idx = read_json(index)
-        if not isinstance(idx.get("weight_map"), dict):
+        if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
             raise ValueError(f"corrupt index {index}: no 'weight_map'")
-        return [os.path.join(folder, f) for f in sorted(set(idx["weight_map"].values()))]
+        names = {shard_name(index, key, f) for key, f in idx["weight_map"].items()}
+        return [os.path.join(folder, f) for f in sorted(names)]
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json")

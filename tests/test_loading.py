@@ -156,3 +156,26 @@ def test_hub_id_offline_error_says_how_to_pass_a_path(monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # the env var is read at import time
     with pytest.raises(OSError, match="pass its local folder path"):
         jv5fast.Engine("jinaai/jina-embeddings-v5-text-nano-does-not-exist")
+
+
+@pytest.mark.parametrize("entry", ["../outside/model.safetensors", "/abs/model.safetensors", "sub/../../x.safetensors",
+                                   "..\\x.safetensors", "model-00001-of-00002.bin", 7, ""])
+def test_shard_names_must_stay_inside_the_checkpoint(ckpt_factory, tmp_path, entry):
+    ck = str(tmp_path / "ck")
+    shutil.copytree(ckpt_factory("nano", seed=31, shards=2, tasks=("retrieval",)), ck)
+    # a real shard outside the folder that a hostile index points at
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(os.path.join(ck, "model-00001-of-00002.safetensors"), outside / "model.safetensors")
+    jv5fast.Engine(ck)  # loads as written
+    idx_path = os.path.join(ck, "model.safetensors.index.json")
+    with open(idx_path) as f:
+        idx = json.load(f)
+    first = next(iter(idx["weight_map"]))
+    if entry == "/abs/model.safetensors":
+        entry = str(outside / "model.safetensors")
+    idx["weight_map"][first] = entry
+    with open(idx_path, "w") as f:
+        json.dump(idx, f)
+    with pytest.raises(ValueError, match=rf"weight_map\[{first!r}\]"):
+        jv5fast.Engine(ck)
