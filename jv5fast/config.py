@@ -11,6 +11,9 @@ import json
 import os
 from dataclasses import dataclass
 
+# The released task adapters, in the order of config.json task_names (model-spec.md §7).
+TASKS = ("retrieval", "text-matching", "clustering", "classification")
+
 QWEN3, EUROBERT = "qwen3", "eurobert"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import warnings
 
@@ -21,13 +22,23 @@ import torch
 
 from . import ops
 from .batching import PackedBatch, plan_batches
-from .config import load_model_args
+from .config import TASKS, load_model_args
 from .loading import load_adapters, load_prompts, load_weights, resolve_checkpoint
 from .models.backbone import FUSED, Backbone
 from .postprocess import check_precision, quantize
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("jv5fast")
+
+_UNMERGED = object()  # Engine._active while no task is (consistently) merged into the layers
+_MERGED_NAME = re.compile(r"^jina-embeddings-v5-text-(?:small|nano)-(" + "|".join(TASKS) + r")$", re.IGNORECASE)
+
+
+def merged_task_from_name(name_or_path: str):
+    """The task of a per-task merged repo by its released name (``jinaai/jina-embeddings-v5-text-small-
+    retrieval`` or a folder of that name), else None: those repos' files do not record it."""
+    m = _MERGED_NAME.match(os.path.basename(os.path.normpath(name_or_path)))
+    return m.group(1).lower() if m else None
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -53,7 +64,7 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 class Engine:
     """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
 
-    def __init__(self, model_name_or_path, *, task="retrieval", device=None, dtype=None, max_length=None,
+    def __init__(self, model_name_or_path, *, task=None, device=None, dtype=None, max_length=None,
                  max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None):
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend {backend!r} is not valid; choose 'torch' or 'onnx'")
@@ -94,8 +105,9 @@ class Engine:
         self.tokenizer = Tokenizer(folder, max_length)
         self.prompts, self.default_prompt_name = load_prompts(folder)
         self._lock = threading.RLock()
-        self._active = object()  # sentinel: nothing merged yet
+        self._active = _UNMERGED
         self._adapters, self._base = {}, {}
+        self._onnx_task = self._merged_task = None
         self._graphs = None
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine is on {self.device}")
@@ -109,9 +121,7 @@ class Engine:
             self.model = OnnxBackbone(folder, onnx_file_for(folder, onnx_quantize), str(self.device))
             # one task is merged into the graph; it is the only valid task
             self._onnx_task = meta.get("task")
-            if task not in (None, "retrieval", self._onnx_task):
-                raise ValueError(f"unknown task {task!r} for this ONNX export; valid tasks: {list(self.tasks)}")
-            self.task = self._onnx_task
+            self.task = self._onnx_task if task is None else self._check_task(task)
             self._active = self.task
             return
         if onnx_quantize is not None:
@@ -123,12 +133,14 @@ class Engine:
         # Linear weights in their storage dtype, kept only when an adapter may need re-merging.
         self._base = {k: v.to(self.device) for k, v in weights.items() if k.endswith("_proj.weight")}
         del weights
-        if self._adapters:
-            self.task = self._check_task(task)
+        # A merged repo records no task; its released name does (jina-embeddings-v5-text-small-retrieval).
+        self._merged_task = None if self._adapters else merged_task_from_name(str(model_name_or_path))
+        if task is None:
+            task = self._merged_task if not self._adapters else \
+                "retrieval" if "retrieval" in self._adapters else next(iter(self._adapters))
+            self.task = task
         else:
-            if task not in (None, "retrieval"):
-                raise ValueError(self._no_adapter_msg(task))
-            self.task = None
+            self.task = self._check_task(task)
         self._activate(self.task)
         if not self._adapters:
             self._base = {}
@@ -150,8 +162,12 @@ class Engine:
 
     @property
     def tasks(self) -> tuple:
+        """The tasks this engine can serve: its adapters, or the one task merged into the weights when the
+        checkpoint (or its released name, for a merged repo) records it; () when unknown."""
         if self.backend == "onnx":
             return (self._onnx_task,) if self._onnx_task else ()
+        if not self._adapters:
+            return (self._merged_task,) if self._merged_task else ()
         return tuple(self._adapters)
 
     def __repr__(self):
@@ -159,28 +175,44 @@ class Engine:
                 f"device={self.device}, dtype={self.dtype}, max_length={self.max_length})")
 
     # ---- adapters ------------------------------------------------------------------------------
-    def _no_adapter_msg(self, task):
-        return (f"task {task!r} requested, but {self.path} has no adapters/ folder (a per-task merged "
-                f"checkpoint); its tasks are: none. Pass task=None.")
-
     def _check_task(self, task):
+        """``task`` if this engine can serve it (None: the engine's own), else a ValueError naming what the
+        model holds. A model whose weights have one task merged in serves only that task; when it does not
+        record which (a merged repo under another name), only ``task=None`` is accepted."""
+        if task is None:
+            return self.task
+        if not isinstance(task, str):
+            raise TypeError(f"task must be a str or None, got {type(task).__name__}")
+        if self._adapters:
+            if task not in self._adapters:
+                raise ValueError(f"unknown task {task!r}; valid tasks: {list(self._adapters)}")
+            return task
+        if task in self.tasks:
+            return task
         if self.backend == "onnx":
-            if task not in (None, self._onnx_task):
-                raise ValueError(f"unknown task {task!r}; this ONNX export holds only {list(self.tasks)}")
-            return self._onnx_task
-        if not self._adapters:
-            if task is not None:
-                raise ValueError(self._no_adapter_msg(task))
-            return None
-        if task not in self._adapters:
-            raise ValueError(f"unknown task {task!r}; valid tasks: {list(self._adapters)}")
-        return task
+            holds = (f"this ONNX export holds only the {self._onnx_task!r} adapter, merged into its graph"
+                     if self._onnx_task else "this ONNX export was made from a merged checkpoint whose task "
+                     "is not recorded")
+            raise ValueError(f"task {task!r} requested, but {holds} ({self.path}); pass task=None, or export "
+                             f"the task you need")
+        holds = (f"its task is {self._merged_task!r}" if self._merged_task else
+                 "which task is merged into its weights is not recorded")
+        raise ValueError(f"task {task!r} requested, but {self.path} has no adapters/ folder (a per-task merged "
+                         f"checkpoint; {holds}); pass task=None to use it as it is, or load the base checkpoint "
+                         f"with adapters/ to choose a task")
 
     def _activate(self, task):
-        """Make the model's linear weights base + adapter(task), merged in fp32 and cast once."""
+        """Make the model's linear weights base + adapter(task), merged in fp32 and cast once.
+
+        All or nothing: layers are overwritten one by one, so until the last one is written the engine is
+        marked as holding no consistent task. A switch that fails part-way (out of memory, Ctrl-C) leaves
+        that mark, and the next call re-merges every layer before it runs."""
         if task == self._active or self.backend == "onnx":
             return
+        if not self._adapters and self._active is not _UNMERGED:
+            return  # a merged checkpoint: its weights were set once and there is nothing to switch
         adapter = self._adapters.get(task) if task is not None else None
+        self._active = _UNMERGED
         for i in range(self.args.num_layers):
             for name, parts in FUSED.items():
                 ws = []
@@ -264,17 +296,19 @@ class Engine:
             res = res[0]
         return torch.from_numpy(np.ascontiguousarray(res)) if convert_to_tensor else res
 
-    def encode_query(self, texts, **kw):
-        """``embed`` with the query prompt ("Query: ") unless ``prompt``/``prompt_name`` is given."""
-        if kw.get("prompt") is None:
-            kw.setdefault("prompt_name", "query")
-        return self.embed(texts, **kw)
+    def encode_query(self, texts, *, prompt_name=None, prompt=None, **kw):
+        """``embed`` with the query prompt ("Query: ") unless ``prompt``/``prompt_name`` is given; None, as
+        in sentence-transformers, means this method's own prompt (wrappers forward it explicitly)."""
+        if prompt is None and prompt_name is None:
+            prompt_name = "query"
+        return self.embed(texts, prompt_name=prompt_name, prompt=prompt, **kw)
 
-    def encode_document(self, texts, **kw):
-        """``embed`` with the document prompt ("Document: ") unless ``prompt``/``prompt_name`` is given."""
-        if kw.get("prompt") is None:
-            kw.setdefault("prompt_name", "document")
-        return self.embed(texts, **kw)
+    def encode_document(self, texts, *, prompt_name=None, prompt=None, **kw):
+        """``embed`` with the document prompt ("Document: ") unless ``prompt``/``prompt_name`` is given;
+        None means this method's own prompt."""
+        if prompt is None and prompt_name is None:
+            prompt_name = "document"
+        return self.embed(texts, prompt_name=prompt_name, prompt=prompt, **kw)
 
     encode = embed  # sentence-transformers spelling
 

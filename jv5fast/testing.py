@@ -18,7 +18,7 @@ import struct
 
 import torch
 
-TASKS = ("retrieval", "text-matching", "clustering", "classification")
+from .config import TASKS  # re-exported: tests and benches import it from here
 
 QWEN3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -246,3 +246,80 @@ def test_env_backend_validation(nano, monkeypatch):
     monkeypatch.setenv("JV5FAST_BACKEND", "torch")
     assert nano.embed("x").shape == (64,)
     assert os.environ["JV5FAST_BACKEND"] == "torch"
+
+
+# ---- regressions from the review of issue 10 ---------------------------------------------------------
+@pytest.mark.parametrize("method,own", [("encode_query", "query"), ("encode_document", "document")])
+def test_encode_prompt_name_none_means_the_methods_own_prompt(small, method, own):
+    """Wrappers forward prompt_name=None explicitly; it must not fall back to the default (document) prompt."""
+    texts = ["how fast is light", "Ünïcödé 東京", "x"]
+    want = small.embed(texts, prompt_name=own)
+    got = getattr(small, method)(texts, prompt_name=None)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(getattr(small, method)(texts, prompt_name=None, prompt=None), want)
+    other = "document" if own == "query" else "query"
+    np.testing.assert_array_equal(getattr(small, method)(texts, prompt_name=other), small.embed(texts, prompt_name=other))
+    np.testing.assert_array_equal(getattr(small, method)(texts, prompt=""), small.embed(texts, prompt=""))
+
+
+class _Interrupt(BaseException):
+    """Stands for Ctrl-C or a CUDA OOM raised between two layer writes."""
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError, _Interrupt])
+@pytest.mark.parametrize("fail_after", [0, 1, 5])
+def test_failed_task_switch_leaves_no_mix_of_adapters(ckpt_factory, monkeypatch, exc, fail_after):
+    ck = ckpt_factory("small", seed=41)
+    fresh = jv5fast.Engine(ck, device="cpu")
+    texts = ["a task switch that fails half-way", "second", "x y z"]
+    want = {t: fresh.embed(texts, task=t) for t in ("retrieval", "clustering")}
+    eng = jv5fast.Engine(ck, device="cpu")
+    np.testing.assert_array_equal(eng.embed(texts), want["retrieval"])
+    set_linear, calls = eng.model.set_linear, []
+
+    def flaky(*a, **kw):
+        calls.append(a[:2])
+        if len(calls) > fail_after:
+            raise exc("simulated failure in the middle of a switch")
+        return set_linear(*a, **kw)
+
+    monkeypatch.setattr(eng.model, "set_linear", flaky)
+    with pytest.raises(exc):
+        eng.embed(texts, task="clustering")
+    monkeypatch.setattr(eng.model, "set_linear", set_linear)
+    # the next calls re-merge every layer, whichever task they ask for
+    np.testing.assert_array_equal(eng.embed(texts), want["retrieval"])
+    np.testing.assert_array_equal(eng.embed(texts, task="clustering"), want["clustering"])
+    monkeypatch.setattr(eng.model, "set_linear", flaky)
+    calls.clear()
+    with pytest.raises(exc):
+        eng.embed(texts, task="retrieval")
+    monkeypatch.setattr(eng.model, "set_linear", set_linear)
+    np.testing.assert_array_equal(eng.embed(texts, task="clustering"), want["clustering"])
+
+
+def test_requested_task_is_never_silently_replaced(ckpt_factory, tmp_path):
+    merged = ckpt_factory("nano", seed=43, merged_task="classification")
+    # a merged repo records no task: any explicit task is refused, naming what it holds
+    with pytest.raises(ValueError, match=r"task 'retrieval' requested, but .* no adapters/ folder .*not recorded"):
+        jv5fast.Engine(merged, device="cpu", task="retrieval")
+    eng = jv5fast.Engine(merged, device="cpu")
+    assert eng.task is None and eng.tasks == ()
+    with pytest.raises(ValueError, match="task 'retrieval' requested"):
+        eng.embed("x", task="retrieval")
+    # under its released name the repo's task is known: that task is served, any other refused
+    named = tmp_path / "jina-embeddings-v5-text-nano-classification"
+    shutil.copytree(merged, named)
+    eng = jv5fast.Engine(str(named) + os.sep, device="cpu", task="classification")
+    assert eng.task == "classification" and eng.tasks == ("classification",)
+    np.testing.assert_array_equal(eng.embed("x", task="classification"), jv5fast.Engine(merged, device="cpu").embed("x"))
+    with pytest.raises(ValueError, match=r"task 'retrieval' requested, but .*its task is 'classification'"):
+        jv5fast.Engine(str(named), device="cpu", task="retrieval")
+    assert jv5fast.Engine(str(named), device="cpu").task == "classification"
+    # an adapter checkpoint without a retrieval adapter defaults to its first task, and refuses the absent one
+    only = ckpt_factory("nano", seed=43, tasks=("clustering",))
+    assert jv5fast.Engine(only, device="cpu").task == "clustering"
+    with pytest.raises(ValueError, match=r"unknown task 'retrieval'; valid tasks: \['clustering'\]"):
+        jv5fast.Engine(only, device="cpu", task="retrieval")
+    with pytest.raises(TypeError, match="task must be a str or None"):
+        jv5fast.Engine(only, device="cpu", task=3)
