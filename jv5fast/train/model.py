@@ -138,7 +138,7 @@ class TrainModel(nn.Module):
                        "lora_alpha": self.lora_alpha, "target_modules": list(self.lora_targets), "bias": "none",
                        "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "modules_to_save": None,
                        "init_lora_weights": "gaussian", "lora_dropout": 0.0}, f, indent=2)
-        _add_task_name(folder, task)
+        sync_task_names(folder)
 
     def save_backbone(self, folder):
         """The student as a checkpoint in the released layout (fp32 weights; config/tokenizer copied)."""
@@ -162,6 +162,7 @@ class TrainModel(nn.Module):
                 src = os.path.join(self.folder, name)
                 if os.path.exists(src):
                     shutil.copy(src, os.path.join(folder, name))
+        sync_task_names(folder)
 
     def save_projection(self, folder):
         from safetensors.torch import save_file
@@ -175,6 +176,12 @@ class TrainModel(nn.Module):
         path = os.path.join(folder, "projection.safetensors")
         if self.projection is not None and os.path.exists(path):
             t = load_file(path)
+            want = tuple(self.projection.weight.shape)
+            if set(t) != {"weight", "bias"} or tuple(t["weight"].shape) != want or tuple(t["bias"].shape) != want[:1]:
+                got = tuple(t["weight"].shape) if "weight" in t else None
+                raise ValueError(f"{path} maps {got[1] if got else '?'} student dims to {got[0] if got else '?'} "
+                                 f"teacher dims, but this teacher gives {want[0]}: train with the teacher that "
+                                 f"stage 1 used, or move projection.safetensors away to learn a new psi")
             with torch.no_grad():
                 self.projection.weight.copy_(t["weight"])
                 self.projection.bias.copy_(t["bias"])
@@ -182,15 +189,23 @@ class TrainModel(nn.Module):
         return False
 
 
-def _add_task_name(folder, task):
+def sync_task_names(folder):
+    """Make config.json's ``task_names`` list exactly the adapters under ``folder/adapters/`` (keeping the
+    listed order), so ``Engine(folder)`` loads what each training stage wrote: stage 1 copies a config that
+    names the released tasks but writes no adapters; stage 2 adds one adapter at a time."""
+    from ..loading import list_adapter_tasks
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
         cfg = json.load(f)
-    if cfg.get("model_type") == "jina_embeddings_v5":
-        names = list(cfg.get("task_names") or [])
-        if task not in names:
-            cfg["task_names"] = names + [task]
-            with open(path, "w") as f:
-                json.dump(cfg, f, indent=2)
+    if "task_names" not in cfg and cfg.get("model_type") != "jina_embeddings_v5":
+        return  # a plain (merged-style) config: Engine reads adapters/ without task_names
+    present = list_adapter_tasks(folder)
+    names = [t for t in (cfg.get("task_names") or []) if t in present] + \
+        [t for t in present if t not in (cfg.get("task_names") or [])]
+    if cfg.get("task_names") != names:
+        cfg["task_names"] = names
+        with open(path + ".tmp", "w") as f:
+            json.dump(cfg, f, indent=2)
+        os.replace(path + ".tmp", path)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..batching import PackedBatch
+from ..config import load_model_args
 from ..loading import LORA_TARGETS
 from ..tokenizer import Tokenizer
 from . import losses
@@ -85,6 +86,47 @@ class TrainConfig:
             raise FileNotFoundError(f"student checkpoint folder not found: {self.student!r}")
 
 
+# Settings a resumed run may change: they do not shape the updates already made.
+RESUMABLE_CHANGES = ("steps", "output", "resume", "save_every", "log_every", "device")
+
+
+def example_error(ex, stage: str):
+    """What is wrong with one training example for ``stage`` (None when it is fine): the keys and types
+    each stage expects, named, so the CLI can point at the file line."""
+    if not isinstance(ex, dict):
+        return f"expected a JSON object, got {type(ex).__name__}"
+    if stage == "classification":
+        need, want = ("text", "label"), "{text, label}"
+    else:
+        need, want = ("query", "document"), "{query, document} (+ negatives, score)"
+    missing = [k for k in need if k not in ex]
+    if missing:
+        return f"missing key(s) {missing}; stage {stage!r} expects objects with {want}, got keys {sorted(ex)}"
+    for k in need:
+        if k != "label" and not isinstance(ex[k], str):
+            return f"{k!r} must be a string, got {type(ex[k]).__name__}"
+    if stage == "classification" and (isinstance(ex["label"], bool) or not isinstance(ex["label"], (str, int))):
+        return f"'label' must be a string or an integer, got {type(ex['label']).__name__}"
+    negs = ex.get("negatives")
+    if negs is not None and (not isinstance(negs, list) or not all(isinstance(n, str) for n in negs)):
+        return "'negatives' must be a list of strings"
+    score = ex.get("score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)):
+        return f"'score' must be a finite number, got {score!r}"
+    return None
+
+
+def examples_fingerprint(examples) -> str:
+    """A hash of the training data, stored with the trainer state: a resumed run must see the same data."""
+    import hashlib
+    import json
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 class Trainer:
     """``Trainer(config, examples, teacher=None, teacher_embeddings=None).train()``.
 
@@ -100,6 +142,10 @@ class Trainer:
         self.examples = list(examples)
         if not self.examples:
             raise ValueError("no training examples")
+        for i, ex in enumerate(self.examples):
+            err = example_error(ex, c.stage)
+            if err:
+                raise ValueError(f"examples[{i}]: {err}")
         self.needs_teacher = c.stage in ("distill", "retrieval", "clustering") or (
             c.stage == "text-matching" and "score" not in self.examples[0])
         if self.needs_teacher and teacher is None and teacher_embeddings is None:
@@ -132,6 +178,11 @@ class Trainer:
                 dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self.device = torch.device(dev)
         torch.manual_seed(c.seed)
+        dim = load_model_args(c.student).hidden_size
+        bad = [d for d in c.matryoshka_dims if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d < dim]
+        if bad:
+            raise ValueError(f"matryoshka_dims {bad} out of range: each must be an int in 1..{dim - 1} "
+                             f"(the student's dimension is {dim})")
         teacher_dim = self._teacher_dim() if self.needs_teacher else None
         self.model = TrainModel(c.student, lora_r=0 if c.stage == "distill" else c.lora_r, lora_alpha=c.lora_alpha,
                                 lora_targets=c.lora_targets, train_backbone=c.stage == "distill",
@@ -155,8 +206,11 @@ class Trainer:
             # ψ is applied outside forward and is unused in some stages; let DDP tolerate that
             self.ddp = DistributedDataParallel(self.model, find_unused_parameters=True)
         self.state_path = os.path.join(c.output, f"trainer_state_{c.stage}.pt")  # one per stage/task
+        self._data_hash = examples_fingerprint(self.examples)
+        self.resumed_from = None  # the step a resumed run continued from
         if c.resume and os.path.exists(self.state_path):
             self.load_state(self.state_path)
+            self.resumed_from = self.step
 
     # ---- schedule, state -----------------------------------------------------------------------------
     def _lr_factor(self, step):
@@ -177,13 +231,15 @@ class Trainer:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"step": self.step, "params": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
-                    "avg_snapshot": self._avg_snapshot, "history": self.history}, path + ".tmp")
+                    "data": self._data_hash, "avg_snapshot": self._avg_snapshot, "history": self.history},
+                   path + ".tmp")
         os.replace(path + ".tmp", path)
 
     def load_state(self, path):
         st = torch.load(path, map_location=self.device, weights_only=False)
         if st["config"]["stage"] != self.config.stage:
             raise ValueError(f"{path} holds a {st['config']['stage']!r} run, not {self.config.stage!r}")
+        self._check_resumable(path, st)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in st["params"].items():
@@ -194,6 +250,23 @@ class Trainer:
         for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             g["lr"] = base * self._lr_factor(self.scheduler.last_epoch)
         self.step, self._avg_snapshot, self.history = st["step"], st["avg_snapshot"], st["history"]
+
+    def _check_resumable(self, path, st):
+        """Refuse to continue a run whose settings (other than RESUMABLE_CHANGES) or data differ: the
+        result would belong to neither run."""
+        now, then = asdict(self.config), st["config"]
+        def same(k):
+            a, b = now.get(k), then.get(k)
+            if k == "student":
+                return os.path.realpath(str(a)) == os.path.realpath(str(b))
+            return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+        diff = [k for k in sorted(set(now) | set(then)) if k not in RESUMABLE_CHANGES and not same(k)]
+        changes = [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff]
+        if st.get("data") is not None and st["data"] != self._data_hash:
+            changes.append("the training data differs")
+        if changes:
+            raise ValueError(f"{path} is a run with other settings ({'; '.join(changes)}); resuming it would mix "
+                             f"two runs. Pass resume=False to start over, or use another output")
 
     # ---- data ----------------------------------------------------------------------------------------
     def _teacher_dim(self):

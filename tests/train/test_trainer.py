@@ -138,7 +138,7 @@ def test_cli_train_with_precomputed_teacher(student, tmp_path):
                "--teacher-embeddings", str(emb), "--steps", "2", "--batch-size", "4", "--lora-r", "4"])
     assert rc == 0
     assert jv5fast.Engine(out, task="retrieval").embed("x").shape == (64,)
-    assert main(["train", "--stage", "nope", "--student", student, "--output", out, "--data", str(data)]) == 2
+    assert main(["train", "--stage", "nope", "--student", student, "--output", out, "--data", str(data)]) == 2  # usage
 
 
 def test_ddp_two_processes_stay_in_sync(student, tmp_path):
@@ -164,3 +164,62 @@ print("RESULT", tr.rank, h[0]["loss"], float(tr.model.lora["0_q_proj_B"].abs().s
     assert loss0 != loss1            # each rank saw its own shard
     assert b0 == b1 and t0 == t1     # ... and the synchronized update left identical weights (LoRA and τ)
     assert float(b0) > 0
+
+
+def test_readme_flow_from_a_released_layout_init(ckpt_factory, tmp_path):
+    """Released-layout init (config names four tasks, adapters/ holds them) -> stage 1 -> two stage-2 tasks:
+    every student written on the way loads in Engine as it is, with eng.tasks exactly the adapters present."""
+    init = ckpt_factory("nano", seed=62)  # the released layout, all four adapters
+    assert jv5fast.Engine(init).tasks == ("retrieval", "text-matching", "clustering", "classification")
+    student = str(tmp_path / "student")
+    teacher = char_trigram_teacher()
+    Trainer(TrainConfig(stage="distill", student=init, output=student, steps=2, batch_size=4), pairs(),
+            teacher=teacher).train(progress=False)
+    eng = jv5fast.Engine(student)
+    assert eng.tasks == () and eng.task is None
+    Trainer(TrainConfig(stage="retrieval", student=student, output=student, steps=2, batch_size=4, lora_r=2), pairs(),
+            teacher=teacher).train(progress=False)
+    eng = jv5fast.Engine(student, task="retrieval")
+    assert eng.tasks == ("retrieval",)
+    scored = [{"query": p["query"], "document": p["document"], "score": float(i % 5)} for i, p in enumerate(pairs())]
+    Trainer(TrainConfig(stage="text-matching", student=student, output=student, steps=2, batch_size=4, lora_r=2),
+            scored).train(progress=False)
+    eng = jv5fast.Engine(student)
+    assert eng.tasks == ("retrieval", "text-matching") and eng.task == "retrieval"
+    a, b = eng.embed("cat dog", task="retrieval"), eng.embed("cat dog", task="text-matching")
+    assert np.isfinite(a).all() and not np.allclose(a, b)
+
+
+def test_resume_refuses_other_settings_or_data(student, tmp_path):
+    teacher = char_trigram_teacher()
+    out = str(tmp_path / "run")
+
+    def cfg(**kw):
+        return TrainConfig(**{**dict(stage="retrieval", student=student, output=out, steps=3, batch_size=4,
+                                     lora_r=2), **kw})
+    Trainer(cfg(), pairs(), teacher=teacher).train(progress=False, until=2)
+    with pytest.raises(ValueError, match=r"other settings \(lora_r: 2 -> 3; lr: 0\.0001 -> 0\.001\)"):
+        Trainer(cfg(lr=1e-3, lora_r=3), pairs(), teacher=teacher)
+    with pytest.raises(ValueError, match="the training data differs"):
+        Trainer(cfg(), pairs(seed=9), teacher=teacher)
+    tr = Trainer(cfg(steps=5, save_every=1), pairs(), teacher=teacher)  # steps and saving may change
+    assert tr.resumed_from == 2
+    assert Trainer(cfg(lr=1e-3, resume=False), pairs(), teacher=teacher).resumed_from is None
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"query": "a"}, r"examples\[1\]: missing key\(s\) \['document'\]"),
+    ({"query": "a", "document": 3}, r"examples\[1\]: 'document' must be a string"),
+    ({"query": "a", "document": "b", "negatives": "c"}, "'negatives' must be a list of strings"),
+    ("just text", "expected a JSON object, got str"),
+])
+def test_bad_examples_are_named(student, tmp_path, bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        Trainer(TrainConfig(stage="retrieval", student=student, output=str(tmp_path)), pairs(1) + [bad],
+                teacher=char_trigram_teacher())
+
+
+def test_matryoshka_dims_are_checked_against_the_student(student, tmp_path):
+    with pytest.raises(ValueError, match=r"matryoshka_dims \[64\] out of range: each must be an int in 1\.\.63"):
+        Trainer(TrainConfig(stage="retrieval", student=student, output=str(tmp_path), matryoshka_dims=(32, 64)),
+                pairs(), teacher=char_trigram_teacher())
