@@ -4,21 +4,40 @@
 
 Same semantics as ``Engine.embed``. ``--input`` reads one text per line, split on newlines only (one
 trailing carriage return is dropped; form feeds, U+2028 and the like stay inside the text). A .jsonl
-file may instead hold one JSON string, or an object with a "text" field, per line. ``.npy`` output holds the (N, D')
+file may instead hold one JSON string, or an object with a "text" field, per line. A blank line is an
+empty text in both formats, so output row i is always input line i. ``.npy`` output holds the (N, D')
 array; ``.jsonl`` one {"index", "embedding"} object per text, in input order.
+
+Errors a user can cause (bad flags, unreadable or malformed input, a model that does not fit the
+command) print one line on stderr, in CLI words, and exit 2; failures while running exit 1. No
+traceback unless JV5FAST_DEBUG=1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 
+from .config import TASKS
 from .postprocess import PRECISIONS
 
+STAGES = ("distill",) + TASKS  # jv5fast.train.trainer.STAGES, without importing torch for --help
 
+
+class CLIError(Exception):
+    """A usage error found by the CLI itself: printed as one line, exit code ``code``."""
+
+    def __init__(self, msg, code=2):
+        super().__init__(msg)
+        self.code = code
+
+
+# ---- input ---------------------------------------------------------------------------------------------
 def split_lines(text: str) -> list:
-    """One text per input line: split on "\n" only (str.splitlines also breaks on form feed, U+0085,
-    U+2028, \x1c-\x1e, which may sit inside a text), drop one trailing "\r" per line (CRLF files), and
+    """One text per input line: split on "\\n" only (str.splitlines also breaks on form feed, U+0085,
+    U+2028, \\x1c-\\x1e, which may sit inside a text), drop one trailing "\\r" per line (CRLF files), and
     let a final newline end the last line rather than start an empty one."""
     lines = text.split("\n")
     if lines[-1] == "":
@@ -26,98 +45,226 @@ def split_lines(text: str) -> list:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _read_texts(path: str):
-    # Bytes, decoded here: text mode's universal newlines would also split on a lone "\r".
+def _read_lines(path: str, flag: str):
+    """(name, lines) of ``path`` (``-``: stdin) as UTF-8, with every way to fail named in CLI words."""
     if path == "-":
         raw = sys.stdin.buffer.read()
+        path = "<stdin>"
     else:
-        with open(path, "rb") as f:
-            raw = f.read()
-    lines = split_lines(raw.decode("utf-8"))
-    if path.endswith(".jsonl"):
-        texts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        if os.path.isdir(path):
+            raise CLIError(f"{flag} {path} is a folder; give a file")
+        try:
+            with open(path, "rb") as f:  # bytes: text mode's universal newlines would split on a lone "\r"
+                raw = f.read()
+        except FileNotFoundError:
+            raise CLIError(f"{flag} file not found: {path}") from None
+        except OSError as e:
+            raise CLIError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise CLIError(f"{path} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                       f"save the file as UTF-8") from None
+    return path, split_lines(text)
+
+
+def _read_texts(path: str) -> list:
+    name, lines = _read_lines(path, "--input")
+    if not path.endswith(".jsonl"):
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            texts.append("")  # as in a .txt file: the row stays aligned with the line
+            continue
+        try:
             obj = json.loads(line)
-            if isinstance(obj, dict):
-                if "text" not in obj:
-                    raise SystemExit(f"error: {path} line {n}: object without a 'text' field")
-                obj = obj["text"]
-            if not isinstance(obj, str):
-                raise SystemExit(f"error: {path} line {n}: expected a string, got {type(obj).__name__}")
-            texts.append(obj)
-        return texts
-    return lines
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{name} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if isinstance(obj, dict):
+            if "text" not in obj:
+                raise CLIError(f"{name} line {n}: object without a 'text' field (keys: {sorted(obj)})")
+            obj = obj["text"]
+        if not isinstance(obj, str):
+            raise CLIError(f"{name} line {n}: expected a JSON string or an object with a 'text' string, "
+                           f"got {type(obj).__name__}")
+        texts.append(obj)
+    return texts
+
+
+def _read_examples(path: str, stage: str) -> list:
+    from .train.trainer import example_error
+    name, lines = _read_lines(path, "--data")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{name} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        err = example_error(ex, stage)
+        if err:
+            raise CLIError(f"{name} line {n}: {err}")
+        out.append(ex)
+    if not out:
+        raise CLIError(f"{name} holds no training examples")
+    return out
+
+
+# ---- checks made before any work -------------------------------------------------------------------------
+def _check_model(path: str, flag: str, backend: str = "torch"):
+    if os.path.isfile(path):
+        raise CLIError(f"{flag} must be a checkpoint folder or a hub id, got a file: {path}")
+    is_export = os.path.isfile(os.path.join(path, "jv5fast_onnx.json"))
+    if backend == "torch" and is_export:
+        hint = "add --backend onnx to run it" if flag == "--model" else "pass the checkpoint it was exported from"
+        raise CLIError(f"{flag} {path} is an ONNX export; {hint}")
+    if backend == "onnx" and os.path.isdir(path) and not is_export:
+        raise CLIError(f"{flag} {path} is not an ONNX export (no jv5fast_onnx.json); write one with "
+                       f"`jv5fast export-onnx`, or drop --backend onnx")
+
+
+def _check_output_file(path: str, flag: str, endings):
+    if not path.endswith(tuple(endings)):
+        raise CLIError(f"{flag} must end in {' or '.join(endings)}, got {path!r}")
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is a folder; give a file name ending in {' or '.join(endings)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"{flag} {path}: folder {parent} does not exist")
+
+
+def _check_device(device):
+    if device is None:
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device!r} is not a device; choose cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device} needs CUDA, which this machine (torch {torch.__version__}) does not "
+                       f"have; use --device cpu")
 
 
 def _write(out: str, emb):
     import numpy as np
     if out.endswith(".npy"):
         np.save(out, emb)
-    elif out.endswith(".jsonl"):
+    else:
         with open(out, "w", encoding="utf-8") as f:
             for i, row in enumerate(emb):
                 f.write(json.dumps({"index": i, "embedding": row.tolist()}) + "\n")
-    else:
-        raise SystemExit(f"error: --output must end in .npy or .jsonl, got {out!r}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="jv5fast", description="jina-embeddings-v5-text engine")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("embed", help="embed texts with a checkpoint folder or hub id")
-    e.add_argument("--model", required=True, help="checkpoint folder (released layout) or hub id")
-    e.add_argument("--task", default=None, help="adapter: retrieval, text-matching, clustering, classification")
-    e.add_argument("--prompt-name", default=None, help="query or document (default: document)")
-    e.add_argument("--prompt", default=None, help="a literal prefix instead of a named prompt")
-    e.add_argument("--truncate-dim", type=int, default=None, help="Matryoshka dimension")
-    e.add_argument("--precision", default="float32", choices=PRECISIONS)
-    e.add_argument("--no-normalize", action="store_true", help="skip L2 normalization")
-    e.add_argument("--no-truncate", action="store_true", help="error on texts longer than max length")
-    e.add_argument("--max-length", type=int, default=None)
-    e.add_argument("--device", default=None)
-    e.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    e.add_argument("--input", default=None, help="file with one text per line, or - for stdin")
-    e.add_argument("--output", required=True, help="OUT.npy or OUT.jsonl")
-    e.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
-    e.add_argument("--backend", default="torch", choices=("torch", "onnx"),
-                   help="onnx: --model is a folder written by export-onnx")
-    x = sub.add_parser("export-onnx", help="export a checkpoint + one task adapter to ONNX")
-    x.add_argument("--model", required=True, help="checkpoint folder (released layout) or hub id")
-    x.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    x.add_argument("--task", default="retrieval")
-    x.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-    x.add_argument("--opset", type=int, default=None)
-    x.add_argument("--truncate-dim", type=int, default=None, help="dimension of the sentence_embedding output")
-    x.add_argument("--quantize", default=None, choices=("int8",), help="also write model_int8.onnx")
-    x.add_argument("--external-data", action="store_true", help="force model.onnx_data (auto above 2 GB)")
-    x.add_argument("--overwrite", action="store_true")
-    _add_train_parser(sub)
-    a = p.parse_args(argv)
-    if a.cmd == "export-onnx":
-        return _export(a)
-    if a.cmd == "train":
-        return _train(a)
+# ---- library messages in CLI words ---------------------------------------------------------------------
+_PHRASES = [
+    (r"pass overwrite=True", "pass --overwrite"), (r"unless overwrite=True", "unless --overwrite"),
+    (r"pass truncate=True to cut it", "leave out --no-truncate to cut it"),
+    (r"[Pp]ass task=None", "leave out --task"), (r"task=None", "no --task"),
+    (r"[Pp]ass resume=False", "pass --no-resume"), (r"resume=False", "--no-resume"),
+    (r"pass teacher= \(callable\) or teacher_embeddings=", "pass --teacher or --teacher-embeddings"),
+    (r"quantize='int8'", "--quantize int8"), (r"onnx_quantize", "--quantize"), (r"backend='onnx'", "--backend onnx"),
+    (r"dtype='(\w+)'", r"--dtype \1"), (r"device='(\w+)'", r"--device \1"),
+]
+_FLAG_WORDS = re.compile(r"\b(max_length|max_batch_tokens|truncate_dim|prompt_name|teacher_embeddings|"
+                         r"learn_temperature|matryoshka_dims|batch_size|grad_accum|lora_r|lora_alpha|"
+                         r"lora_targets|average_from_step|save_every|external_data|cosent_tau|n_negatives)\b=?")
 
-    if bool(a.texts) == bool(a.input):
-        p.error("give either TEXT arguments or --input FILE (not both, not neither)")
-    if not (a.output.endswith(".npy") or a.output.endswith(".jsonl")):
-        p.error(f"--output must end in .npy or .jsonl, got {a.output!r}")
-    texts = a.texts if a.texts else _read_texts(a.input)
 
-    from .engine import Engine
+def cli_words(msg: str) -> str:
+    """A library error message as a CLI user should read it: flags instead of keyword arguments, one line."""
+    for pat, rep in _PHRASES:
+        msg = re.sub(pat, rep, msg)
+    msg = _FLAG_WORDS.sub(lambda m: "--" + m.group(1).replace("_", "-") + (" " if m.group(0).endswith("=") else ""),
+                          msg)
+    return " ".join(msg.split())
+
+
+# ---- parser --------------------------------------------------------------------------------------------
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each flag's default, but not the uninformative ``(default: None)`` / ``False``."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{v!r} is not a boolean; use true/false, yes/no or 1/0")
+
+
+def _version() -> str:
     try:
-        kw = {} if a.task is None else {"task": a.task}
-        eng = Engine(a.model, device=a.device, dtype=a.dtype, max_length=a.max_length, backend=a.backend, **kw)
-        emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
-                        precision=a.precision, normalize=not a.no_normalize, truncate=not a.no_truncate)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _write(a.output, emb)
-    print(f"embedded {len(texts)} texts -> {a.output} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
-    return 0
+        from importlib.metadata import version
+        return version("jv5fast")
+    except Exception:  # not installed as a distribution (a source checkout)
+        from . import __version__
+        return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jv5fast", description="Fast, exact jina-embeddings-v5-text engine: embed "
+                                "texts, export to ONNX, train adapters.", formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"jv5fast {_version()}")
+    sub = p.add_subparsers(dest="cmd", metavar="{embed,export-onnx,train}")
+    task_help = (f"task adapter, one of {', '.join(TASKS)} (default: retrieval, or the one task a merged "
+                 f"checkpoint or ONNX export holds)")
+
+    e = sub.add_parser("embed", help="embed texts with a checkpoint folder, hub id or ONNX export",
+                       formatter_class=_Help, description="Embed texts (arguments or --input) into a .npy or "
+                       ".jsonl file. Blank input lines are empty texts, so row i is line i.")
+    e.add_argument("--model", required=True, help="checkpoint folder (released layout), hub id, or with "
+                   "--backend onnx a folder written by export-onnx")
+    e.add_argument("--task", default=None, help=task_help)
+    e.add_argument("--prompt-name", default=None, help="named prompt from the model: query or document "
+                   "(default: the model's default, document)")
+    e.add_argument("--prompt", default=None, help="a literal prefix instead of a named prompt ('' for none)")
+    e.add_argument("--truncate-dim", type=int, default=None, help="Matryoshka dimension (default: the model's "
+                   "dimension, or an ONNX export's truncate dim)")
+    e.add_argument("--precision", default="float32", choices=PRECISIONS, help="output precision")
+    e.add_argument("--no-normalize", action="store_true", help="skip L2 normalization")
+    e.add_argument("--no-truncate", action="store_true", help="error on texts longer than --max-length "
+                   "instead of cutting them")
+    e.add_argument("--max-length", type=int, default=None, help="tokens per text, prompt included (default: "
+                   "the model's max_position_embeddings)")
+    e.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one packed forward pass")
+    e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    e.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    e.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                   help="onnx: --model is a folder written by export-onnx (needs jv5fast[onnx])")
+    e.add_argument("--quantize", default=None, choices=("int8",),
+                   help="with --backend onnx: run the export's model_int8.onnx")
+    e.add_argument("--input", default=None, help="file with one text per line (.jsonl: a JSON string or "
+                   "{\"text\": ...} per line), or - for stdin")
+    e.add_argument("--output", required=True, help="OUT.npy or OUT.jsonl (its folder must exist)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
+
+    x = sub.add_parser("export-onnx", help="export a checkpoint + one task adapter to ONNX", formatter_class=_Help,
+                       description="Write a self-contained ONNX folder (needs jv5fast[onnx]).")
+    x.add_argument("--model", required=True, help="checkpoint folder (released layout) or hub id")
+    x.add_argument("--out", required=True, help="output folder; must not exist, unless --overwrite and it is a "
+                   "previous jv5fast export")
+    x.add_argument("--task", default=None, help=task_help)
+    x.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="graph dtype")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 14)")
+    x.add_argument("--truncate-dim", type=int, default=None, help="dimension of the sentence_embedding output, "
+                   "served by default by --backend onnx (default: the model's dimension)")
+    x.add_argument("--quantize", default=None, choices=("int8",), help="also write model_int8.onnx")
+    x.add_argument("--external-data", action="store_true", help="force model.onnx_data (automatic above 2 GB)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous jv5fast export")
+    _add_train_parser(sub)
+    return p
 
 
 def _add_train_parser(sub):
@@ -125,71 +272,179 @@ def _add_train_parser(sub):
     import dataclasses
 
     from .train.trainer import TrainConfig
-    t = sub.add_parser("train", help="stage 1 distillation or a stage 2 task adapter (see TrainConfig)")
-    t.add_argument("--data", required=True, help="JSONL: {query, document[, negatives, score]} or {text, label}")
-    t.add_argument("--teacher", default=None, help="a jv5fast checkpoint used as the teacher (Engine.embed)")
-    t.add_argument("--teacher-embeddings", default=None,
-                   help="folder with query.npy and document.npy aligned with --data (memory-mapped)")
+    t = sub.add_parser("train", help="stage 1 distillation or a stage 2 task adapter", formatter_class=_Help,
+                       description="Train a student (stage distill) or one task adapter (stage = task). A rerun "
+                       "with the same --output resumes from its trainer_state_<stage>.pt.")
+    t.add_argument("--data", required=True, help="JSONL: {query, document[, negatives, score]} per line, or "
+                   "{text, label} for classification")
+    teach = t.add_mutually_exclusive_group()
+    teach.add_argument("--teacher", default=None, help="a jv5fast checkpoint used as the teacher")
+    teach.add_argument("--teacher-embeddings", default=None,
+                       help="folder with query.npy and document.npy aligned with --data (memory-mapped)")
+    helps = {
+        "stage": "distill (stage 1) or the task adapter to train (stage 2)",
+        "student": "student checkpoint folder (released layout)",
+        "output": "where the result and trainer_state_<stage>.pt go",
+        "steps": "optimizer steps (a resumed run may raise it)", "batch_size": "pairs (or anchors) per micro-batch",
+        "grad_accum": "micro-batches per step", "lr": "peak learning rate", "weight_decay": "AdamW weight decay",
+        "warmup_steps": "linear warmup steps", "schedule": "decay after warmup", "max_grad_norm": "gradient clip",
+        "max_length": "tokens per text", "rope_theta": "training RoPE theta (default: the config's)",
+        "lora_r": "LoRA rank (stage 2)", "lora_alpha": "LoRA alpha", "lora_targets": "projections with LoRA",
+        "temperature": "InfoNCE temperature", "learn_temperature": "learn the temperature (default: retrieval only)",
+        "cosent_tau": "CoSENT temperature", "lambda_nce": "InfoNCE weight", "lambda_distill": "distillation weight",
+        "lambda_gor": "GOR weight (0 disables)", "lambda_rkd": "relational KD weight (classification)",
+        "n_negatives": "different-label negatives per anchor (classification)",
+        "matryoshka_dims": "also apply the contrastive losses at these truncated dims (each < the model dim)",
+        "teacher_query_prompt": "prefix for teacher queries", "teacher_document_prompt": "prefix for teacher documents",
+        "average_from_step": "average the adapter of this step with the final one",
+        "gather_negatives": "under torchrun, other ranks' documents join the negatives",
+        "save_every": "save the trainer state every N steps (0: at the end only)",
+        "resume": "resume from OUTPUT/trainer_state_<stage>.pt when it exists", "seed": "random seed",
+        "device": "cpu, cuda or cuda:N (default: cuda when available)", "log_every": "steps between log lines",
+    }
+    choices = {"stage": STAGES, "schedule": ("cosine", "linear")}
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is dataclasses.MISSING else f.default
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if isinstance(default, bool) or f.name in ("resume",):
-            t.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
-                           metavar="BOOL")
+        kw = dict(default=default, help=helps.get(f.name, f.name.replace("_", " ")))
+        if f.name in choices:
+            kw["choices"] = choices[f.name]
+        if isinstance(default, bool) or f.name == "learn_temperature":
+            t.add_argument(flag, type=parse_bool, metavar="BOOL", **kw)
         elif isinstance(default, tuple):
             cast = int if f.name == "matryoshka_dims" else str
-            t.add_argument(flag, type=lambda v, c=cast: tuple(c(x) for x in v.split(",") if x), default=default,
-                           metavar="A,B,...")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            t.add_argument(flag, type=type(default), default=default)
-        elif f.name in ("rope_theta",):
-            t.add_argument(flag, type=float, default=default)
-        elif f.name in ("average_from_step",):
-            t.add_argument(flag, type=int, default=default)
+            t.add_argument(flag, type=lambda v, c=cast: tuple(c(x) for x in v.split(",") if x), metavar="A,B,...",
+                           **kw)
+        elif isinstance(default, (int, float)):
+            t.add_argument(flag, type=type(default), **kw)
+        elif f.name == "rope_theta":
+            t.add_argument(flag, type=float, **kw)
+        elif f.name == "average_from_step":
+            t.add_argument(flag, type=int, **kw)
         else:
-            t.add_argument(flag, default=default, required=required)
+            t.add_argument(flag, required=required, **kw)
+    t.add_argument("--no-resume", dest="resume", action="store_const", const=False,
+                   help="start over even if OUTPUT holds a trainer state (same as --resume false)")
+
+
+# ---- commands ------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        p.print_help()
+        return 0
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as e:  # usage errors (2), --help and --version (0): argparse printed them
+        return e.code if isinstance(e.code, int) else 2
+    if a.cmd is None:
+        p.print_help()
+        return 0
+    run = {"embed": _embed, "export-onnx": _export, "train": _train}[a.cmd]
+    try:
+        return run(a)
+    except CLIError as err:
+        return _fail(a.cmd, str(err), err.code)
+    except KeyboardInterrupt:
+        print(f"jv5fast {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as err:
+        if os.environ.get("JV5FAST_DEBUG"):
+            raise
+        if err.name in ("onnx", "onnxruntime"):
+            return _fail(a.cmd, f"this needs the ONNX extra ({err.name} is not installed): "
+                                'pip install "jv5fast[onnx]"', 2)
+        return _fail(a.cmd, f"{err.name} is not installed ({err})", 1)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as err:
+        if os.environ.get("JV5FAST_DEBUG"):
+            raise
+        return _fail(a.cmd, cli_words(str(err)), 2)
+    except (OSError, RuntimeError, ArithmeticError, MemoryError) as err:
+        if os.environ.get("JV5FAST_DEBUG"):
+            raise
+        return _fail(a.cmd, f"{cli_words(str(err)) or type(err).__name__}", 1)
+
+
+def _fail(cmd, msg, code):
+    print(f"jv5fast {cmd}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _embed(a):
+    if bool(a.texts) == bool(a.input):
+        raise CLIError("give either TEXT arguments or --input FILE (not both, not neither)")
+    if a.quantize and a.backend != "onnx":
+        raise CLIError("--quantize int8 runs an ONNX export's int8 graph; add --backend onnx")
+    _check_output_file(a.output, "--output", (".npy", ".jsonl"))
+    _check_model(a.model, "--model", a.backend)
+    _check_device(a.device)
+    texts = a.texts if a.texts else _read_texts(a.input)
+
+    from .engine import Engine
+    kw = {} if a.task is None else {"task": a.task}
+    eng = Engine(a.model, device=a.device, dtype=a.dtype, max_length=a.max_length, backend=a.backend,
+                 max_batch_tokens=a.max_batch_tokens, onnx_quantize=a.quantize, **kw)
+    emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
+                    precision=a.precision, normalize=not a.no_normalize, truncate=not a.no_truncate,
+                    show_progress_bar=False if a.no_progress else None)
+    _write(a.output, emb)
+    print(f"embedded {len(texts)} texts -> {a.output} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
+    return 0
 
 
 def _train(a):
     import dataclasses
 
-    import numpy as np
-
     from .train.trainer import TrainConfig, Trainer
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
-    try:
-        cfg = TrainConfig(**{k: getattr(a, k) for k in fields if getattr(a, k) is not None or k == "rope_theta"})
-        with open(a.data, encoding="utf-8") as f:
-            examples = [json.loads(line) for line in f if line.strip()]
-        teacher = embeddings = None
-        if a.teacher_embeddings:
-            embeddings = {s: np.load(f"{a.teacher_embeddings}/{s}.npy", mmap_mode="r") for s in ("query", "document")}
-        elif a.teacher:
-            from .engine import Engine
-            eng = Engine(a.teacher)
+    _check_model(a.student, "--student")
+    if a.teacher:
+        _check_model(a.teacher, "--teacher")
+    _check_device(a.device)
+    out_parent = os.path.dirname(os.path.abspath(a.output))
+    if os.path.isfile(a.output):
+        raise CLIError(f"--output {a.output} is a file; give a folder")
+    if not os.path.isdir(out_parent):
+        raise CLIError(f"--output {a.output}: folder {out_parent} does not exist")
+    examples = _read_examples(a.data, a.stage)
+    embeddings = teacher = None
+    if a.teacher_embeddings:
+        import numpy as np
+        files = {s: os.path.join(a.teacher_embeddings, f"{s}.npy") for s in ("query", "document")}
+        missing = [f for f in files.values() if not os.path.isfile(f)]
+        if missing:
+            raise CLIError(f"--teacher-embeddings {a.teacher_embeddings} must hold query.npy and document.npy; "
+                           f"missing: {', '.join(os.path.basename(m) for m in missing)}")
+        embeddings = {s: np.load(f, mmap_mode="r") for s, f in files.items()}
+    elif a.teacher:
+        from .engine import Engine
+        eng = Engine(a.teacher, device=a.device)
 
-            def teacher(texts):
-                return eng.embed(texts, prompt="")
-        Trainer(cfg, examples, teacher=teacher, teacher_embeddings=embeddings).train()
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"trained {cfg.stage} -> {cfg.output}", file=sys.stderr)
+        def teacher(texts):
+            return eng.embed(texts, prompt="")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    cfg = TrainConfig(**{k: getattr(a, k) for k in fields if getattr(a, k) is not None or k == "rope_theta"})
+    trainer = Trainer(cfg, examples, teacher=teacher, teacher_embeddings=embeddings)
+    if trainer.resumed_from is not None:
+        if trainer.resumed_from >= cfg.steps:
+            print(f"nothing to train: {trainer.state_path} already reached step {trainer.resumed_from} of "
+                  f"{cfg.steps} (raise --steps to continue, or --no-resume to train again)", file=sys.stderr)
+            return 0
+        print(f"resuming from step {trainer.resumed_from} of {cfg.steps} ({trainer.state_path})", file=sys.stderr)
+    trainer.train()
+    print(f"trained {cfg.stage} ({cfg.steps} steps) -> {cfg.output}", file=sys.stderr)
     return 0
 
 
 def _export(a):
     from .onnx_export import export_onnx
-    try:
-        meta = export_onnx(a.model, a.out, task=a.task, dtype=a.dtype, opset=a.opset, truncate_dim=a.truncate_dim,
-                           quantize=a.quantize, external_data=True if a.external_data else None,
-                           overwrite=a.overwrite)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _check_model(a.model, "--model")
+    meta = export_onnx(a.model, a.out, task=a.task, dtype=a.dtype, opset=a.opset, truncate_dim=a.truncate_dim,
+                       quantize=a.quantize, external_data=True if a.external_data else None, overwrite=a.overwrite)
     print(f"exported {meta['model_type']} task={meta['task']} dtype={meta['dtype']} -> {a.out}", file=sys.stderr)
     if "int8" in meta:
         q = meta["int8"]

@@ -85,8 +85,16 @@ class Engine:
             folder, meta = resolve_checkpoint(str(model_name_or_path)), None
         self.path = folder
         self.args = args = load_model_args(folder)
-        self.device = torch.device(device if device is not None else
-                                   ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"))
+        try:
+            self.device = torch.device(device if device is not None else
+                                       ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not valid; choose 'cpu', 'cuda' or 'cuda:N'") from None
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {device!r} is not supported; choose 'cpu', 'cuda' or 'cuda:N'")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} needs CUDA, which is not available here (torch "
+                             f"{torch.__version__}); use device='cpu'")
         if meta is not None:
             if dtype is not None and _resolve_dtype(dtype, self.device) != _DTYPES[meta["dtype"]]:
                 raise ValueError(f"{folder} was exported in {meta['dtype']}; dtype={dtype!r} cannot change that")

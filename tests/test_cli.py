@@ -41,10 +41,10 @@ def test_embed_file_and_stdin_to_jsonl(engines, nano_ckpt, tmp_path, monkeypatch
 def test_cli_errors(nano_ckpt, tmp_path, capsys):
     assert main(["embed", "--model", nano_ckpt, "--task", "nope", "x", "--output", str(tmp_path / "o.npy")]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["embed", "--model", nano_ckpt, "--output", str(tmp_path / "o.npy")])  # no texts
-    with pytest.raises(SystemExit):
-        main(["embed", "--model", nano_ckpt, "x", "--output", str(tmp_path / "o.csv")])
+    assert main(["embed", "--model", nano_ckpt, "--output", str(tmp_path / "o.npy")]) == 2  # no texts
+    assert "give either TEXT arguments or --input" in capsys.readouterr().err
+    assert main(["embed", "--model", nano_ckpt, "x", "--output", str(tmp_path / "o.csv")]) == 2
+    assert "--output must end in .npy or .jsonl" in capsys.readouterr().err
     assert main(["embed", "--model", str(tmp_path / "missing"), "x", "--output", str(tmp_path / "o.npy")]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
 
