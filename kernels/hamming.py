@@ -11,17 +11,53 @@ one int64 key ``d << 32 | id``, whose order is exactly the tie rule. A running t
 is merged with a tile only when some key beats the current K-th (rare after the first tiles), by K
 rounds of min-extraction. Each program writes its K best keys; one torch.sort merges the programs.
 Popcount is PTX ``popc.b32`` on GPU and a SWAR bit-count under TRITON_INTERPRET=1 (the interpreter
-has no popc). Trade-off: the merge is O(K) per tile, so very large k (> 1024) is refused here.
+has no popc). Trade-off: the merge is O(K) per tile, so k > MAX_K (1024) runs ``hamming_topk_words_chunked``
+instead: plain PyTorch on the same device, distances as an exact float32 matmul of the unpacked bits
+(popcount(a ^ b) = |a| + |b| - 2 a·b; every partial sum is an integer <= nbits < 2**24), corpus in
+chunks, a running torch.topk over the same int64 keys; memory bounded by CHUNKED_BUDGET_BYTES, not by N.
 """
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
 
 INT32_MAX = 2**31 - 1
-MAX_K = 1024
+MAX_K = 1024  # largest k the Triton kernel takes; above it hamming_topk_words runs the chunked torch path
+CHUNKED_BUDGET_BYTES = 64 << 20  # per temporary of the chunked torch path (unpacked bits, key block)
+_MAXKEY = 0x7FFFFFFFFFFFFFFF
 _POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _check_tensor(x, what: str, dtype: torch.dtype, hint: str = ""):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{what} must have dtype {dtype}{hint}, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be 2-D (rows, {'words' if dtype == torch.int32 else 'bytes'}), "
+                         f"got shape {tuple(x.shape)}")
+
+
+def _check_pair(queries, corpus, k, dtype: torch.dtype, hint: str = "") -> int:
+    _check_tensor(queries, "queries", dtype, hint)
+    _check_tensor(corpus, "corpus", dtype, hint)
+    if queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"queries and corpus differ in width: {queries.shape[1]} vs {corpus.shape[1]} "
+                         f"{'words' if dtype == torch.int32 else 'bytes'} per row")
+    if queries.device != corpus.device:
+        raise ValueError(f"queries and corpus must be on the same device, got {queries.device} and "
+                         f"{corpus.device}")
+    return _check_k(k)
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not hasattr(k, "__index__"):  # int and numpy integers; not bool, float, str
+        raise TypeError(f"k must be a positive integer, got {k!r} ({type(k).__name__})")
+    if operator.index(k) <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return operator.index(k)
 
 
 def hamming_topk_ref(queries: torch.Tensor, corpus: torch.Tensor, k: int):
@@ -29,9 +65,7 @@ def hamming_topk_ref(queries: torch.Tensor, corpus: torch.Tensor, k: int):
 
     queries (Q, B) and corpus (N, B) uint8 -> (D int32 (Q, k), I int64 (Q, k)).
     """
-    assert queries.dtype == torch.uint8 and corpus.dtype == torch.uint8, "codes must be uint8"
-    assert queries.ndim == 2 and corpus.ndim == 2 and queries.shape[1] == corpus.shape[1], "shape mismatch"
-    assert k > 0, "k must be positive"
+    k = _check_pair(queries, corpus, k, torch.uint8)
     nq, n = queries.shape[0], corpus.shape[0]
     table = _POPCOUNT8.to(queries.device)
     rows = max(1, (1 << 26) // max(1, n * corpus.shape[1]))  # bound the (rows, N, B) XOR temporary
@@ -50,6 +84,75 @@ def hamming_topk_ref(queries: torch.Tensor, corpus: torch.Tensor, k: int):
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pack_words(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, B) codes -> int32 (N, ceil(B/4)) words, rows zero-padded to a multiple of 4 bytes."""
+    _check_tensor(codes, "codes", torch.uint8, " (packed binary codes)")
+    pad = (-codes.shape[1]) % 4
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    return codes.contiguous().view(torch.int32)
+
+
+def hamming_topk_words_chunked(qwords: torch.Tensor, cwords: torch.Tensor, k: int,
+                               budget_bytes: int | None = None):
+    """Exact top-k for any k on any torch device, in plain PyTorch -> the same (D, I) as ``hamming_topk_ref``.
+
+    The corpus is unpacked to float32 bits ``rows`` at a time and scored by one matmul per chunk
+    (exact: 0/1 inputs and integer partial sums <= nbits <= 2**24, which float32 holds exactly, also
+    under TF32/bf16 matmul precision; hence the 2**24-bit limit). Keys
+    ``d << 32 | id`` of up to ``span >= min(k, N)`` rows are merged with the running best by
+    torch.topk; every temporary stays near ``budget_bytes`` (default CHUNKED_BUDGET_BYTES) apart from
+    the (Q, k) output and a (queries-per-block, 2 * span) key block.
+    """
+    k = _check_pair(qwords, cwords, k, torch.int32, " (see pack_words)")
+    nq, W = qwords.shape
+    n = cwords.shape[0]
+    if n >= 2**31:
+        raise ValueError(f"the corpus holds {n} rows; ids are packed into 32 bits, so at most 2**31 - 1")
+    if W > 2**19:
+        raise ValueError(f"codes of {W} words ({32 * W} bits) are too wide for the chunked path: at most "
+                         "2**19 words (2**24 bits), where float32 sums stay exact")
+    budget = CHUNKED_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
+    dev = qwords.device
+    D = torch.full((nq, k), INT32_MAX, dtype=torch.int32, device=dev)
+    I = torch.full((nq, k), -1, dtype=torch.int64, device=dev)
+    m = min(k, n)
+    if nq == 0 or m == 0 or W == 0:
+        if W == 0 and m:  # zero-width codes: every distance is 0, ids in order
+            D[:, :m] = 0
+            I[:, :m] = torch.arange(m, device=dev)
+        return D, I
+    nbits = 32 * W
+    rows = max(1, budget // (4 * nbits))  # corpus rows unpacked per matmul
+    span = rows * -(-m // rows)  # corpus rows merged per topk: a multiple of rows, >= m (merge linear in N)
+    qrows = max(1, min(budget // (8 * (m + span)), budget // (4 * nbits)))
+    shifts = torch.arange(8, dtype=torch.uint8, device=dev)
+
+    def unpack(w):  # int32 (r, W) -> float32 (r, 32 W) bits; bit order is irrelevant to a dot product
+        b = w.contiguous().view(torch.uint8)
+        return ((b[:, :, None] >> shifts) & 1).reshape(w.shape[0], nbits).to(torch.float32)
+
+    for q0 in range(0, nq, qrows):
+        qb = unpack(qwords[q0 : q0 + qrows])
+        qpop = qb.sum(1, keepdim=True).to(torch.int64)
+        best = torch.empty((qb.shape[0], 0), dtype=torch.int64, device=dev)
+        for s0 in range(0, n, span):
+            parts = [best]
+            for c0 in range(s0, min(n, s0 + span), rows):
+                cb = unpack(cwords[c0 : c0 + rows])
+                dot = (qb @ cb.T).to(torch.int64)  # (qrows, rows); exact, see the docstring
+                d = qpop + cb.sum(1).to(torch.int64)[None, :] - 2 * dot
+                ids = torch.arange(c0, c0 + cb.shape[0], dtype=torch.int64, device=dev)
+                parts.append((d << 32) | ids)
+            best = torch.cat(parts, dim=1)
+            if best.shape[1] > m:  # keys are unique, so the m smallest are one well-defined set
+                best = torch.topk(best, m, dim=1, largest=False, sorted=False).values
+        best = torch.sort(best, dim=1).values
+        D[q0 : q0 + qrows, :m] = (best >> 32).to(torch.int32)
+        I[q0 : q0 + qrows, :m] = best & 0xFFFFFFFF
+    return D, I
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,28 +225,41 @@ if HAS_TRITON:
         tl.store(out_ptrs, best, mask=mask_q[:, None] & (kidx[None, :] < K))
 
 
-def pack_words(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, B) codes -> int32 (N, ceil(B/4)) words, rows zero-padded to a multiple of 4 bytes."""
-    assert codes.dtype == torch.uint8 and codes.ndim == 2, "codes must be a 2-D uint8 tensor"
-    pad = (-codes.shape[1]) % 4
-    if pad:
-        codes = torch.nn.functional.pad(codes, (0, pad))
-    return codes.contiguous().view(torch.int32)
+def _check_block(value, name: str, allow_none: bool = False, pow2: bool = True, lo: int = 2, hi: int = 1024):
+    if value is None and allow_none:
+        return None
+    ok = not isinstance(value, bool) and hasattr(value, "__index__")
+    v = operator.index(value) if ok else None
+    if not ok or v < lo or v > hi or (pow2 and v & (v - 1)):
+        what = f"a power of two in {lo}..{hi}" if pow2 else f"an integer in {lo}..{hi}"
+        raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+    return v
 
 
 def hamming_topk_words(qwords: torch.Tensor, cwords: torch.Tensor, k: int, block_q: int | None = None,
                        block_n: int = 64, splits: int | None = None):
-    """Triton search on int32 words (from ``pack_words``) -> (D int32 (Q, k), I int64 (Q, k))."""
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton Hamming kernel needs triton (pip install 'jv5fast[gpu]')")
-    next_pow2, cdiv = triton.next_power_of_2, triton.cdiv
-    assert qwords.dtype == torch.int32 and cwords.dtype == torch.int32, "words must be int32 (see pack_words)"
-    assert qwords.shape[1] == cwords.shape[1], "queries and corpus differ in width"
-    assert 0 < k <= MAX_K, f"k must be in 1..{MAX_K} on the Triton path, got {k}"
+    """Search on int32 words (from ``pack_words``) -> (D int32 (Q, k), I int64 (Q, k)).
+
+    k <= MAX_K runs the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); a larger
+    k runs ``hamming_topk_words_chunked`` on the same device (the block arguments do not apply there).
+    """
+    k = _check_pair(qwords, cwords, k, torch.int32, " (see pack_words)")
+    block_q = _check_block(block_q, "block_q", allow_none=True)
+    block_n = _check_block(block_n, "block_n")
+    splits = _check_block(splits, "splits", allow_none=True, pow2=False, lo=1, hi=2**31 - 1)
     nq, W = qwords.shape
     n = cwords.shape[0]
-    assert n < 2**31, "the Triton path packs ids into 32 bits"
+    if n >= 2**31:
+        raise ValueError(f"the corpus holds {n} rows; ids are packed into 32 bits, so at most 2**31 - 1")
+    if k > MAX_K:
+        return hamming_topk_words_chunked(qwords, cwords, k)
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton Hamming kernel needs triton (pip install 'jv5fast[gpu]')")
     dev = qwords.device
+    if dev.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton Hamming kernel runs on CUDA tensors (or CPU ones under "
+                         f"TRITON_INTERPRET=1), got tensors on {dev}; use hamming_topk_words_chunked there")
+    next_pow2, cdiv = triton.next_power_of_2, triton.cdiv
     if nq == 0:
         return torch.empty((0, k), dtype=torch.int32, device=dev), torch.empty((0, k), dtype=torch.int64, device=dev)
     KP = max(2, next_pow2(k))
@@ -167,12 +283,13 @@ def hamming_topk_words(qwords: torch.Tensor, cwords: torch.Tensor, k: int, block
     keys = out.view(nq, splits * k)
     keys = torch.sort(keys, dim=1).values[:, :k] if splits > 1 else keys
     D = (keys >> 32).to(torch.int32)  # the MAXKEY sentinel decodes to INT32_MAX
-    I = torch.where(keys == 0x7FFFFFFFFFFFFFFF, torch.full_like(keys, -1), keys & 0xFFFFFFFF)
+    I = torch.where(keys == _MAXKEY, torch.full_like(keys, -1), keys & 0xFFFFFFFF)
     return D, I
 
 
 def hamming_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int, **kw):
     """Triton Hamming top-k: uint8 (Q, B) queries and (N, B) corpus (CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1) -> (D int32 (Q, k), I int64 (Q, k)), equal to ``hamming_topk_ref``."""
-    assert queries.device == corpus.device, "queries and corpus must be on the same device"
+    TRITON_INTERPRET=1) -> (D int32 (Q, k), I int64 (Q, k)), equal to ``hamming_topk_ref``; k > MAX_K runs
+    the chunked torch path on the same device."""
+    _check_pair(queries, corpus, k, torch.uint8, " (packed binary codes)")
     return hamming_topk_words(pack_words(queries), pack_words(corpus), k, **kw)
