@@ -43,6 +43,21 @@ def resolve_backend(backend: str | None = None) -> str:
     return backend
 
 
+SIMD_CHOICES = ("auto", "avx512", "avx2", "scalar")
+
+
+def simd_from_env() -> str:
+    """JV5FAST_HAMMING_SIMD, checked here so that a typo or a kernel this CPU lacks names the variable."""
+    simd = os.environ.get("JV5FAST_HAMMING_SIMD", "auto").strip().lower() or "auto"
+    if simd not in SIMD_CHOICES:
+        raise ValueError(f"JV5FAST_HAMMING_SIMD={simd!r} is not valid; choose one of {list(SIMD_CHOICES)} "
+                         f"(or unset it)")
+    if simd != "auto" and _C is not None and simd not in simd_kernels():
+        raise ValueError(f"JV5FAST_HAMMING_SIMD={simd!r}, but this CPU runs only {simd_kernels()}; "
+                         f"unset it or choose one of those")
+    return simd
+
+
 def simd_kernels() -> list[str]:
     """Popcount kernels of the extension this CPU can run, best first (e.g. ['avx512', 'avx2', 'scalar'])."""
     return list(_C.simd_available()) if _C is not None else []
@@ -151,8 +166,7 @@ def hamming_topk(queries, corpus, k: int, threads: int | None = None, backend: s
     k = check_k(k)
     threads = check_threads(threads)
     if resolve_backend(backend) == "cpp":
-        simd = os.environ.get("JV5FAST_HAMMING_SIMD", "auto")
-        return _C.hamming_topk(queries, corpus, k, threads, simd)
+        return _C.hamming_topk(queries, corpus, k, threads, simd_from_env())
     return hamming_topk_numpy(queries, corpus, k)
 
 

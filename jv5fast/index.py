@@ -3,15 +3,18 @@
 ``HammingIndex(nbits)`` mirrors faiss ``IndexBinaryFlat``: packed uint8 codes (np.packbits order, the
 sentence-transformers ``ubinary`` precision; int8 ``binary`` codes are accepted), ``search`` returns
 ``(D int32, I int64)`` with ascending distance, ties by smaller id, and k > N padded with
-(INT32_MAX, -1). CPU search runs in the C++ extension (numpy fallback); a CUDA index runs the Triton
-kernel in ``jv5fast.kernels.hamming``.
+(INT32_MAX, -1). CPU search runs in the C++ extension (numpy fallback); a CUDA index keeps its codes in a
+geometrically grown device buffer and runs the Triton kernel in ``jv5fast.kernels.hamming`` (k > 1024:
+that module's exact chunked torch path, on the same device).
 
 ``EmbeddingIndex(dim)`` keeps the sign codes plus the vectors (float32, float16 or int8) and searches as
 sentence-transformers' ``semantic_search_faiss`` does: shortlist ``k * rescore_multiplier`` by Hamming
 distance, then re-rank the shortlist by dot product with the float query.
 
-Both save to one file: magic, format version, a JSON header naming each array, the raw arrays and a
-CRC-32 of everything before it, so a truncated or corrupted file is an error, never wrong results.
+Both save to one file: magic, format version, a JSON header naming each array, the raw little-endian
+arrays and a CRC-32 of everything before it. ``load`` checks every header field against what the index
+kind writes, and the file size against the header, before it allocates anything, then the checksum and
+the values ``add`` never stores: a truncated, corrupted or crafted file is an error, never wrong results.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ __all__ = ["HammingIndex", "EmbeddingIndex", "IndexFileError"]
 _MAGIC = b"JV5FIDX\x00"
 _VERSION = 1
 _STORES = ("float32", "float16", "int8")
+_DTYPE_STR = {"uint8": "|u1", "int8": "|i1", "float16": "<f2", "float32": "<f4"}  # as save() writes them
+_MAX_BITS = 1 << 24  # nbits / dim: far above any embedding width, and it keeps every size computation small
+_MAX_HEADER_BYTES = 1 << 20
+_RESCORE_BUDGET_BYTES = 64 << 20  # EmbeddingIndex.search: its float32 (queries, shortlist, dim) block
 
 
 class IndexFileError(ValueError):
@@ -91,7 +98,41 @@ class _Rows:
         return self.buf[: self.n]
 
 
+class _TorchRows:
+    """``_Rows`` for a torch tensor on any device: capacity grows geometrically, so n appended rows cost
+    O(n) copying and O(log n) reallocations (``reallocs`` counts them); ``data`` is a view, never a copy."""
+
+    def __init__(self, width: int, dtype, device):
+        import torch
+
+        self.buf = torch.empty((0, width), dtype=dtype, device=device)
+        self.n = 0
+        self.reallocs = 0
+
+    def append(self, rows) -> None:
+        import torch
+
+        need = self.n + rows.shape[0]
+        if need > self.buf.shape[0]:
+            cap = max(need, 2 * self.buf.shape[0], 1024)
+            new = torch.empty((cap, self.buf.shape[1]), dtype=self.buf.dtype, device=self.buf.device)
+            new[: self.n] = self.buf[: self.n]
+            self.buf = new
+            self.reallocs += 1
+        self.buf[self.n : need] = rows
+        self.n = need
+
+    def truncate(self, n: int) -> None:
+        self.n = n
+
+    @property
+    def data(self):
+        return self.buf[: self.n]
+
+
 def _save(path, kind: str, meta: dict, arrays: dict):
+    # The format is little-endian whatever the host (a no-op on x86 / ARM); _load accepts only that.
+    arrays = {k: v.astype(v.dtype.newbyteorder("<"), copy=False) for k, v in arrays.items()}
     header = dict(meta, kind=kind, arrays=[{"name": k, "dtype": v.dtype.str, "shape": list(v.shape)}
                                            for k, v in arrays.items()])
     hb = json.dumps(header).encode()
@@ -109,7 +150,111 @@ def _save(path, kind: str, meta: dict, arrays: dict):
     os.replace(tmp, path)  # never leave a half-written file under the real name
 
 
+def _header_object(pairs):
+    names = [k for k, _ in pairs]
+    dup = sorted({k for k in names if names.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate key(s) {dup}")
+    return dict(pairs)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _header_int(path, header: dict, field: str, lo: int, hi: int) -> int:
+    v = header[field]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise IndexFileError(f"{path}: header field {field!r} must be an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _parse_header(path: str, hb: bytes, kind: str):
+    """Header bytes -> (meta, [(name, dtype, n, width)]), each field checked against what ``kind`` writes."""
+    try:
+        header = json.loads(hb.decode("utf-8"), object_pairs_hook=_header_object,
+                            parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise IndexFileError(f"{path}: corrupted header: not a valid JSON object ({e})") from None
+    if not isinstance(header, dict):
+        raise IndexFileError(f"{path}: corrupted header: a JSON {type(header).__name__}, not an object")
+    if header.get("kind") != kind:
+        got = header.get("kind")
+        got = got[:100] if isinstance(got, str) else repr(got)[:100]
+        raise IndexFileError(f"{path}: holds a {got}, not a {kind} (header field 'kind')")
+    fields = {"kind", "arrays", *(("nbits",) if kind == "HammingIndex" else ("dim", "store"))}
+    if set(header) != fields:
+        missing, unexpected = sorted(fields - set(header)), sorted(set(header) - fields)
+        raise IndexFileError(f"{path}: header fields {sorted(header)} are not those of a {kind} "
+                             f"{sorted(fields)} (missing {missing}, unexpected {unexpected})")
+    if kind == "HammingIndex":
+        nbits = _header_int(path, header, "nbits", 8, _MAX_BITS)
+        if nbits % 8:
+            raise IndexFileError(f"{path}: header field 'nbits' must be a multiple of 8, got {nbits}")
+        meta = {"nbits": nbits}
+        expect = [("codes", _DTYPE_STR["uint8"], nbits // 8)]
+    else:
+        dim = _header_int(path, header, "dim", 1, _MAX_BITS)
+        store = header["store"]
+        if not isinstance(store, str) or store not in _STORES:
+            raise IndexFileError(f"{path}: header field 'store' must be one of {_STORES}, got {store!r}")
+        meta = {"dim": dim, "store": store}
+        expect = [("codes", _DTYPE_STR["uint8"], (dim + 7) // 8), ("vectors", _DTYPE_STR[store], dim)]
+        if store == "int8":
+            expect.append(("scales", _DTYPE_STR["float32"], 1))
+    arrays = header["arrays"]
+    if not isinstance(arrays, list) or not all(isinstance(a, dict) for a in arrays):
+        raise IndexFileError(f"{path}: header field 'arrays' must be a list of objects, got {arrays!r:.200}")
+    for i, a in enumerate(arrays):
+        if set(a) != {"name", "dtype", "shape"}:
+            raise IndexFileError(f"{path}: header field 'arrays[{i}]' must have exactly the keys "
+                                 f"['dtype', 'name', 'shape'], got {sorted(a)}")
+    names = [a["name"] for a in arrays]
+    if names != [e[0] for e in expect]:
+        of = f"a {kind}" + (f" with store {meta['store']!r}" if "store" in meta else "")
+        raise IndexFileError(f"{path}: header field 'arrays' names {names!r:.200}; {of} holds exactly "
+                             f"{[e[0] for e in expect]}, in that order")
+    specs, n = [], None
+    for i, (a, (name, dt, width)) in enumerate(zip(arrays, expect)):
+        if a["dtype"] != dt:
+            raise IndexFileError(f"{path}: header field 'arrays[{i}].dtype' of {name!r} is "
+                                 f"{a['dtype']!r:.100}; a {kind} stores {name} as {dt!r}")
+        shape = a["shape"]
+        if not isinstance(shape, list) or len(shape) != 2 \
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in shape):
+            raise IndexFileError(f"{path}: header field 'arrays[{i}].shape' of {name!r} must be two integers "
+                                 f">= 0 (rows, {width}), got {shape!r:.200}")
+        if shape[1] != width:
+            raise IndexFileError(f"{path}: header field 'arrays[{i}].shape' of {name!r} is {shape}; "
+                                 f"its width must be {width}")
+        if n is not None and shape[0] != n:
+            raise IndexFileError(f"{path}: header field 'arrays[{i}].shape' of {name!r} has {shape[0]} rows, "
+                                 f"but 'codes' has {n}")
+        n = shape[0]
+        specs.append((name, np.dtype(dt), n, width))
+    return meta, specs
+
+
+def _rows_in_chunks(a: np.ndarray, nbytes: int = 1 << 26):
+    step = max(1, nbytes // max(1, a.itemsize * a.shape[1]))
+    for i in range(0, a.shape[0], step):
+        yield i, a[i : i + step]
+
+
+def _check_values(path: str, name: str, a: np.ndarray, positive: bool = False) -> None:
+    """Refuse NaN/inf (and, for scales, values <= 0) in a loaded float array, a block at a time."""
+    for i, block in _rows_in_chunks(a):
+        ok = np.isfinite(block) & (block > 0) if positive else np.isfinite(block)
+        if not ok.all():
+            row = i + int(np.flatnonzero(~ok.all(axis=1))[0])
+            what = "finite and > 0" if positive else "finite"
+            raise IndexFileError(f"{path}: array {name!r} row {row} is not {what} ({a[row][:8].tolist()}); "
+                                 "add() never stores such values, so the file was not written by save()")
+
+
 def _load(path, kind: str):
+    """Read a file written by ``_save`` for ``kind`` -> (meta, arrays). The header is checked field by field
+    against what ``kind`` writes, and the file size against the header, before anything is allocated."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -121,33 +266,45 @@ def _load(path, kind: str):
         version, hlen = struct.unpack("<II", fixed[8:])
         if version != _VERSION:
             raise IndexFileError(f"{path}: format version {version} is not supported (this jv5fast reads {_VERSION})")
+        if hlen > _MAX_HEADER_BYTES:
+            raise IndexFileError(f"{path}: header length {hlen} bytes is over the {_MAX_HEADER_BYTES}-byte "
+                                 "limit (a saved header is a few hundred bytes): file is corrupted")
+        if 16 + hlen + 4 > size:
+            raise IndexFileError(f"{path}: truncated inside the header ({size} bytes, header length {hlen})")
         hb = f.read(hlen)
         if len(hb) < hlen:
             raise IndexFileError(f"{path}: truncated inside the header")
         crc = zlib.crc32(hb, zlib.crc32(fixed))
-        try:
-            header = json.loads(hb)
-            specs = [(a["name"], np.dtype(a["dtype"]), tuple(int(s) for s in a["shape"])) for a in header["arrays"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise IndexFileError(f"{path}: corrupted header ({e})") from e
-        expected = 16 + hlen + sum(dt.itemsize * int(np.prod(sh)) for _, dt, sh in specs) + 4
+        meta, specs = _parse_header(path, hb, kind)
+        expected = 16 + hlen + sum(dt.itemsize * n * width for _, dt, n, width in specs) + 4
         if size != expected:
             what = "truncated" if size < expected else "has trailing bytes"
-            raise IndexFileError(f"{path}: {what}: expected {expected} bytes, found {size}")
+            raise IndexFileError(f"{path}: {what}: the header describes {expected} bytes, found {size}")
         arrays = {}
-        for name, dt, shape in specs:
-            a = np.empty(shape, dtype=dt)
+        for name, dt, n, width in specs:
+            a = np.empty((n, width), dtype=dt)
             flat = a.reshape(-1).view(np.uint8)
             for i in range(0, flat.size, 1 << 26):
-                f.readinto(flat[i : i + (1 << 26)].data)
-                crc = zlib.crc32(flat[i : i + (1 << 26)], crc)
+                chunk = flat[i : i + (1 << 26)]
+                if f.readinto(chunk.data) != chunk.size:
+                    raise IndexFileError(f"{path}: truncated inside array {name!r} (did the file change "
+                                         "while being read?)")
+                crc = zlib.crc32(chunk, crc)
             arrays[name] = a
         (stored,) = struct.unpack("<I", f.read(4))
     if stored != crc:
         raise IndexFileError(f"{path}: checksum mismatch (stored {stored:#010x}, computed {crc:#010x}): file is corrupted")
-    if header.get("kind") != kind:
-        raise IndexFileError(f"{path}: holds a {header.get('kind')}, not a {kind}")
-    return header, arrays
+    # Values save() never writes: a valid checksum over them means another writer, not a safe index.
+    if kind == "EmbeddingIndex":
+        if meta["store"] != "int8":
+            _check_values(path, "vectors", arrays["vectors"])
+        else:
+            _check_values(path, "scales", arrays["scales"], positive=True)
+        tail = (-meta["dim"]) % 8
+        if tail and arrays["codes"].size and (arrays["codes"][:, -1] & ((1 << tail) - 1)).any():
+            raise IndexFileError(f"{path}: array 'codes' has bits set past dim={meta['dim']} (always zero "
+                                 "in a saved index); they would skew every Hamming distance")
+    return meta, arrays
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,14 +320,16 @@ class HammingIndex:
     """
 
     def __init__(self, nbits: int, device="cpu"):
-        if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or nbits <= 0 or nbits % 8:
-            raise ValueError(f"nbits must be a positive multiple of 8 (codes are whole bytes), got {nbits!r}")
+        if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or not 0 < nbits <= _MAX_BITS \
+                or nbits % 8:
+            raise ValueError(f"nbits must be a positive multiple of 8 (codes are whole bytes) up to 2**24, "
+                             f"got {nbits!r}")
         self.nbits = int(nbits)
         self.code_size = self.nbits // 8
         self._rows = _Rows(self.code_size, np.uint8)
-        self._dev_words = None  # int32 (N, W) mirror of the codes on a CUDA device
-        dev = _torch_device(device)
-        self.device = None if dev.type == "cpu" else dev  # None: CPU search (C++ / numpy)
+        self.device = None  # None: CPU search (C++ / numpy); else the torch device of the search
+        self._dev_words = None  # _TorchRows: int32 (N, W) mirror of the codes on that device
+        self.to(device)
 
     # faiss-style attributes
     @property
@@ -197,33 +356,59 @@ class HammingIndex:
     def add(self, codes) -> None:
         """Append uint8 (ubinary) or int8 (binary) codes of shape (n, nbits/8); ids continue from len(self)."""
         codes = _hamming.as_codes(codes, self.code_size)
-        if self.ntotal + codes.shape[0] >= 2**31 and self.device is not None:
-            raise ValueError("a CUDA HammingIndex holds at most 2**31 - 1 codes")
-        self._rows.append(codes)
         if self.device is not None:
-            self._append_device(codes)
+            self._check_device_size(self.ntotal + codes.shape[0])
+            n_dev = self._dev_words.n
+            self._append_device(self._dev_words, codes)
+            try:
+                self._rows.append(codes)
+            except BaseException:
+                self._dev_words.truncate(n_dev)  # keep the mirror equal to the CPU rows
+                raise
+        else:
+            self._rows.append(codes)
 
     def reset(self) -> None:
         """Remove every code."""
         self._rows = _Rows(self.code_size, np.uint8)
-        self._dev_words = None
+        self._dev_words = None if self.device is None else self._new_device_rows(self.device)
 
     def to(self, device) -> "HammingIndex":
         """Move the search to ``device`` ('cpu' or 'cuda[:i]'); returns self."""
         dev = _torch_device(device)
-        self.device = None if dev.type == "cpu" else dev
-        self._dev_words = None
-        if self.device is not None:
-            self._append_device(self._rows.data)
+        return self._set_device(None if dev.type == "cpu" else dev)
+
+    def _set_device(self, dev) -> HammingIndex:
+        """None: CPU search; a torch device: the kernels' path with an exact-size mirror there (tests pass
+        a CPU device to run that path under TRITON_INTERPRET=1). The old mirror stays until the new one is
+        whole."""
+        words = None
+        if dev is not None:
+            self._check_device_size(self.ntotal)
+            words = self._new_device_rows(dev)
+            self._append_device(words, self._rows.data)
+        self.device, self._dev_words = dev, words
         return self
 
-    def _append_device(self, codes: np.ndarray):
+    @staticmethod
+    def _check_device_size(n: int) -> None:
+        if n >= 2**31:
+            raise ValueError(f"a CUDA HammingIndex holds at most 2**31 - 1 codes (ids are packed into 32 "
+                             f"bits), this would make {n}")
+
+    def _new_device_rows(self, device) -> _TorchRows:
+        import torch
+
+        return _TorchRows((self.code_size + 3) // 4, torch.int32, device)
+
+    @staticmethod
+    def _append_device(words: _TorchRows, codes: np.ndarray) -> None:
         import torch
 
         from .kernels.hamming import pack_words
 
-        words = pack_words(torch.from_numpy(np.ascontiguousarray(codes)).to(self.device, copy=True))
-        self._dev_words = words if self._dev_words is None else torch.cat([self._dev_words, words])
+        if codes.shape[0]:
+            words.append(pack_words(torch.from_numpy(np.ascontiguousarray(codes)).to(words.buf.device)))
 
     def search(self, queries, k: int, threads: int | None = None):
         """k nearest codes of each query -> (D int32 (Q, k), I int64 (Q, k)), ascending, ties by smaller id.
@@ -249,7 +434,7 @@ class HammingIndex:
             q = queries.to(self.device)
         else:
             q = torch.from_numpy(_hamming.as_codes(queries, self.code_size, "queries")).to(self.device, copy=True)
-        return hamming_topk_words(pack_words(q), self._dev_words, k)
+        return hamming_topk_words(pack_words(q), self._dev_words.data, k)
 
     def save(self, path) -> None:
         """Write the index to ``path`` (versioned header + CRC-32; written atomically)."""
@@ -258,12 +443,9 @@ class HammingIndex:
     @classmethod
     def load(cls, path, device="cpu") -> "HammingIndex":
         """Read an index written by ``save``; a truncated or corrupted file raises IndexFileError."""
-        header, arrays = _load(path, "HammingIndex")
-        index = cls(int(header["nbits"]))
-        codes = arrays.get("codes")
-        if codes is None or codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != index.code_size:
-            raise IndexFileError(f"{os.fspath(path)}: codes array missing or of the wrong shape")
-        index._rows.buf, index._rows.n = codes, codes.shape[0]
+        meta, arrays = _load(path, "HammingIndex")
+        index = cls(meta["nbits"])
+        index._rows.buf, index._rows.n = arrays["codes"], arrays["codes"].shape[0]
         return index.to(device) if str(device) != "cpu" else index
 
 
@@ -282,8 +464,8 @@ class EmbeddingIndex:
     """
 
     def __init__(self, dim: int, store: str = "float32", device="cpu"):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 < dim <= _MAX_BITS:
+            raise ValueError(f"dim must be a positive integer up to 2**24, got {dim!r}")
         if store not in _STORES:
             raise ValueError(f"store must be one of {_STORES}, got {store!r}")
         self.dim = int(dim)
@@ -311,6 +493,15 @@ class EmbeddingIndex:
             scale[scale == 0] = 1.0
             vecs = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
             self._scales.append(scale.astype(np.float32))
+        elif self.store == "float16":
+            with np.errstate(over="ignore"):
+                vecs = x.astype(np.float16)
+            finite = np.isfinite(vecs).all(axis=1)
+            if not finite.all():  # |x| >= 65520 would be stored as inf and score as inf or NaN
+                bad = np.flatnonzero(~finite)
+                rows = f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}"
+                raise ValueError(f"embeddings in row(s) {rows} exceed the float16 range (|x| < 65520) of "
+                                 "store='float16'; use store='float32'")
         else:
             vecs = x
         self.binary.add(codes)
@@ -322,7 +513,11 @@ class EmbeddingIndex:
         self._scales = _Rows(1, np.float32)
 
     def search(self, queries, k: int, rescore_multiplier: int = 4, threads: int | None = None):
-        """k best rows per query -> (scores float32 (Q, k) descending, ids int64 (Q, k))."""
+        """k best rows per query -> (scores float32 (Q, k) descending, ids int64 (Q, k)).
+
+        Rescoring gathers the shortlisted rows a block of queries at a time, so its working memory stays
+        near 64 MiB (``_RESCORE_BUDGET_BYTES``) whatever the number of queries.
+        """
         k = _hamming.check_k(k)
         if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, (int, np.integer)) \
                 or rescore_multiplier < 1:
@@ -335,17 +530,25 @@ class EmbeddingIndex:
         _, cand = self.binary.search(_hamming.pack_signs(q), shortlist, threads=threads)
         if not isinstance(cand, np.ndarray):  # CUDA index: torch tensors
             cand = cand.cpu().numpy()
-        vecs = self._vecs.data[cand]  # (Q, S, dim)
-        scores = np.matmul(vecs.astype(np.float32, copy=False), q[:, :, None])[..., 0]  # (Q, S)
-        if self.store == "int8":
-            scores *= self._scales.data[cand, 0]
-        # Descending score, ties by smaller id; lexsort's last key is the primary one.
-        order = np.lexsort((cand, -scores), axis=-1)[:, :k]
-        m = order.shape[1]
-        S = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
-        I = np.full((q.shape[0], k), -1, dtype=np.int64)
-        S[:, :m] = np.take_along_axis(scores, order, 1)
-        I[:, :m] = np.take_along_axis(cand, order, 1)
+        nq = q.shape[0]
+        S = np.full((nq, k), -np.inf, dtype=np.float32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        # Rescore a block of queries at a time: the gathered (rows, S, dim) float32 block stays near
+        # _RESCORE_BUDGET_BYTES whatever the number of queries. Each query's scores come from the same
+        # per-query matmul as an unchunked call, so the results do not depend on the block size.
+        rows = max(1, _RESCORE_BUDGET_BYTES // (shortlist * self.dim * 4))
+        for q0 in range(0, nq, rows):
+            c = cand[q0 : q0 + rows]
+            vecs = self._vecs.data[c].astype(np.float32, copy=False)  # (rows, S, dim)
+            scores = np.matmul(vecs, q[q0 : q0 + rows, :, None])[..., 0]  # (rows, S)
+            del vecs
+            if self.store == "int8":
+                scores *= self._scales.data[c, 0]
+            # Descending score, ties by smaller id; lexsort's last key is the primary one.
+            order = np.lexsort((c, -scores), axis=-1)[:, :k]
+            m = order.shape[1]
+            S[q0 : q0 + rows, :m] = np.take_along_axis(scores, order, 1)
+            I[q0 : q0 + rows, :m] = np.take_along_axis(c, order, 1)
         return S, I
 
     def save(self, path) -> None:
@@ -356,20 +559,13 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, path, device="cpu") -> "EmbeddingIndex":
-        header, arrays = _load(path, "EmbeddingIndex")
-        index = cls(int(header["dim"]), store=header["store"])
-        codes, vecs = arrays.get("codes"), arrays.get("vectors")
-        n = -1 if codes is None else codes.shape[0]
-        if vecs is None or vecs.shape != (n, index.dim) or vecs.dtype != index._vecs.buf.dtype \
-                or codes.shape[1] != index.binary.code_size:
-            raise IndexFileError(f"{os.fspath(path)}: codes/vectors arrays missing or inconsistent")
-        index.binary._rows.buf, index.binary._rows.n = codes, n
-        index._vecs.buf, index._vecs.n = vecs, n
+        meta, arrays = _load(path, "EmbeddingIndex")
+        index = cls(meta["dim"], store=meta["store"])
+        n = arrays["codes"].shape[0]
+        index.binary._rows.buf, index.binary._rows.n = arrays["codes"], n
+        index._vecs.buf, index._vecs.n = arrays["vectors"], n
         if index.store == "int8":
-            scales = arrays.get("scales")
-            if scales is None or scales.shape != (n, 1):
-                raise IndexFileError(f"{os.fspath(path)}: scales array missing or inconsistent")
-            index._scales.buf, index._scales.n = scales, n
+            index._scales.buf, index._scales.n = arrays["scales"], n
         if str(device) != "cpu":
             index.binary.to(device)
         return index

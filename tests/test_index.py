@@ -169,9 +169,13 @@ def test_kernel_dispatch(monkeypatch):
     with pytest.raises(ValueError, match="simd must be 'auto', 'avx512', 'avx2' or 'scalar'"):
         C.simd_kernel(128, "sse")
     monkeypatch.setenv("JV5FAST_NO_EXT", "0")
-    monkeypatch.setenv("JV5FAST_HAMMING_SIMD", "neon")  # the environment switch is checked the same way
-    with pytest.raises(ValueError, match="simd must be"):
+    monkeypatch.setenv("JV5FAST_HAMMING_SIMD", "neon")  # the environment switch names itself
+    with pytest.raises(ValueError, match=r"JV5FAST_HAMMING_SIMD='neon' is not valid; choose one of \['auto'"):
         _hamming.hamming_topk(np.zeros((1, 4), np.uint8), np.zeros((2, 4), np.uint8), 1)
+    for simd in {"avx512", "avx2"} - set(SIMD):
+        monkeypatch.setenv("JV5FAST_HAMMING_SIMD", simd)
+        with pytest.raises(ValueError, match=f"JV5FAST_HAMMING_SIMD='{simd}', but this CPU runs only"):
+            _hamming.hamming_topk(np.zeros((1, 4), np.uint8), np.zeros((2, 4), np.uint8), 1)
 
 
 def test_binary_int8_codes_equal_ubinary(backend):
@@ -439,3 +443,167 @@ def test_huge_k_and_empty_corpus(backend):
     np.testing.assert_array_equal(I[:, :3], ref_topk(corpus, corpus, 3)[1])
     D, I = _hamming.hamming_topk(corpus, corpus[:0], 4)
     assert (I == -1).all() and (D == INT32_MAX).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# EmbeddingIndex.search rescoring in query blocks (bounded memory, identical results)
+
+
+def _rescore_unchunked(index, queries, k, mult):
+    """The rescoring as one (Q, S, dim) block (the pre-chunking code path): the bit-exact reference."""
+    n = len(index)
+    shortlist = min(k * mult, n)
+    _, cand = ref_topk(np.packbits(queries > 0, -1), index.binary.codes, shortlist)
+    vecs = index._vecs.data[cand].astype(np.float32)  # (Q, S, dim)
+    scores = np.matmul(vecs, queries[:, :, None])[..., 0]
+    if index.store == "int8":
+        scores *= index._scales.data[cand, 0]
+    order = np.lexsort((cand, -scores), axis=-1)[:, :k]
+    S = np.full((len(queries), k), -np.inf, np.float32)
+    I = np.full((len(queries), k), -1, np.int64)
+    S[:, : order.shape[1]] = np.take_along_axis(scores, order, 1)
+    I[:, : order.shape[1]] = np.take_along_axis(cand, order, 1)
+    return S, I
+
+
+@pytest.mark.parametrize("store", ["float32", "float16", "int8"])
+def test_rescore_in_query_blocks_equals_one_block(store, monkeypatch):
+    from jv5fast import index as index_mod
+
+    rng = np.random.default_rng()
+    dim = 53  # odd: sign codes with tail bits
+    docs = rng.standard_normal((611, dim)).astype(np.float32)
+    docs[300:310] = docs[7]  # equal rows: equal scores, ties by smaller id
+    queries = np.concatenate([rng.standard_normal((36, dim)).astype(np.float32), docs[[7, 0]]])
+    index = EmbeddingIndex(dim, store=store)
+    index.add(docs)
+    for k, mult in ((10, 4), (7, 3), (200, 4)):  # the last: shortlist = the whole corpus
+        Sr, Ir = _rescore_unchunked(index, queries, k, mult)
+        block = min(k * mult, len(docs)) * dim * 4  # bytes of one query's gathered float32 rows
+        for budget in (1, block, 3 * block + 5, 7 * block, 10**9):  # blocks of 1, 1, 3, 7, all queries
+            monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", budget)
+            S, I = index.search(queries, k, rescore_multiplier=mult)
+            np.testing.assert_array_equal(I, Ir, err_msg=f"{store} k={k} budget={budget}")
+            np.testing.assert_array_equal(S, Sr, err_msg=f"{store} k={k} budget={budget}")
+        if k >= 11:  # the query equal to row 7 ranks its 11 equal rows first, in id order
+            assert I[-2, :11].tolist() == [7, *range(300, 310)]
+        full = queries.astype(np.float64) @ docs.astype(np.float64).T  # sanity: close to exact float64 scores
+        atol = {"float32": 1e-4, "float16": 0.05, "int8": 0.5}[store]  # int8: +-scale/2 per element, |x| ~ 3
+        np.testing.assert_allclose(S, np.take_along_axis(full, I, 1), rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("store", ["float32", "float16", "int8"])
+def test_rescore_memory_does_not_grow_with_queries(store, monkeypatch):
+    """tracemalloc sees numpy's buffers: the peak of a 2,000-query search is that of a 50-query one (both
+    already several blocks), far below the (Q, S, dim) float32 block the unchunked code made."""
+    import tracemalloc
+
+    from jv5fast import index as index_mod
+
+    rng = np.random.default_rng()
+    dim, k, mult = 1024, 10, 4
+    index = EmbeddingIndex(dim, store=store)
+    index.add(rng.standard_normal((3000, dim)).astype(np.float32))
+    budget = 4 << 20
+    monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", budget)
+    peaks = {}
+    for nq in (50, 2000):
+        queries = rng.standard_normal((nq, dim)).astype(np.float32)
+        tracemalloc.start()
+        index.search(queries, k, rescore_multiplier=mult)
+        peaks[nq] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    full_block = 2000 * k * mult * dim * 4  # 328 MB
+    # per-query arrays of the 2,000-query call (shortlist ids and distances, outputs) add ~1.2 MB
+    assert peaks[2000] < peaks[50] + (2 << 20), peaks
+    assert peaks[2000] < 3 * budget < full_block / 20, peaks
+
+
+# ----------------------------------------------------------------------------------------------
+# the device mirror of HammingIndex: a capacity buffer, not a concat per add()
+
+
+def test_torch_rows_grow_geometrically():
+    from jv5fast.index import _TorchRows
+
+    rng = np.random.default_rng()
+    rows = _TorchRows(3, torch.int32, "cpu")
+    parts = [torch.from_numpy(rng.integers(-2**31, 2**31, (int(s), 3), dtype=np.int32))
+             for s in rng.integers(0, 700, 400)]
+    parts[5] = parts[5][:0]  # an empty append
+    for p in parts:
+        rows.append(p)
+    expect = torch.cat(parts)
+    n = expect.shape[0]
+    assert torch.equal(rows.data, expect) and rows.n == n
+    assert rows.reallocs <= int(np.ceil(np.log2(n / 1024))) + 1, (rows.reallocs, n)
+    assert n <= rows.buf.shape[0] <= 2 * n  # at most 2x capacity
+    assert rows.data.data_ptr() == rows.buf.data_ptr() and rows.data.is_contiguous()  # a view, no copy
+    big = torch.ones((5 * rows.buf.shape[0], 3), dtype=torch.int32)  # one append larger than 2x capacity
+    rows.append(big)
+    assert torch.equal(rows.data, torch.cat([expect, big])) and rows.buf.shape[0] == n + big.shape[0]
+
+
+@pytest.mark.skipif(not __import__("jv5fast.kernels.hamming", fromlist=["HAS_TRITON"]).HAS_TRITON,
+                    reason="triton is not installed")
+def test_hamming_index_device_mirror_many_adds(tmp_path):
+    """The device branch of HammingIndex on a CPU torch device (Triton interpreted): many ragged add() calls
+    cost O(log n) reallocations of the mirror, it equals the packed codes, and search, reset, to() and
+    load() keep it consistent."""
+    from jv5fast.kernels.hamming import pack_words
+
+    rng = np.random.default_rng()
+    nb = 5  # 40-bit codes: rows padded to 2 words
+    corpus = _codes(rng, 0, nb)
+    index = HammingIndex(8 * nb)._set_device(torch.device("cpu"))
+    sizes = rng.integers(0, 40, 200)
+    for s in sizes:
+        part = _codes(rng, int(s), nb, levels=3)
+        index.add(part)
+        corpus = np.concatenate([corpus, part])
+    n = len(corpus)
+    assert index._dev_words.reallocs <= int(np.ceil(np.log2(n / 1024))) + 1
+    assert torch.equal(index._dev_words.data, pack_words(torch.from_numpy(corpus)))
+    queries = np.concatenate([_codes(rng, 3, nb, levels=3), corpus[[5]]])
+    D, I = index.search(queries, 7)
+    Dr, Ir = ref_topk(queries, corpus, 7)
+    np.testing.assert_array_equal(D.numpy(), Dr)
+    np.testing.assert_array_equal(I.numpy(), Ir)
+    index.save(tmp_path / "m.jv5")
+    loaded = HammingIndex.load(tmp_path / "m.jv5")._set_device(torch.device("cpu"))
+    assert loaded._dev_words.buf.shape[0] == n  # an exact-size mirror, grown on the next add()
+    np.testing.assert_array_equal(loaded.search(queries, 7)[1].numpy(), Ir)
+    index.to("cpu")  # back to the C++ / numpy search: no mirror
+    assert index.device is None and index._dev_words is None
+    np.testing.assert_array_equal(index.search(queries, 7)[1], Ir)
+    index._set_device(torch.device("cpu"))
+    index.reset()
+    assert index._dev_words.n == 0 and len(index) == 0
+    index.add(corpus[:2])
+    D, I = index.search(queries[:1], 3)
+    assert I.tolist()[0][2] == -1 and D.tolist()[0][2] == INT32_MAX
+    assert torch.equal(index._dev_words.data, pack_words(torch.from_numpy(corpus[:2])))
+
+
+def test_device_index_keeps_the_2_31_limit():
+    index = HammingIndex(8)
+    index._rows.n = 2**31  # pretend: the check must run before anything touches the rows
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 codes .* 2147483648"):
+        index._set_device(torch.device("cpu"))
+    assert index.device is None
+    index = HammingIndex(8)._set_device(torch.device("cpu"))
+    index._rows.n = 2**31 - 1
+    with pytest.raises(ValueError, match="at most 2"):
+        index.add(np.zeros((1, 1), np.uint8))
+
+
+def test_float16_store_refuses_values_it_cannot_hold():
+    index = EmbeddingIndex(4, store="float16")
+    x = np.ones((3, 4), np.float32)
+    x[2, 1] = 70000.0  # float16 holds |x| < 65520; this would be stored as inf
+    with pytest.raises(ValueError, match=r"row\(s\) \[2\] exceed the float16 range"):
+        index.add(x)
+    assert len(index) == 0
+    x[2, 1] = 65504.0
+    index.add(x)
+    assert np.isfinite(index._vecs.data).all()

@@ -1,0 +1,297 @@
+"""Index files that pass the checksum but not the header rules: every case is a file crafted with a valid
+CRC-32 (so only the header checks can catch it), must raise IndexFileError naming the file and the field,
+and must be refused before any array is allocated (zero-itemsize dtypes once made tens of GiB)."""
+import json
+import struct
+import time
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+
+from jv5fast.index import EmbeddingIndex, HammingIndex, IndexFileError
+
+MAGIC = b"JV5FIDX\x00"
+
+
+def craft(path, header, payload=b"", version=1, hlen=None):
+    """A file in the index format: magic, version, header length, the header (a dict -> JSON, or raw
+    bytes), the payload, and a valid CRC-32 of everything before it."""
+    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
+    head = MAGIC + struct.pack("<II", version, len(hb) if hlen is None else hlen) + hb
+    path.write_bytes(head + payload + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))))
+    return path
+
+
+def hamming_header(n=3, nbits=16, **over):
+    h = {"nbits": nbits, "kind": "HammingIndex",
+         "arrays": [{"name": "codes", "dtype": "|u1", "shape": [n, nbits // 8]}]}
+    h.update(over)
+    return h
+
+
+def embedding_header(n=3, dim=12, store="int8", **over):
+    arrays = [{"name": "codes", "dtype": "|u1", "shape": [n, (dim + 7) // 8]},
+              {"name": "vectors", "dtype": {"float32": "<f4", "float16": "<f2", "int8": "|i1"}[store],
+               "shape": [n, dim]}]
+    if store == "int8":
+        arrays.append({"name": "scales", "dtype": "<f4", "shape": [n, 1]})
+    h = {"dim": dim, "store": store, "kind": "EmbeddingIndex", "arrays": arrays}
+    h.update(over)
+    return h
+
+
+def embedding_payload(n=3, dim=12, store="int8", codes=None, vectors=None, scales=None):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    codes = np.packbits(x > 0, axis=-1) if codes is None else codes
+    if vectors is None:
+        vectors = x.astype(store) if store != "int8" else np.clip(np.rint(x * 40), -127, 127).astype(np.int8)
+    parts = [codes, vectors] + ([np.full((n, 1), 1 / 40, np.float32) if scales is None else scales]
+                                if store == "int8" else [])
+    return b"".join(np.ascontiguousarray(p).tobytes() for p in parts)
+
+
+def expect_refused(path, cls, match):
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(IndexFileError, match=match) as info:
+            cls.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value)  # every message names the file
+    assert time.perf_counter() - t0 < 2 and peak < 1 << 20, peak  # refused before allocating anything
+    return info.value
+
+
+def test_craft_reproduces_save(tmp_path):
+    """The helper writes exactly what save() writes, so the crafted cases below differ only where meant."""
+    rng = np.random.default_rng()
+    codes = rng.integers(0, 256, (3, 2), dtype=np.uint8)
+    index = HammingIndex(16)
+    index.add(codes)
+    index.save(tmp_path / "a.jv5")
+    crafted = craft(tmp_path / "b.jv5", hamming_header(), codes.tobytes())
+    assert crafted.read_bytes() == (tmp_path / "a.jv5").read_bytes()
+    for store in ("float32", "float16", "int8"):
+        craft(tmp_path / f"{store}.jv5", embedding_header(store=store), embedding_payload(store=store))
+        loaded = EmbeddingIndex.load(tmp_path / f"{store}.jv5")
+        assert loaded.store == store and len(loaded) == 3
+        assert loaded.search(np.ones(12, np.float32), 2)[1].shape == (1, 2)
+
+
+@pytest.mark.parametrize("dtype", ["|S0", "<U0", "|V0"])
+def test_zero_itemsize_dtype_refused_without_allocating(tmp_path, dtype):
+    """A 130-byte file whose zero-itemsize array 'fits' in 0 bytes: once a multi-GiB np.empty."""
+    header = hamming_header(n=20_000, nbits=8)
+    header["arrays"][0].update(dtype=dtype, shape=[20_000, 20_000])
+    expect_refused(craft(tmp_path / "s0.jv5", header), HammingIndex, r"'arrays\[0\]\.dtype' of 'codes'")
+    header = embedding_header(store="float32")
+    header["arrays"][1]["dtype"] = dtype
+    expect_refused(craft(tmp_path / "u0.jv5", header), EmbeddingIndex, r"'arrays\[1\]\.dtype' of 'vectors'")
+
+
+@pytest.mark.parametrize("case,dtype,match", [
+    ("int32 scales", "<i4", r"'arrays\[2\]\.dtype' of 'scales' is '<i4'; .* as '<f4'"),
+    ("float64 scales", "<f8", "of 'scales' is '<f8'"),
+    ("big-endian scales", ">f4", "of 'scales' is '>f4'"),
+    ("not a dtype", "banana", "of 'scales' is 'banana'"),
+    ("not a string", 7, "of 'scales' is 7"),
+])
+def test_scales_dtype_must_be_float32(tmp_path, case, dtype, match):
+    header = embedding_header()
+    header["arrays"][2]["dtype"] = dtype
+    expect_refused(craft(tmp_path / "x.jv5", header, embedding_payload()), EmbeddingIndex, match)
+
+
+@pytest.mark.parametrize("store,index,dtype", [
+    ("float32", 1, "<f2"), ("float32", 1, ">f4"), ("float16", 1, "<f4"), ("int8", 1, "|u1"),
+    ("int8", 0, "|i1"), ("float32", 0, "<u1"), ("float16", 0, "|b1"),
+])
+def test_array_dtype_must_match_store(tmp_path, store, index, dtype):
+    header = embedding_header(store=store)
+    header["arrays"][index]["dtype"] = dtype
+    name = ["codes", "vectors"][index]
+    expect_refused(craft(tmp_path / "x.jv5", header, embedding_payload(store=store)), EmbeddingIndex,
+                   rf"'arrays\[{index}\]\.dtype' of '{name}'")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda h: h["arrays"].pop(), r"'arrays' names \['codes', 'vectors'\]; .* store 'int8' holds exactly"),
+    # a duplicate name:
+    (lambda h: h["arrays"].append(dict(h["arrays"][2])), "'arrays' names .*'scales', 'scales'"),
+    (lambda h: h["arrays"].reverse(), "in that order"),
+    (lambda h: h["arrays"][1].update(name="vecs"), "'arrays' names"),
+    (lambda h: h["arrays"][1].update(name=None), "'arrays' names"),
+    (lambda h: h.update(store="float32"), r"holds exactly \['codes', 'vectors'\]"),  # scales iff int8
+    (lambda h: h["arrays"][0].pop("dtype"), r"'arrays\[0\]' must have exactly the keys"),
+    (lambda h: h["arrays"][0].update(offset=0), r"'arrays\[0\]' must have exactly the keys"),
+    (lambda h: h.update(arrays={"codes": 1}), "'arrays' must be a list of objects"),
+    (lambda h: h.update(arrays=["codes"]), "'arrays' must be a list of objects"),
+    (lambda h: h.update(arrays=None), "'arrays' must be a list"),
+])
+def test_array_names_exactly_those_of_the_kind(tmp_path, mutate, match):
+    header = embedding_header()
+    mutate(header)
+    expect_refused(craft(tmp_path / "x.jv5", header, embedding_payload()), EmbeddingIndex, match)
+
+
+@pytest.mark.parametrize("index,shape,match", [
+    (0, [3], "two integers"),
+    (0, [3, 2, 1], "two integers"),
+    (0, [], "two integers"),
+    (0, [-3, 2], "two integers"),
+    (0, [3, -2], "two integers"),
+    (0, [3.0, 2], "two integers"),
+    (0, [True, 2], "two integers"),
+    (0, ["3", 2], "two integers"),
+    (0, None, "two integers"),
+    (0, {"rows": 3}, "two integers"),
+    (0, [3, 3], "width must be 2"),
+    (1, [3, 11], "width must be 12"),
+    (2, [3, 2], "width must be 1"),
+    (1, [4, 12], "has 4 rows, but 'codes' has 3"),
+    (2, [2, 1], "has 2 rows, but 'codes' has 3"),
+])
+def test_array_shapes_consistent_with_header(tmp_path, index, shape, match):
+    header = embedding_header()
+    header["arrays"][index]["shape"] = shape
+    err = expect_refused(craft(tmp_path / "x.jv5", header, embedding_payload()), EmbeddingIndex, match)
+    assert f"arrays[{index}].shape" in str(err)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("nbits", 0, r"'nbits' must be an integer in 8\.\.16777216, got 0"),
+    ("nbits", -8, "'nbits' must be an integer"),
+    ("nbits", 12, "'nbits' must be a multiple of 8, got 12"),
+    ("nbits", 16.0, "'nbits' must be an integer .* got 16.0"),
+    ("nbits", True, "'nbits' must be an integer .* got True"),
+    ("nbits", "16", "'nbits' must be an integer .* got '16'"),
+    ("nbits", 2**40, "'nbits' must be an integer .* got 1099511627776"),
+    ("nbits", None, "'nbits' must be an integer"),
+    ("kind", "EmbeddingIndex", "holds a EmbeddingIndex, not a HammingIndex"),
+    ("kind", 5, "holds a 5, not a HammingIndex"),
+    ("kind", None, "holds a None"),
+    ("extra", 1, r"header fields .* unexpected \['extra'\]"),
+])
+def test_hamming_header_fields(tmp_path, field, value, match):
+    header = hamming_header()
+    header[field] = value
+    expect_refused(craft(tmp_path / "x.jv5", header, bytes(6)), HammingIndex, match)
+
+
+def test_hamming_header_missing_fields(tmp_path):
+    for field in ("nbits", "kind", "arrays"):
+        header = hamming_header()
+        del header[field]
+        match = "holds a None" if field == "kind" else rf"missing \['{field}'\]"
+        expect_refused(craft(tmp_path / "x.jv5", header, bytes(6)), HammingIndex, match)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dim", 0, "'dim' must be an integer in 1..16777216, got 0"),
+    ("dim", 12.5, "'dim' must be an integer"),
+    ("dim", False, "'dim' must be an integer .* got False"),
+    ("dim", 2**30, "'dim' must be an integer"),
+    ("store", "bfloat16", r"'store' must be one of \('float32', 'float16', 'int8'\), got 'bfloat16'"),
+    ("store", 8, "'store' must be one of .* got 8"),
+    ("store", ["int8"], "'store' must be one of"),
+])
+def test_embedding_header_fields(tmp_path, field, value, match):
+    header = embedding_header()
+    header[field] = value
+    expect_refused(craft(tmp_path / "x.jv5", header, embedding_payload()), EmbeddingIndex, match)
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b"[1, 2, 3]", "a JSON list, not an object"),
+    (b'"HammingIndex"', "a JSON str, not an object"),
+    (b"42", "a JSON int, not an object"),
+    (b"{\"nbits\": 16, ", "not a valid JSON object"),
+    (b"\xff\xfe{}", "not a valid JSON object"),  # not UTF-8
+    (b'{"nbits": NaN}', "NaN is not JSON"),
+    (b'{"nbits": Infinity}', "Infinity is not JSON"),
+    (b'{"nbits": 16, "nbits": 8, "kind": "HammingIndex", "arrays": []}', r"duplicate key\(s\) \['nbits'\]"),
+    (b"[" * 100_000 + b"]" * 100_000, "not a valid JSON object|not an object"),  # deep enough to recurse
+    (b"", "not a valid JSON object"),
+])
+def test_header_not_a_json_object(tmp_path, raw, match):
+    expect_refused(craft(tmp_path / "x.jv5", raw), HammingIndex, match)
+
+
+def test_header_length_bounded_before_reading(tmp_path):
+    path = craft(tmp_path / "x.jv5", hamming_header(), bytes(6), hlen=2**32 - 1)
+    expect_refused(path, HammingIndex, "header length 4294967295 bytes is over the 1048576-byte limit")
+    path = craft(tmp_path / "y.jv5", hamming_header(), bytes(6), hlen=5000)  # within the limit, past the end
+    expect_refused(path, HammingIndex, "truncated inside the header")
+
+
+def test_file_size_checked_against_header_before_allocating(tmp_path):
+    header = hamming_header(n=10**9)  # 2 GB of codes promised, 6 bytes present
+    expect_refused(craft(tmp_path / "x.jv5", header, bytes(6)), HammingIndex,
+                   "truncated: the header describes 2000000.* bytes, found")
+    expect_refused(craft(tmp_path / "y.jv5", hamming_header(n=2), bytes(6)), HammingIndex,
+                   "has trailing bytes")
+    header = embedding_header(n=10**6, dim=1000, store="float32")
+    expect_refused(craft(tmp_path / "z.jv5", header, embedding_payload(store="float32")), EmbeddingIndex,
+                   "truncated")
+
+
+@pytest.mark.parametrize("store,bad,match", [
+    ("float32", np.nan, "'vectors' row 1 is not finite"),
+    ("float32", -np.inf, "'vectors' row 1 is not finite"),
+    ("float16", np.inf, "'vectors' row 1 is not finite"),
+    ("int8", 0.0, "'scales' row 1 is not finite and > 0"),
+    ("int8", -0.5, "'scales' row 1 is not finite and > 0"),
+    ("int8", np.nan, "'scales' row 1 is not finite and > 0"),
+    ("int8", np.inf, "'scales' row 1 is not finite and > 0"),
+])
+def test_values_save_never_writes_are_refused(tmp_path, store, bad, match):
+    """An int32-scale-like silent failure by value: NaN/inf vectors or non-positive scales would make every
+    score of those rows NaN, inf or 0 without an error."""
+    rng = np.random.default_rng()
+    if store == "int8":
+        vectors, scales = rng.integers(-127, 128, (3, 12), dtype=np.int8), np.full((3, 1), 0.02, np.float32)
+        scales[1, 0] = bad
+    else:
+        vectors, scales = rng.standard_normal((3, 12)).astype(store), None
+        vectors[1, 5] = bad
+    payload = embedding_payload(store=store, vectors=vectors, scales=scales)
+    with pytest.raises(IndexFileError, match=match) as info:
+        EmbeddingIndex.load(craft(tmp_path / "x.jv5", embedding_header(store=store), payload))
+    assert str(tmp_path / "x.jv5") in str(info.value)
+
+
+def test_code_tail_bits_past_dim_are_refused(tmp_path):
+    """dim=12: the last code byte holds 4 bits; bits past dim are zero in every saved index."""
+    codes = np.zeros((3, 2), np.uint8)
+    codes[2, 1] = 0x01
+    payload = embedding_payload(codes=codes)
+    with pytest.raises(IndexFileError, match="'codes' has bits set past dim=12"):
+        EmbeddingIndex.load(craft(tmp_path / "x.jv5", embedding_header(), payload))
+    codes[2, 1] = 0xF0  # the 4 real bits may be anything
+    path = craft(tmp_path / "y.jv5", embedding_header(), embedding_payload(codes=codes))
+    assert len(EmbeddingIndex.load(path)) == 3
+
+
+def test_every_saved_index_loads(tmp_path):
+    """The strict loader accepts whatever save() writes: all stores, odd dims, empty indexes."""
+    rng = np.random.default_rng()
+    for store in ("float32", "float16", "int8"):
+        for dim, n in ((1, 5), (13, 0), (64, 33)):
+            index = EmbeddingIndex(dim, store=store)
+            if n:
+                index.add(rng.standard_normal((n, dim)).astype(np.float32))
+            index.save(tmp_path / "e.jv5")
+            loaded = EmbeddingIndex.load(tmp_path / "e.jv5")
+            assert (loaded.dim, loaded.store, len(loaded)) == (dim, store, n)
+            np.testing.assert_array_equal(loaded._vecs.data, index._vecs.data)
+            np.testing.assert_array_equal(loaded.binary.codes, index.binary.codes)
+    for nbits in (8, 40, 1024):
+        index = HammingIndex(nbits)
+        index.add(rng.integers(0, 256, (7, nbits // 8), dtype=np.uint8))
+        index.save(tmp_path / "h.jv5")
+        np.testing.assert_array_equal(HammingIndex.load(tmp_path / "h.jv5").codes, index.codes)
