@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # heavier modules load on first use
-    if name in ("HammingIndex", "EmbeddingIndex"):
+    if name in ("HammingIndex", "EmbeddingIndex", "IndexFileError"):
         from . import index
         return getattr(index, name)
     if name == "export_onnx":
@@ -21,4 +21,5 @@ def __getattr__(name):  # heavier modules load on first use
     raise AttributeError(f"module 'jv5fast' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "quantize", "PRECISIONS", "HammingIndex", "EmbeddingIndex", "export_onnx", "__version__"]
+__all__ = ["Engine", "quantize", "PRECISIONS", "HammingIndex", "EmbeddingIndex", "IndexFileError", "export_onnx",
+           "__version__"]
