@@ -140,7 +140,7 @@ def _pairs(n=12):
     return [{"query": " ".join(rng.choice(w, 3)), "document": " ".join(rng.choice(w, 6))} for _ in range(n)]
 
 
-def test_train_errors_and_resume(ckpt_factory, files, tmp_path):
+def test_train_errors_and_resume(ckpt_factory, files, tmp_path, capsys):
     student = str(tmp_path / "student")
     shutil.copytree(ckpt_factory("nano", seed=61, tasks=()), student)
     data = tmp_path / "pairs.jsonl"
@@ -180,16 +180,23 @@ def test_train_errors_and_resume(ckpt_factory, files, tmp_path):
     check(r[7], 2, "needs CUDA")
     assert not out.exists()  # nothing was started
 
-    # --learn-temperature parses false (it used to crash for every value), then resumes are spoken aloud
-    check(run(*base, "--output", out, "--steps", "2", "--learn-temperature", "false"), 0, "trained retrieval")
-    check(run(*base, "--output", out, "--steps", "2", "--learn-temperature", "false"), 0,
+    # --learn-temperature parses false (it used to crash for every value), then resumes are spoken aloud.
+    # In-process (the same main() the entry point calls): these runs train, and a process each costs more.
+    from jv5fast.cli import main
+
+    def inproc(*args):
+        rc = main([str(x) for x in args])
+        return rc, "", capsys.readouterr().err
+
+    check(inproc(*base, "--output", out, "--steps", "2", "--learn-temperature", "false"), 0, "trained retrieval")
+    check(inproc(*base, "--output", out, "--steps", "2", "--learn-temperature", "false"), 0,
           "nothing to train", "already reached step 2 of 2", "--no-resume")
-    check(run(*base, "--output", out, "--steps", "3", "--learn-temperature", "false", "--lr", "0.001"), 2,
+    check(inproc(*base, "--output", out, "--steps", "3", "--learn-temperature", "false", "--lr", "0.001"), 2,
           "lr: 0.0001 -> 0.001", "--no-resume")
-    check(run(*base, "--output", out, "--steps", "3", "--learn-temperature", "false"), 0,
+    check(inproc(*base, "--output", out, "--steps", "3", "--learn-temperature", "false"), 0,
           "resuming from step 2 of 3", "trained retrieval")
-    check(run(*base, "--output", out, "--steps", "1", "--lr", "0.001", "--no-resume"), 0, "trained retrieval")
-    assert "resuming" not in run(*base, "--output", out, "--steps", "1", "--resume", "no")[2]
-    # a teacher whose dimension differs from the projection stage 1 / the first run saved
+    check(inproc(*base, "--output", out, "--steps", "1", "--lr", "0.001", "--no-resume"), 0, "trained retrieval")
+    assert "resuming" not in inproc(*base, "--output", out, "--steps", "1", "--resume", "no")[2]
+    # a teacher whose dimension differs from the projection the first run saved, through the real entry point
     check(run(*base[:-1], teacher16, "--output", tmp_path / "out2", "--student", out, "--steps", "1"), 2,
           "projection.safetensors maps 64 student dims to 24 teacher dims, but this teacher gives 16")
