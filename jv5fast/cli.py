@@ -356,8 +356,8 @@ def main(argv=None):
         if os.environ.get("JV5FAST_DEBUG"):
             raise
         if err.name in ("onnx", "onnxruntime"):
-            return _fail(a.cmd, f"this needs the ONNX extra ({err.name} is not installed): "
-                                'pip install "jv5fast[onnx]"', 2)
+            return _fail(a.cmd, f"{err.name} is not installed; export-onnx and --backend onnx need the onnx "
+                                'extra: pip install "jv5fast[onnx]"', 2)
         return _fail(a.cmd, f"{err.name} is not installed ({err})", 1)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as err:
@@ -441,10 +441,15 @@ def _train(a):
 
 
 def _export(a):
+    import warnings
+
     from .onnx_export import export_onnx
     _check_model(a.model, "--model")
-    meta = export_onnx(a.model, a.out, task=a.task, dtype=a.dtype, opset=a.opset, truncate_dim=a.truncate_dim,
-                       quantize=a.quantize, external_data=True if a.external_data else None, overwrite=a.overwrite)
+    with warnings.catch_warnings():  # the int8 quality report is printed once, below
+        warnings.filterwarnings("ignore", message="int8 ONNX model quality")
+        meta = export_onnx(a.model, a.out, task=a.task, dtype=a.dtype, opset=a.opset, truncate_dim=a.truncate_dim,
+                           quantize=a.quantize, external_data=True if a.external_data else None,
+                           overwrite=a.overwrite)
     print(f"exported {meta['model_type']} task={meta['task']} dtype={meta['dtype']} -> {a.out}", file=sys.stderr)
     if "int8" in meta:
         q = meta["int8"]

@@ -116,6 +116,7 @@ class Engine:
         self._active = _UNMERGED
         self._adapters, self._base = {}, {}
         self._onnx_task = self._merged_task = None
+        self._export_dim = None
         self._graphs = None
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine is on {self.device}")
@@ -129,6 +130,11 @@ class Engine:
             self.model = OnnxBackbone(folder, onnx_file_for(folder, onnx_quantize), str(self.device))
             # one task is merged into the graph; it is the only valid task
             self._onnx_task = meta.get("task")
+            self._export_dim = meta.get("truncate_dim")
+            if self._export_dim is not None and (isinstance(self._export_dim, bool) or not isinstance(
+                    self._export_dim, int) or not 1 <= self._export_dim <= args.hidden_size):
+                raise ValueError(f"{folder}/jv5fast_onnx.json: truncate_dim {self._export_dim!r} is not an int in "
+                                 f"1..{args.hidden_size}")
             self.task = self._onnx_task if task is None else self._check_task(task)
             self._active = self.task
             return
@@ -166,7 +172,9 @@ class Engine:
     # ---- properties ----------------------------------------------------------------------------
     @property
     def dim(self) -> int:
-        return self.args.hidden_size
+        """The width ``embed`` returns by default: the model's hidden size, or the dimension an ONNX export
+        was made for (``export_onnx(truncate_dim=...)``), which is then also the largest one served."""
+        return self._export_dim or self.args.hidden_size
 
     @property
     def tasks(self) -> tuple:
@@ -392,6 +400,9 @@ class Engine:
         if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
             raise TypeError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
         if not 1 <= truncate_dim <= self.dim:
+            if self._export_dim:
+                raise ValueError(f"truncate_dim={truncate_dim} is out of range 1..{self.dim}: this ONNX export "
+                                 f"was made for truncate_dim={self._export_dim}; export again for a larger one")
             dims = [d for d in (32, 64, 128, 256, 512, 768, 1024) if d <= self.dim]
             raise ValueError(f"truncate_dim={truncate_dim} is out of range 1..{self.dim}; the Matryoshka "
                              f"dims are {dims}")

@@ -29,7 +29,8 @@ class OnnxSession:
     """An onnxruntime session over one exported graph (CUDA provider first when available)."""
 
     def __init__(self, model_path: str, device: str = "cpu"):
-        import onnxruntime as ort
+        from .onnx_export import require_onnx
+        ort = require_onnx("onnxruntime")
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"missing file: {model_path}")
         providers = ["CPUExecutionProvider"]

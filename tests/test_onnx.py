@@ -1,6 +1,8 @@
-"""ONNX export and the onnxruntime backend against the torch engine (fp32, cosine >= 0.99999 per vector)."""
+"""ONNX export and the onnxruntime backend against the torch engine (fp32, cosine >= 0.99999 per vector);
+overwrite=True replaces only a previous export, atomically."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +19,11 @@ def _texts(n, seed=0):
     rng = np.random.default_rng(seed)
     words = "light vacuum travel Zeit café 東京 nuit metres réseau быстро the of and".split()
     return [" ".join(rng.choice(words, size=int(k))) for k in rng.integers(0, 30, n)]
+
+
+def _meta(folder):
+    with open(os.path.join(folder, "jv5fast_onnx.json")) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +43,20 @@ def test_onnx_engine_matches_torch_engine(family, exported):
     ck, folder = exported[family]
     ref = jv5fast.Engine(ck, task="text-matching", max_length=48)
     eng = jv5fast.Engine.from_onnx(folder, max_length=48)
-    assert eng.tasks == ("text-matching",) and eng.dim == ref.dim
+    # an export made for truncate_dim=32 serves 32 dims by default, and no more
+    assert eng.tasks == ("text-matching",) and eng.dim == 32 and ref.dim == 64
     long_text = "a long text that certainly exceeds forty eight tokens " * 8
     texts = _texts(17, seed=1) + ["", long_text]
     for batch in (texts[:1], texts[:17], texts):  # batch 1, batch 17, length 1 (empty + prompt) and max length
-        a, b = ref.embed(batch), eng.embed(batch)
-        assert (a * b).sum(1).min() >= COS
+        a, b = ref.embed(batch, truncate_dim=32), eng.embed(batch)
+        assert a.shape == b.shape == (len(batch), 32) and (a * b).sum(1).min() >= COS
     assert len(eng.tokenize(long_text)) == 48
-    np.testing.assert_array_equal(eng.embed(texts, precision="ubinary", truncate_dim=64),
-                                  ref.embed(texts, precision="ubinary", truncate_dim=64))
-    assert (eng.encode_query(texts) * ref.encode_query(texts)).sum(1).min() >= COS
+    np.testing.assert_array_equal(eng.embed(texts, precision="ubinary", truncate_dim=24),
+                                  ref.embed(texts, precision="ubinary", truncate_dim=24))
+    with pytest.raises(ValueError, match=r"truncate_dim=64 is out of range 1\.\.32: this ONNX export was made for "
+                                         r"truncate_dim=32"):
+        eng.embed(texts, truncate_dim=64)
+    assert (eng.encode_query(texts) * ref.encode_query(texts, truncate_dim=32)).sum(1).min() >= COS
     with pytest.raises(ValueError, match="this ONNX export holds only"):
         eng.embed("x", task="retrieval")
 
@@ -82,7 +93,7 @@ def test_every_task_and_metadata(ckpt_factory, tmp_path):
         assert (a * b).sum(1).min() >= COS, task
     proto = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False)
     props = {p.key: json.loads(p.value) for p in proto.metadata_props}
-    on_disk = json.load(open(os.path.join(folder, "jv5fast_onnx.json")))
+    on_disk = _meta(folder)
     assert props["task"] == on_disk["task"] == meta["task"] == "classification"
     assert props["model_type"] == "eurobert" and props["dim"] == 64 and props["max_length"] == 8192
     assert props["prompts"] == {"query": "Query: ", "document": "Document: "}
@@ -104,7 +115,7 @@ def test_external_data_and_fp16(ckpt_factory, tmp_path):
     f16 = str(tmp_path / "f16")
     jv5fast.export_onnx(ck, f16, dtype="float16")
     eng16 = jv5fast.Engine.from_onnx(f16)
-    assert eng16.dtype.is_floating_point and json.load(open(os.path.join(f16, "jv5fast_onnx.json")))["dtype"] == "float16"
+    assert eng16.dtype.is_floating_point and _meta(f16)["dtype"] == "float16"
     assert (eng16.embed(texts) * ref).sum(1).min() >= 0.999
 
 
@@ -119,6 +130,10 @@ def test_int8_is_reported_never_silent(ckpt_factory, tmp_path):
     e8 = jv5fast.Engine.from_onnx(folder, quantize="int8").embed(texts)
     e32 = jv5fast.Engine.from_onnx(folder).embed(texts)
     assert np.isfinite(e8).all() and (e8 * e32).sum(1).min() > 0.9
+    # the attention Loops survive quantization (their bodies stay float: only weight MatMuls are quantized)
+    q8 = onnx.load(os.path.join(folder, "model_int8.onnx"))
+    assert sum(n.op_type == "Loop" for n in q8.graph.node) == 2
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in q8.graph.node)
 
 
 def test_bad_input(ckpt_factory, tmp_path, monkeypatch):
@@ -131,6 +146,8 @@ def test_bad_input(ckpt_factory, tmp_path, monkeypatch):
         jv5fast.export_onnx(ck, str(exists))
     with pytest.raises(ValueError, match="dtype 'int8' is not supported for export"):
         jv5fast.export_onnx(ck, str(tmp_path / "b"), dtype="int8")
+    with pytest.raises(ValueError, match=r"opset must be an int >= 14 or None \(17\), got '17'"):
+        jv5fast.export_onnx(ck, str(tmp_path / "b"), opset="17")
     import torch
 
     def boom(*a, **k):
@@ -152,8 +169,162 @@ def test_cli_export_and_embed(ckpt_factory, tmp_path, capsys):
     out = str(tmp_path / "cli")
     assert main(["export-onnx", "--model", ck, "--out", out, "--task", "clustering"]) == 0
     assert main(["export-onnx", "--model", ck, "--out", out]) == 2
-    assert "pass overwrite=True" in capsys.readouterr().err
+    assert "pass --overwrite" in capsys.readouterr().err
+    # --overwrite never wipes a folder that is not a previous export
+    assert main(["export-onnx", "--model", ck, "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err and os.path.exists(ck)
     npy = str(tmp_path / "e.npy")
     assert main(["embed", "--model", out, "--backend", "onnx", "hello", "world", "--output", npy]) == 0
     want = jv5fast.Engine(ck, task="clustering").embed(["hello", "world"])
     assert (np.load(npy) * want).sum(1).min() >= COS
+
+
+def test_export_truncate_dim_is_served_and_int8_reported_once(ckpt_factory, tmp_path, capfd):
+    """An export made for a dimension serves that dimension by default (a larger one is an error), and the
+    CLI's int8 export prints its quality once, without onnxruntime's advice."""
+    import warnings
+
+    from jv5fast.cli import main
+    ck = ckpt_factory("nano", seed=51, tasks=("retrieval", "clustering"))
+    out = str(tmp_path / "d32")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["export-onnx", "--model", ck, "--out", out, "--truncate-dim", "32", "--quantize", "int8"]) == 0
+    err = capfd.readouterr().err
+    assert err.count("int8: mean cosine to float") == 1 and "quality vs float" not in err
+    assert "pre-processing" not in err and not [w for w in seen if "int8" in str(w.message)]
+    npy = str(tmp_path / "e.npy")
+    for quant in ([], ["--quantize", "int8"]):
+        assert main(["embed", "--model", out, "--backend", "onnx", *quant, "hello", "world", "--output", npy]) == 0
+        got = np.load(npy)
+        want = jv5fast.Engine(ck).embed(["hello", "world"], truncate_dim=32)
+        assert got.shape == (2, 32) and (got * want).sum(1).min() >= (COS if not quant else 0.9)
+    capfd.readouterr()
+    assert main(["embed", "--model", out, "--backend", "onnx", "--truncate-dim", "48", "x", "--output", npy]) == 2
+    assert "--truncate-dim 48 is out of range 1..32: this ONNX export was made for --truncate-dim 32" in \
+        capfd.readouterr().err
+    eng = jv5fast.Engine.from_onnx(out)
+    assert eng.dim == 32 and eng.embed("x", truncate_dim=16).shape == (16,)
+
+
+def test_onnx_export_never_swaps_the_task(ckpt_factory, tmp_path):
+    """An explicit task the export (or its merged source) cannot serve is an error; None takes what it holds."""
+    ck = ckpt_factory("nano", seed=55, tasks=("retrieval", "classification"))
+    folder = str(tmp_path / "cls")
+    jv5fast.export_onnx(ck, folder, task="classification")
+    with pytest.raises(ValueError, match=r"task 'retrieval' requested, but this ONNX export holds only the "
+                                         r"'classification' adapter"):
+        jv5fast.Engine(folder, backend="onnx", task="retrieval")
+    eng = jv5fast.Engine(folder, backend="onnx")
+    assert eng.task == "classification" and jv5fast.Engine(folder, backend="onnx", task="classification").tasks == \
+        ("classification",)
+    with pytest.raises(ValueError, match="task 'retrieval' requested"):
+        eng.embed("x", task="retrieval")
+    import torch
+    merged = ckpt_factory("nano", seed=55, merged_task="classification", dtype=torch.float32)
+    meta = jv5fast.export_onnx(merged, str(tmp_path / "merged"))  # task=None: the merged weights as they are
+    assert meta["task"] is None
+    with pytest.raises(ValueError, match="task 'retrieval' requested"):
+        jv5fast.export_onnx(merged, str(tmp_path / "merged2"), task="retrieval")
+    ref = jv5fast.Engine(ck, task="classification").embed(["a b c"])
+    assert (jv5fast.Engine.from_onnx(str(tmp_path / "merged")).embed(["a b c"]) * ref).sum() >= COS
+
+
+def test_missing_onnx_extra_says_how_to_install(ckpt_factory, tmp_path, monkeypatch):
+    import sys
+    ck = ckpt_factory("nano", seed=49, tasks=("retrieval",))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "jv5fast\[onnx\]"'):
+        jv5fast.export_onnx(ck, str(tmp_path / "x"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    from jv5fast.onnx_runtime import OnnxSession
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "jv5fast\[onnx\]"'):
+        OnnxSession(str(tmp_path / "model.onnx"))
+
+
+# ---- overwrite=True replaces only a previous export, atomically -------------------------------------
+def _snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def test_overwrite_refuses_anything_but_a_previous_export(ckpt_factory, tmp_path, monkeypatch):
+    ck = ckpt_factory("nano", seed=53, tasks=("retrieval",))
+    user = tmp_path / "models"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    (user / "sub" / "weights.bin").write_bytes(b"\x00" * 10)
+    afile = tmp_path / "file.onnx"
+    afile.write_text("not a folder")
+    bad_meta = tmp_path / "bad_meta"
+    bad_meta.mkdir()
+    (bad_meta / "jv5fast_onnx.json").write_text('{"format": "something-else"}')
+    (bad_meta / "model.onnx").write_text("x")
+    before = _snapshot(tmp_path)
+    cases = [(user, "it is not a jv5fast ONNX export"), (afile, "it is not a folder"),
+             (bad_meta, "its jv5fast_onnx.json is not jv5fast ONNX metadata")]
+    for path, why in cases:
+        msg = f"refusing to overwrite {re.escape(str(path))}: {why}.*nothing was deleted"
+        with pytest.raises(FileExistsError, match=msg):
+            jv5fast.export_onnx(ck, str(path), overwrite=True)
+    export = tmp_path / "export"
+    jv5fast.export_onnx(ck, str(export))
+    (export / "my_notes.md").write_text("keep me")   # a user's file inside a previous export
+    with pytest.raises(FileExistsError, match=r"an export does not write.*\['my_notes.md'\]"):
+        jv5fast.export_onnx(ck, str(export), overwrite=True)
+    (export / "my_notes.md").unlink()
+    monkeypatch.chdir(export)
+    with pytest.raises(FileExistsError, match="current working directory"):
+        jv5fast.export_onnx(ck, ".", overwrite=True)
+    with pytest.raises(FileExistsError, match="current working directory"):
+        jv5fast.export_onnx(ck, str(tmp_path), overwrite=True)
+    after = _snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before  # nothing deleted or changed
+    assert sorted(os.listdir(tmp_path)) == ["bad_meta", "export", "file.onnx", "models"]
+
+
+def test_overwrite_replaces_a_previous_export(ckpt_factory, tmp_path):
+    ck = ckpt_factory("nano", seed=53, tasks=("retrieval", "clustering"))
+    out = tmp_path / "export"
+    with pytest.warns(UserWarning, match="int8 ONNX model quality"):
+        jv5fast.export_onnx(ck, str(out), task="retrieval", quantize="int8")
+    assert os.path.exists(out / "model_int8.onnx")
+    meta = jv5fast.export_onnx(ck, str(out), task="clustering", overwrite=True)
+    assert meta["task"] == _meta(str(out))["task"] == "clustering"
+    assert not os.path.exists(out / "model_int8.onnx")  # the old folder is gone, not merged into
+    assert os.listdir(tmp_path) == ["export"]  # no temporary sibling left
+    texts = _texts(4, seed=6)
+    want = jv5fast.Engine(ck, task="clustering").embed(texts)
+    assert (jv5fast.Engine.from_onnx(str(out)).embed(texts) * want).sum(1).min() >= COS
+
+
+@pytest.mark.parametrize("stage", ["export", "swap"])
+def test_failed_overwrite_keeps_previous_export(stage, ckpt_factory, tmp_path, monkeypatch):
+    ck = ckpt_factory("nano", seed=53, tasks=("retrieval", "clustering"))
+    out = str(tmp_path / "export")
+    jv5fast.export_onnx(ck, out, task="retrieval")
+    before = _snapshot(out)
+    from jv5fast import onnx_export
+    if stage == "export":  # fails after the graph is written, before the swap
+        def boom(*a, **k):
+            raise RuntimeError("simulated failure while copying files")
+        monkeypatch.setattr(onnx_export.shutil, "copy", boom)
+    else:  # the previous export was set aside; moving the new one in fails
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if dst == out and ".jv5fast-export-" in src and not src.endswith(".old"):
+                raise OSError("simulated rename failure")
+            return real_replace(src, dst)
+        monkeypatch.setattr(onnx_export.os, "replace", replace)
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        jv5fast.export_onnx(ck, out, task="clustering", overwrite=True)
+    monkeypatch.undo()
+    assert _snapshot(out) == before and _meta(out)["task"] == "retrieval"
+    assert os.listdir(tmp_path) == ["export"]  # no temporary or set-aside folder left
