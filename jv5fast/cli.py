@@ -61,12 +61,21 @@ def _read_lines(path: str, flag: str):
         except OSError as e:
             raise CLIError(f"cannot read {flag} {path}: {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first text
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise CLIError(f"{path} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
                        f"save the file as UTF-8") from None
     return path, split_lines(text)
+
+
+def _json_line(name: str, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{name} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise CLIError(f"{name} line {n}: JSON nested too deeply") from None
 
 
 def _read_texts(path: str) -> list:
@@ -78,10 +87,7 @@ def _read_texts(path: str) -> list:
         if not line.strip():
             texts.append("")  # as in a .txt file: the row stays aligned with the line
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"{name} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        obj = _json_line(name, n, line)
         if isinstance(obj, dict):
             if "text" not in obj:
                 raise CLIError(f"{name} line {n}: object without a 'text' field (keys: {sorted(obj)})")
@@ -100,10 +106,7 @@ def _read_examples(path: str, stage: str) -> list:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"{name} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        ex = _json_line(name, n, line)
         err = example_error(ex, stage)
         if err:
             raise CLIError(f"{name} line {n}: {err}")
@@ -137,26 +140,30 @@ def _check_output_file(path: str, flag: str, endings):
 
 
 def _check_device(device):
-    if device is None:
-        return
-    import torch
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {device!r} is not a device; choose cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device} needs CUDA, which this machine (torch {torch.__version__}) does not "
-                       f"have; use --device cpu")
+    if device is not None:
+        from .devices import check_device
+        try:
+            check_device(device, "--device")
+        except ValueError as e:
+            raise CLIError(str(e).replace("'cpu'", "cpu")) from None
 
 
 def _write(out: str, emb):
+    """Write to a temporary sibling, then rename: a failure part-way never destroys an existing file."""
     import numpy as np
-    if out.endswith(".npy"):
-        np.save(out, emb)
-    else:
-        with open(out, "w", encoding="utf-8") as f:
-            for i, row in enumerate(emb):
-                f.write(json.dumps({"index": i, "embedding": row.tolist()}) + "\n")
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if out.endswith(".npy"):
+                np.save(f, emb)
+            else:
+                for i, row in enumerate(emb):
+                    f.write((json.dumps({"index": i, "embedding": row.tolist()}) + "\n").encode("utf-8"))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ---- library messages in CLI words ---------------------------------------------------------------------
@@ -169,9 +176,9 @@ _PHRASES = [
     (r"quantize='int8'", "--quantize int8"), (r"onnx_quantize", "--quantize"), (r"backend='onnx'", "--backend onnx"),
     (r"dtype='(\w+)'", r"--dtype \1"), (r"device='(\w+)'", r"--device \1"),
 ]
-_FLAG_WORDS = re.compile(r"\b(max_length|max_batch_tokens|truncate_dim|prompt_name|teacher_embeddings|"
+_FLAG_WORDS = re.compile(r"(?<![\w/'\".-])(max_length|max_batch_tokens|truncate_dim|prompt_name|teacher_embeddings|"
                          r"learn_temperature|matryoshka_dims|batch_size|grad_accum|lora_r|lora_alpha|"
-                         r"lora_targets|average_from_step|save_every|external_data|cosent_tau|n_negatives)\b=?")
+                         r"lora_targets|average_from_step|save_every|external_data|cosent_tau|n_negatives)\b(?![/'\"])=?")
 
 
 def cli_words(msg: str) -> str:
@@ -188,7 +195,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Show each flag's default, but not the uninformative ``(default: None)`` / ``False``."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -200,6 +207,18 @@ def parse_bool(v: str) -> bool:
     if s in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"{v!r} is not a boolean; use true/false, yes/no or 1/0")
+
+
+def str_list(v: str) -> tuple:
+    return tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def int_list(v: str) -> tuple:
+    try:
+        return tuple(int(x) for x in str_list(v))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a comma-separated list of integers (e.g. 32,64,128)") \
+            from None
 
 
 def _version() -> str:
@@ -315,9 +334,7 @@ def _add_train_parser(sub):
         if isinstance(default, bool) or f.name == "learn_temperature":
             t.add_argument(flag, type=parse_bool, metavar="BOOL", **kw)
         elif isinstance(default, tuple):
-            cast = int if f.name == "matryoshka_dims" else str
-            t.add_argument(flag, type=lambda v, c=cast: tuple(c(x) for x in v.split(",") if x), metavar="A,B,...",
-                           **kw)
+            t.add_argument(flag, type=int_list if f.name == "matryoshka_dims" else str_list, metavar="A,B,...", **kw)
         elif isinstance(default, (int, float)):
             t.add_argument(flag, type=type(default), **kw)
         elif f.name == "rope_theta":
@@ -430,11 +447,13 @@ def _train(a):
     cfg = TrainConfig(**{k: getattr(a, k) for k in fields if getattr(a, k) is not None or k == "rope_theta"})
     trainer = Trainer(cfg, examples, teacher=teacher, teacher_embeddings=embeddings)
     if trainer.resumed_from is not None:
-        if trainer.resumed_from >= cfg.steps:
+        if trainer.resumed_from >= cfg.steps:  # train() still writes the result, in case it never was
             print(f"nothing to train: {trainer.state_path} already reached step {trainer.resumed_from} of "
-                  f"{cfg.steps} (raise --steps to continue, or --no-resume to train again)", file=sys.stderr)
-            return 0
-        print(f"resuming from step {trainer.resumed_from} of {cfg.steps} ({trainer.state_path})", file=sys.stderr)
+                  f"{cfg.steps}; writing its result again (raise --steps to continue, or --no-resume to train "
+                  f"again)", file=sys.stderr)
+        else:
+            print(f"resuming from step {trainer.resumed_from} of {cfg.steps} ({trainer.state_path})",
+                  file=sys.stderr)
     trainer.train()
     print(f"trained {cfg.stage} ({cfg.steps} steps) -> {cfg.output}", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@ import torch
 from . import ops
 from .batching import PackedBatch, plan_batches
 from .config import TASKS, load_model_args
+from .devices import check_device
 from .loading import load_adapters, load_prompts, load_weights, resolve_checkpoint
 from .models.backbone import FUSED, Backbone
 from .postprocess import check_precision, quantize
@@ -37,7 +38,12 @@ _MERGED_NAME = re.compile(r"^jina-embeddings-v5-text-(?:small|nano)-(" + "|".joi
 def merged_task_from_name(name_or_path: str):
     """The task of a per-task merged repo by its released name (``jinaai/jina-embeddings-v5-text-small-
     retrieval`` or a folder of that name), else None: those repos' files do not record it."""
-    m = _MERGED_NAME.match(os.path.basename(os.path.normpath(name_or_path)))
+    path = os.path.normpath(name_or_path)
+    name = os.path.basename(path)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "snapshots":  # the hub cache: models--org--name/snapshots/<commit>
+        name = os.path.basename(os.path.dirname(parent)).rsplit("--", 1)[-1]
+    m = _MERGED_NAME.match(name)
     return m.group(1).lower() if m else None
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -85,16 +91,8 @@ class Engine:
             folder, meta = resolve_checkpoint(str(model_name_or_path)), None
         self.path = folder
         self.args = args = load_model_args(folder)
-        try:
-            self.device = torch.device(device if device is not None else
-                                       ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"))
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device {device!r} is not valid; choose 'cpu', 'cuda' or 'cuda:N'") from None
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {device!r} is not supported; choose 'cpu', 'cuda' or 'cuda:N'")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} needs CUDA, which is not available here (torch "
-                             f"{torch.__version__}); use device='cpu'")
+        self.device = check_device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"))
         if meta is not None:
             if dtype is not None and _resolve_dtype(dtype, self.device) != _DTYPES[meta["dtype"]]:
                 raise ValueError(f"{folder} was exported in {meta['dtype']}; dtype={dtype!r} cannot change that")
@@ -127,14 +125,13 @@ class Engine:
 
         if meta is not None:
             from .onnx_runtime import OnnxBackbone, onnx_file_for
+            if meta.get("dim") not in (None, args.hidden_size) or (meta.get("truncate_dim") or 0) > args.hidden_size:
+                raise ValueError(f"{folder}/jv5fast_onnx.json: fields 'dim' ({meta.get('dim')}) and 'truncate_dim' "
+                                 f"({meta.get('truncate_dim')}) do not fit hidden_size {args.hidden_size} of its "
+                                 f"config.json")
             self.model = OnnxBackbone(folder, onnx_file_for(folder, onnx_quantize), str(self.device))
             # one task is merged into the graph; it is the only valid task
-            self._onnx_task = meta.get("task")
-            self._export_dim = meta.get("truncate_dim")
-            if self._export_dim is not None and (isinstance(self._export_dim, bool) or not isinstance(
-                    self._export_dim, int) or not 1 <= self._export_dim <= args.hidden_size):
-                raise ValueError(f"{folder}/jv5fast_onnx.json: truncate_dim {self._export_dim!r} is not an int in "
-                                 f"1..{args.hidden_size}")
+            self._onnx_task, self._export_dim = meta.get("task"), meta.get("truncate_dim")
             self.task = self._onnx_task if task is None else self._check_task(task)
             self._active = self.task
             return

@@ -48,14 +48,8 @@ class IndexFileError(ValueError):
 
 
 def _torch_device(device):
-    import torch
-
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return dev
+    from .devices import check_device
+    return check_device(device)
 
 
 def _as_float(x, dim: int, what: str) -> np.ndarray:
@@ -492,7 +486,6 @@ class EmbeddingIndex:
             scale = np.abs(x).max(axis=1, keepdims=True) / 127.0
             scale[scale == 0] = 1.0
             vecs = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-            self._scales.append(scale.astype(np.float32))
         elif self.store == "float16":
             with np.errstate(over="ignore"):
                 vecs = x.astype(np.float16)
@@ -504,8 +497,19 @@ class EmbeddingIndex:
                                  "store='float16'; use store='float32'")
         else:
             vecs = x
-        self.binary.add(codes)
-        self._vecs.append(vecs)
+        # All or nothing: the float rows go first (rolled back if anything after fails), so codes, vectors
+        # and scales always stay row-aligned.
+        n0 = self._vecs.n
+        try:
+            self._vecs.append(vecs)
+            if self.store == "int8":
+                self._scales.append(scale.astype(np.float32))
+            self.binary.add(codes)
+        except BaseException:
+            self._vecs.n = n0
+            if self.store == "int8":
+                self._scales.n = n0
+            raise
 
     def reset(self) -> None:
         self.binary.reset()
@@ -527,17 +531,25 @@ class EmbeddingIndex:
         if n == 0:
             raise ValueError("the index is empty: add() embeddings before search()")
         shortlist = min(k * int(rescore_multiplier), n)
-        _, cand = self.binary.search(_hamming.pack_signs(q), shortlist, threads=threads)
-        if not isinstance(cand, np.ndarray):  # CUDA index: torch tensors
-            cand = cand.cpu().numpy()
         nq = q.shape[0]
         S = np.full((nq, k), -np.inf, dtype=np.float32)
         I = np.full((nq, k), -1, dtype=np.int64)
         # Rescore a block of queries at a time: the gathered (rows, S, dim) float32 block stays near
         # _RESCORE_BUDGET_BYTES whatever the number of queries. Each query's scores come from the same
-        # per-query matmul as an unchunked call, so the results do not depend on the block size.
+        # per-query matmul as an unchunked call, so the results do not depend on the block size. The
+        # shortlists themselves are found for at most max(rows, 1024) queries at a time.
         rows = max(1, _RESCORE_BUDGET_BYTES // (shortlist * self.dim * 4))
-        for q0 in range(0, nq, rows):
+        outer = max(rows, 1024)
+        for b0 in range(0, nq, outer):
+            self._rescore(q[b0 : b0 + outer], k, shortlist, rows, threads, S[b0 : b0 + outer], I[b0 : b0 + outer])
+        return S, I
+
+    def _rescore(self, q, k, shortlist, rows, threads, S, I):
+        """Shortlist ``q``'s rows by Hamming distance, then write the k best by dot product into S, I."""
+        _, cand = self.binary.search(_hamming.pack_signs(q), shortlist, threads=threads)
+        if not isinstance(cand, np.ndarray):  # CUDA index: torch tensors
+            cand = cand.cpu().numpy()
+        for q0 in range(0, q.shape[0], rows):
             c = cand[q0 : q0 + rows]
             vecs = self._vecs.data[c].astype(np.float32, copy=False)  # (rows, S, dim)
             scores = np.matmul(vecs, q[q0 : q0 + rows, :, None])[..., 0]  # (rows, S)
@@ -549,7 +561,6 @@ class EmbeddingIndex:
             m = order.shape[1]
             S[q0 : q0 + rows, :m] = np.take_along_axis(scores, order, 1)
             I[q0 : q0 + rows, :m] = np.take_along_axis(c, order, 1)
-        return S, I
 
     def save(self, path) -> None:
         arrays = {"codes": self.binary.codes, "vectors": self._vecs.data}

@@ -293,13 +293,18 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
         _check_replaceable(out_dir)  # fail before the (long) export, not after
     eng = Engine(model_name_or_path, task=task, device="cpu", dtype="float32")
     if truncate_dim is not None:
-        eng._check_truncate_dim(truncate_dim)
+        truncate_dim = eng._check_truncate_dim(truncate_dim)  # a plain int (numpy ints are not JSON)
     module = PaddedBackbone(eng.model, truncate_dim, getattr(torch, dtype)).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = bool(external_data) if external_data is not None else n_bytes > EXTERNAL_DATA_THRESHOLD
     meta = _metadata(eng, eng.task, dtype, opset, truncate_dim, external)
 
     parent = os.path.dirname(out_dir)
+    created = []  # parent folders this export makes, removed again (if still empty) when it fails
+    d = parent
+    while not os.path.isdir(d) and d != os.path.dirname(d):
+        created.append(d)
+        d = os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".jv5fast-export-", dir=parent)
     try:
@@ -335,10 +340,16 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
             meta["int8"] = _quantize_int8(model_path, os.path.join(tmp, "model_int8.onnx"), eng)
         with open(os.path.join(tmp, "jv5fast_onnx.json"), "w") as f:
             json.dump(meta, f, indent=2)
-        _move_into_place(tmp, out_dir)
-    except Exception as e:
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException as e:  # Ctrl-C too: never leave a hidden, possibly multi-GB temporary folder behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (ValueError, FileExistsError, _StrandedExport)):
+        for d in created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        if not isinstance(e, Exception) or isinstance(e, (ValueError, FileExistsError, _StrandedExport,
+                                                          ModuleNotFoundError)):
             raise
         raise RuntimeError(f"ONNX export of {model_name_or_path!r} failed ({type(e).__name__}: {e}); "
                            f"nothing was written to {out_dir}") from e
@@ -385,13 +396,16 @@ def _check_replaceable(path):
                               f"replaced; nothing was deleted")
 
 
-def _move_into_place(tmp, out_dir):
+def _move_into_place(tmp, out_dir, overwrite):
     """Rename the finished export ``tmp`` to ``out_dir``. A previous export there is checked again (it may
-    have changed during the export), renamed aside (POSIX renames only onto an empty folder), put back if
-    the move fails and deleted only once the new folder is in place."""
+    have changed or appeared during the export), renamed aside (POSIX renames only onto an empty folder),
+    put back if the move fails and deleted only once the new folder is in place."""
     if not os.path.lexists(out_dir):
         os.replace(tmp, out_dir)
         return
+    if not overwrite:
+        raise FileExistsError(f"output folder {out_dir} appeared during the export; pass overwrite=True to "
+                              f"replace it")
     _check_replaceable(out_dir)
     old = tmp + ".old"
     os.replace(out_dir, old)

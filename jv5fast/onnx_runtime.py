@@ -20,8 +20,24 @@ def read_metadata(folder: str) -> dict:
         raise FileNotFoundError(f"{folder} is not a jv5fast ONNX export: missing {path}")
     from .config import read_json
     meta = read_json(path)
-    if meta.get("format") != "jv5fast-onnx":
+    if not isinstance(meta, dict) or meta.get("format") != "jv5fast-onnx":
         raise ValueError(f"{path}: not a jv5fast ONNX metadata file")
+
+    def positive_int(key, optional=False):
+        v = meta.get(key)
+        if (v is None and optional) or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return
+        raise ValueError(f"{path}: field {key!r} is {v!r}, expected a positive integer"
+                         + (" or null" if optional else ""))
+    # the file is untrusted: every field the engine reads is checked before it is used
+    if meta.get("dtype") not in ("float32", "float16"):
+        raise ValueError(f"{path}: field 'dtype' is {meta.get('dtype')!r}, expected 'float32' or 'float16'")
+    positive_int("max_length")
+    positive_int("dim", optional=True)
+    positive_int("truncate_dim", optional=True)
+    task = meta.get("task")
+    if task is not None and (not isinstance(task, str) or not task):
+        raise ValueError(f"{path}: field 'task' is {task!r}, expected a task name or null")
     return meta
 
 

@@ -62,3 +62,43 @@ def test_input_lines_split_on_newline_only(engines, nano_ckpt, tmp_path):
     from jv5fast.cli import split_lines
     assert split_lines("a\nb") == split_lines("a\nb\n") == split_lines("a\r\nb\r\n") == ["a", "b"]
     assert split_lines("") == [] and split_lines("\n") == [""] and split_lines("a\r\r\n") == ["a\r"]
+
+
+def test_cli_words_leave_paths_and_file_fields_alone():
+    from jv5fast.cli import cli_words
+    assert cli_words("truncate_dim=0 is out of range; pass overwrite=True") == \
+        "--truncate-dim 0 is out of range; pass --overwrite"
+    assert cli_words("max_length must be a positive int") == "--max-length must be a positive int"
+    msg = "/data/max_length/x/jv5fast_onnx.json: field 'truncate_dim' is 0"
+    assert cli_words(msg) == msg
+
+
+def test_input_bom_and_deep_json_and_atomic_output(engines, nano_ckpt, tmp_path, capsys, monkeypatch):
+    inp = tmp_path / "bom.txt"
+    inp.write_bytes("\ufefffirst\nsecond\n".encode("utf-8"))
+    out = tmp_path / "o.npy"
+    assert main(["embed", "--model", nano_ckpt, "--input", str(inp), "--output", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), engines["nano"].embed(["first", "second"]), atol=1e-6)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('"ok"\n' + "[" * 100000 + "\n", encoding="utf-8")
+    assert main(["embed", "--model", nano_ckpt, "--input", str(deep), "--output", str(out)]) == 2
+    assert "deep.jsonl line 2" in capsys.readouterr().err
+    # a write that fails part-way leaves the previous output as it was, and no temporary file
+    before = out.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "save", boom)
+    assert main(["embed", "--model", nano_ckpt, "x", "--output", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bom.txt", "deep.jsonl", "o.npy"]
+
+
+def test_help_shows_zero_defaults():
+    import argparse
+
+    from jv5fast.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    text = sub.format_help()
+    assert "(default: 0)" in " ".join(text.split())  # --seed, --warmup-steps, --save-every

@@ -232,7 +232,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="backend"):
         _hamming.resolve_backend("gpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="device 'cuda' needs CUDA, which is not available"):
             HammingIndex(64, device="cuda")
 
 
@@ -607,3 +607,47 @@ def test_float16_store_refuses_values_it_cannot_hold():
     x[2, 1] = 65504.0
     index.add(x)
     assert np.isfinite(index._vecs.data).all()
+
+
+@pytest.mark.parametrize("store", ["float32", "int8"])
+def test_failed_add_keeps_codes_vectors_and_scales_aligned(store, monkeypatch):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((50, 40)).astype(np.float32)
+    index = EmbeddingIndex(40, store=store)
+    index.add(x[:30])
+    want = index.search(x[:5], 3)
+
+    def full(*a, **k):
+        raise MemoryError("simulated")
+    monkeypatch.setattr(index.binary, "add", full)
+    with pytest.raises(MemoryError):
+        index.add(x[30:])
+    monkeypatch.undo()
+    assert len(index) == index._vecs.n == 30 and (store != "int8" or index._scales.n == 30)
+    for got, exp in zip(index.search(x[:5], 3), want):
+        np.testing.assert_array_equal(got, exp)
+    other = 3.0 * rng.standard_normal((20, 40)).astype(np.float32)
+    index.add(other)  # and the index goes on as if the failed call never happened
+    ref = EmbeddingIndex(40, store=store)
+    ref.add(np.concatenate([x[:30], other]))
+    for got, exp in zip(index.search(x[:7], 4), ref.search(x[:7], 4)):
+        np.testing.assert_array_equal(got, exp)
+
+
+def test_shortlists_are_found_in_query_blocks(monkeypatch):
+    """The (Q, shortlist) candidate ids are bounded too: binary search runs on blocks of queries."""
+    from jv5fast import index as index_mod
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, 24)).astype(np.float32)
+    q = rng.standard_normal((2500, 24)).astype(np.float32)
+    index = EmbeddingIndex(24)
+    index.add(x)
+    want = index.search(q, 5)
+    sizes = []
+    search = index.binary.search
+    monkeypatch.setattr(index.binary, "search", lambda qq, k, threads=None: sizes.append(len(qq)) or search(qq, k, threads))
+    monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", 1)
+    got = index.search(q, 5)
+    assert sizes == [1024, 1024, 452]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -328,3 +328,55 @@ def test_failed_overwrite_keeps_previous_export(stage, ckpt_factory, tmp_path, m
     monkeypatch.undo()
     assert _snapshot(out) == before and _meta(out)["task"] == "retrieval"
     assert os.listdir(tmp_path) == ["export"]  # no temporary or set-aside folder left
+
+
+@pytest.mark.parametrize("meta,msg", [
+    ({"format": "jv5fast-onnx"}, "field 'dtype' is None"),
+    ([1, 2], "not a jv5fast ONNX metadata file"),
+    ({"format": "jv5fast-onnx", "dtype": "float32", "max_length": 0}, "field 'max_length' is 0"),
+    ({"format": "jv5fast-onnx", "dtype": "float32", "max_length": 64, "task": 7}, "field 'task' is 7"),
+    ({"format": "jv5fast-onnx", "dtype": "float32", "max_length": 64, "truncate_dim": True}, "field 'truncate_dim'"),
+    ({"format": "jv5fast-onnx", "dtype": "float32", "max_length": 64, "truncate_dim": 999},
+     r"fields 'dim' \(None\) and 'truncate_dim' \(999\) do not fit hidden_size 64"),
+])
+def test_corrupt_export_metadata_is_named(nano_ckpt, tmp_path, meta, msg):
+    import json
+    import shutil
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(os.path.join(nano_ckpt, name), folder / name)
+    (folder / "jv5fast_onnx.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=msg):
+        jv5fast.Engine.from_onnx(str(folder))
+
+
+def test_export_accepts_numpy_dims_and_cleans_up_after_ctrl_c(ckpt_factory, tmp_path, monkeypatch):
+    ck = ckpt_factory("nano", seed=49, tasks=("retrieval",))
+    meta = jv5fast.export_onnx(ck, str(tmp_path / "np"), truncate_dim=np.int64(32))
+    assert meta["truncate_dim"] == 32 and type(meta["truncate_dim"]) is int
+    import torch
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        jv5fast.export_onnx(ck, str(tmp_path / "new" / "deeper" / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["np"]  # no temporary folder, no parent folders it made
+
+
+def test_export_never_replaces_a_folder_that_appeared_without_overwrite(ckpt_factory, tmp_path, monkeypatch):
+    from jv5fast import onnx_export
+    ck = ckpt_factory("nano", seed=49, tasks=("retrieval",))
+    out = tmp_path / "out"
+    real = onnx_export._move_into_place
+
+    def racing(tmp, out_dir, overwrite):  # another export lands first
+        monkeypatch.setattr(onnx_export, "_move_into_place", real)
+        jv5fast.export_onnx(ck, out_dir)
+        return real(tmp, out_dir, overwrite)
+    monkeypatch.setattr(onnx_export, "_move_into_place", racing)
+    with pytest.raises(FileExistsError, match="appeared during the export"):
+        jv5fast.export_onnx(ck, str(out), truncate_dim=32)
+    assert jv5fast.Engine.from_onnx(str(out)).dim == 64  # the other export, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

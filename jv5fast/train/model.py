@@ -178,10 +178,13 @@ class TrainModel(nn.Module):
             t = load_file(path)
             want = tuple(self.projection.weight.shape)
             if set(t) != {"weight", "bias"} or tuple(t["weight"].shape) != want or tuple(t["bias"].shape) != want[:1]:
-                got = tuple(t["weight"].shape) if "weight" in t else None
-                raise ValueError(f"{path} maps {got[1] if got else '?'} student dims to {got[0] if got else '?'} "
-                                 f"teacher dims, but this teacher gives {want[0]}: train with the teacher that "
-                                 f"stage 1 used, or move projection.safetensors away to learn a new psi")
+                got = {k: tuple(v.shape) for k, v in t.items()}
+                if set(t) == {"weight", "bias"} and len(got["weight"]) == 2 and got["weight"][1] == want[1]:
+                    raise ValueError(f"{path} maps {want[1]} student dims to {got['weight'][0]} teacher dims, but "
+                                     f"this teacher gives {want[0]}: train with the teacher that stage 1 used, or "
+                                     f"move projection.safetensors away to learn a new psi")
+                raise ValueError(f"{path} holds {got}, expected weight {want} and bias {want[:1]} (a psi from "
+                                 f"{want[1]} student dims to {want[0]} teacher dims)")
             with torch.no_grad():
                 self.projection.weight.copy_(t["weight"])
                 self.projection.bias.copy_(t["bias"])

@@ -22,6 +22,7 @@ import torch
 
 from ..batching import PackedBatch
 from ..config import load_model_args
+from ..devices import check_device
 from ..loading import LORA_TARGETS
 from ..tokenizer import Tokenizer
 from . import losses
@@ -171,7 +172,7 @@ class Trainer:
                 raise ValueError("classification needs examples of at least two labels")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        dev = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = str(check_device(c.device, "device")) if c.device else ("cuda" if torch.cuda.is_available() else "cpu")
         if self.world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
             if dev == "cuda":
@@ -184,6 +185,7 @@ class Trainer:
             raise ValueError(f"matryoshka_dims {bad} out of range: each must be an int in 1..{dim - 1} "
                              f"(the student's dimension is {dim})")
         teacher_dim = self._teacher_dim() if self.needs_teacher else None
+        self._teacher_probe = self._teacher_fingerprint() if self.needs_teacher else None
         self.model = TrainModel(c.student, lora_r=0 if c.stage == "distill" else c.lora_r, lora_alpha=c.lora_alpha,
                                 lora_targets=c.lora_targets, train_backbone=c.stage == "distill",
                                 teacher_dim=teacher_dim, rope_theta=c.rope_theta, device=self.device, seed=c.seed)
@@ -231,7 +233,8 @@ class Trainer:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"step": self.step, "params": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
-                    "data": self._data_hash, "avg_snapshot": self._avg_snapshot, "history": self.history},
+                    "data": self._data_hash, "teacher": self._teacher_probe, "avg_snapshot": self._avg_snapshot,
+                    "history": self.history},
                    path + ".tmp")
         os.replace(path + ".tmp", path)
 
@@ -264,6 +267,10 @@ class Trainer:
         changes = [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff]
         if st.get("data") is not None and st["data"] != self._data_hash:
             changes.append("the training data differs")
+        a, b = st.get("teacher"), self._teacher_probe
+        if "teacher" in st and not (a is None and b is None or a is not None and b is not None and
+                                    a.shape == b.shape and np.allclose(a, b, atol=1e-3)):
+            changes.append("the teacher differs")
         if changes:
             raise ValueError(f"{path} is a run with other settings ({'; '.join(changes)}); resuming it would mix "
                              f"two runs. Pass resume=False to start over, or use another output")
@@ -273,6 +280,16 @@ class Trainer:
         if self.teacher_embeddings is not None:
             return int(np.asarray(self.teacher_embeddings["query"][:1]).shape[1])
         return int(np.asarray(self.teacher(["probe"])).shape[1])
+
+    def _teacher_fingerprint(self) -> np.ndarray:
+        """A few teacher vectors that identify it: precomputed rows (first, middle, last of each side) or the
+        callable's answer to fixed probes. Compared with a tolerance on resume (a model's fp32 output may
+        differ in the last bits between processes)."""
+        if self.teacher_embeddings is not None:
+            rows = sorted({0, len(self.examples) // 2, len(self.examples) - 1})
+            return np.concatenate([np.asarray(self.teacher_embeddings[s][rows], dtype=np.float32)
+                                   for s in ("query", "document")])
+        return np.asarray(self.teacher(["probe", "jv5fast teacher fingerprint"]), dtype=np.float32)
 
     def _teach(self, idx, side, texts):
         if self.teacher_embeddings is not None:

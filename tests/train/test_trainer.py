@@ -223,3 +223,48 @@ def test_matryoshka_dims_are_checked_against_the_student(student, tmp_path):
     with pytest.raises(ValueError, match=r"matryoshka_dims \[64\] out of range: each must be an int in 1\.\.63"):
         Trainer(TrainConfig(stage="retrieval", student=student, output=str(tmp_path), matryoshka_dims=(32, 64)),
                 pairs(), teacher=char_trigram_teacher())
+
+
+def test_rerun_after_a_failed_finish_writes_the_result(student, tmp_path, monkeypatch, capsys):
+    """The state is saved before the result: a run that died in finish() must not leave a rerun with
+    "nothing to train" and no adapter."""
+    import json
+
+    from jv5fast.cli import main
+    scored = tmp_path / "scored.jsonl"  # text-matching with scores: CoSENT, no teacher needed
+    scored.write_text("\n".join(json.dumps(dict(e, score=float(i % 3))) for i, e in enumerate(pairs(12))),
+                      encoding="utf-8")
+    out = str(tmp_path / "out")
+    args = ["train", "--stage", "text-matching", "--student", student, "--output", out, "--data", str(scored),
+            "--steps", "2", "--batch-size", "4", "--lora-r", "2"]
+
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Trainer, "finish", full_disk)
+    assert main(args) == 1
+    assert not os.path.exists(os.path.join(out, "adapters"))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "nothing to train" in capsys.readouterr().err
+    assert jv5fast.Engine(out).tasks == ("text-matching",)
+
+
+def test_resume_refuses_another_teacher(student, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(stage="retrieval", student=student, output=out, steps=3, batch_size=4, lora_r=2)
+    Trainer(cfg, pairs(), teacher=char_trigram_teacher(seed=0)).train(progress=False, until=1)
+    assert Trainer(cfg, pairs(), teacher=char_trigram_teacher(seed=0)).resumed_from == 1
+    with pytest.raises(ValueError, match="the teacher differs"):
+        Trainer(cfg, pairs(), teacher=char_trigram_teacher(seed=1))
+    emb = {s: char_trigram_teacher()([e[s] for e in pairs()]) for s in ("query", "document")}
+    with pytest.raises(ValueError, match="the teacher differs"):
+        Trainer(cfg, pairs(), teacher_embeddings=emb)
+
+
+def test_malformed_projection_is_a_clear_error(student, tmp_path):
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(24), "bias": torch.zeros(24)}, os.path.join(student, "projection.safetensors"))
+    with pytest.raises(ValueError, match=r"projection\.safetensors holds .*expected weight \(24, 64\)"):
+        Trainer(TrainConfig(stage="retrieval", student=student, output=str(tmp_path)), pairs(),
+                teacher=char_trigram_teacher())
