@@ -143,26 +143,42 @@ def _check_device(device):
     if device is not None:
         from .devices import check_device
         try:
-            check_device(device, "--device")
+            check_device(device, "--device", quote=False)
         except ValueError as e:
-            raise CLIError(str(e).replace("'cpu'", "cpu")) from None
+            raise CLIError(str(e)) from None
 
 
 def _write(out: str, emb):
-    """Write to a temporary sibling, then rename: a failure part-way never destroys an existing file."""
+    """Write to a temporary file beside the target, then rename over it: a failure part-way never destroys
+    an existing file. A symlink's target is what gets replaced; an existing file keeps its mode."""
+    import tempfile
+
     import numpy as np
-    tmp = f"{out}.tmp{os.getpid()}"
+    target = os.path.realpath(out)
     try:
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".jv5fast-output-")
+    except OSError as e:
+        raise CLIError(f"cannot write --output {out}: {e.strerror or e}", code=1) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
             if out.endswith(".npy"):
                 np.save(f, emb)
             else:
                 for i, row in enumerate(emb):
                     f.write((json.dumps({"index": i, "embedding": row.tolist()}) + "\n").encode("utf-8"))
-        os.replace(tmp, out)
-    except BaseException:
+        if os.path.exists(target):
+            mode = os.stat(target).st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CLIError(f"cannot write --output {out}: {e.strerror or e}", code=1) from None
         raise
 
 
@@ -195,7 +211,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Show each flag's default, but not the uninformative ``(default: None)`` / ``False``."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default == () \
+                or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

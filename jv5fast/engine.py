@@ -41,8 +41,9 @@ def merged_task_from_name(name_or_path: str):
     path = os.path.normpath(name_or_path)
     name = os.path.basename(path)
     parent = os.path.dirname(path)
-    if os.path.basename(parent) == "snapshots":  # the hub cache: models--org--name/snapshots/<commit>
-        name = os.path.basename(os.path.dirname(parent)).rsplit("--", 1)[-1]
+    repo = os.path.basename(os.path.dirname(parent))
+    if os.path.basename(parent) == "snapshots" and repo.startswith("models--"):  # hub cache: .../snapshots/<sha>
+        name = repo.rsplit("--", 1)[-1]
     m = _MERGED_NAME.match(name)
     return m.group(1).lower() if m else None
 

@@ -539,7 +539,7 @@ class EmbeddingIndex:
         # per-query matmul as an unchunked call, so the results do not depend on the block size. The
         # shortlists themselves are found for at most max(rows, 1024) queries at a time.
         rows = max(1, _RESCORE_BUDGET_BYTES // (shortlist * self.dim * 4))
-        outer = max(rows, 1024)
+        outer = max(rows, min(1024, max(1, _RESCORE_BUDGET_BYTES // (shortlist * 12))))  # ids + distances
         for b0 in range(0, nq, outer):
             self._rescore(q[b0 : b0 + outer], k, shortlist, rows, threads, S[b0 : b0 + outer], I[b0 : b0 + outer])
         return S, I

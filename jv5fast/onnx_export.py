@@ -286,6 +286,10 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
     opset = 17 if opset is None else int(opset)
     if opset < 14:
         raise ValueError(f"opset {opset} is too old; jv5fast exports with opset >= 14 (default 17)")
+    from torch.onnx import _constants  # the exporter's own bound; checked here, before any work
+    top = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
+    if top is not None and opset > top:
+        raise ValueError(f"opset {opset} is newer than this torch's exporter supports; choose 14..{top} (default 17)")
     out_dir = os.path.abspath(str(out_dir))
     if os.path.lexists(out_dir):
         if not overwrite:

@@ -11,7 +11,7 @@ from jv5fast.cli import main
 
 def test_embed_texts_to_npy(engines, nano_ckpt, tmp_path):
     out = tmp_path / "q.npy"
-    rc = main(["embed", "--model", nano_ckpt, "--prompt-name", "query", "--truncate-dim", "32",
+    rc = main(["embed", "--model", nano_ckpt, "--device", "cpu", "--prompt-name", "query", "--truncate-dim", "32",
                "how fast is light", "second text", "--output", str(out)])
     assert rc == 0
     want = engines["nano"].encode_query(["how fast is light", "second text"], truncate_dim=32)
@@ -22,7 +22,7 @@ def test_embed_file_and_stdin_to_jsonl(engines, nano_ckpt, tmp_path, monkeypatch
     inp = tmp_path / "in.txt"
     inp.write_text("first line\n\nthird line after an empty one\n", encoding="utf-8")
     out = tmp_path / "o.jsonl"
-    assert main(["embed", "--model", nano_ckpt, "--task", "clustering", "--precision", "ubinary",
+    assert main(["embed", "--model", nano_ckpt, "--device", "cpu", "--task", "clustering", "--precision", "ubinary",
                  "--input", str(inp), "--output", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]
@@ -30,7 +30,8 @@ def test_embed_file_and_stdin_to_jsonl(engines, nano_ckpt, tmp_path, monkeypatch
                                  precision="ubinary")
     np.testing.assert_array_equal(np.array([r["embedding"] for r in rows]), want)
     # stdin through the console entry point
-    proc = subprocess.run([sys.executable, "-m", "jv5fast.cli", "embed", "--model", nano_ckpt, "--input", "-",
+    proc = subprocess.run([sys.executable, "-m", "jv5fast.cli", "embed", "--model", nano_ckpt, "--device", "cpu",
+                           "--input", "-",
                            "--output", str(tmp_path / "s.npy")], input="a\nb\n", text=True, capture_output=True)
     assert proc.returncode == 0, proc.stderr
     # Another process: fp32 CPU GEMMs there agree to ~1e-7 usually, but now and then (~1 process in 30 on
@@ -55,7 +56,7 @@ def test_input_lines_split_on_newline_only(engines, nano_ckpt, tmp_path):
     inp = tmp_path / "in.txt"
     inp.write_bytes(("\r\n".join(texts[:3]) + "\n" + "\n".join(texts[3:]) + "\n").encode("utf-8"))
     out = tmp_path / "o.jsonl"
-    assert main(["embed", "--model", nano_ckpt, "--input", str(inp), "--output", str(out)]) == 0
+    assert main(["embed", "--model", nano_ckpt, "--device", "cpu", "--input", str(inp), "--output", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
     assert [r["index"] for r in rows] == list(range(len(texts)))
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), engines["nano"].embed(texts), atol=1e-6)
@@ -77,7 +78,7 @@ def test_input_bom_and_deep_json_and_atomic_output(engines, nano_ckpt, tmp_path,
     inp = tmp_path / "bom.txt"
     inp.write_bytes("\ufefffirst\nsecond\n".encode("utf-8"))
     out = tmp_path / "o.npy"
-    assert main(["embed", "--model", nano_ckpt, "--input", str(inp), "--output", str(out)]) == 0
+    assert main(["embed", "--model", nano_ckpt, "--device", "cpu", "--input", str(inp), "--output", str(out)]) == 0
     np.testing.assert_allclose(np.load(out), engines["nano"].embed(["first", "second"]), atol=1e-6)
     deep = tmp_path / "deep.jsonl"
     deep.write_text('"ok"\n' + "[" * 100000 + "\n", encoding="utf-8")
@@ -86,13 +87,24 @@ def test_input_bom_and_deep_json_and_atomic_output(engines, nano_ckpt, tmp_path,
     # a write that fails part-way leaves the previous output as it was, and no temporary file
     before = out.read_bytes()
 
-    def boom(*a, **k):
+    def boom(f, *a, **k):  # half a file, then a full disk
+        f.write(b"\x93NUMPY partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "save", boom)
     assert main(["embed", "--model", nano_ckpt, "x", "--output", str(out)]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bom.txt", "deep.jsonl", "o.npy"]
+    # a symlinked output replaces the file it points to, and an existing file keeps its mode
+    real = tmp_path / "real.npy"
+    real.write_bytes(b"old")
+    real.chmod(0o600)
+    link = tmp_path / "link.npy"
+    link.symlink_to(real)
+    monkeypatch.undo()
+    assert main(["embed", "--model", nano_ckpt, "--device", "cpu", "x", "--output", str(link)]) == 0
+    assert link.is_symlink() and np.load(real).shape == (1, 64)
+    assert real.stat().st_mode & 0o777 == 0o600
 
 
 def test_help_shows_zero_defaults():

@@ -103,7 +103,7 @@ def test_usage_and_input_errors(nano_ckpt, files, tmp_path):
     check(r[6], 2, "bad.jsonl line 2: not valid JSON")
     check(r[7], 2, "notext.jsonl line 1: object without a 'text' field")
     check(r[8], 2, "--device 'cuda:99'")
-    assert "needs CUDA" in r[8][2] or "does not exist" in r[8][2]
+    assert "needs CUDA" in r[8][2] and "use --device cpu" in r[8][2] or "does not exist" in r[8][2]
     check(r[9], 2, "folder", "does not exist")  # the output is checked before the model is even looked at
     check(r[10], 2, "--model must be a checkpoint folder or a hub id, got a file")
     check(r[11], 2, "is an ONNX export; add --backend onnx")

@@ -323,3 +323,12 @@ def test_requested_task_is_never_silently_replaced(ckpt_factory, tmp_path):
         jv5fast.Engine(only, device="cpu", task="retrieval")
     with pytest.raises(TypeError, match="task must be a str or None"):
         jv5fast.Engine(only, device="cpu", task=3)
+
+
+def test_merged_task_from_released_names_only():
+    from jv5fast.engine import merged_task_from_name as m
+    assert m("jinaai/jina-embeddings-v5-text-small-retrieval") == "retrieval"
+    assert m("/data/snapshots/jina-embeddings-v5-text-nano-text-matching/") == "text-matching"
+    assert m("/hf/hub/models--jinaai--jina-embeddings-v5-text-small-clustering/snapshots/0a1b2c") == "clustering"
+    assert m("/hf/hub/models--someone--other-model/snapshots/0a1b2c") is None
+    assert m("/models/my-classifier") is None and m("jina-embeddings-v5-text-small") is None

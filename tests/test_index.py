@@ -646,8 +646,9 @@ def test_shortlists_are_found_in_query_blocks(monkeypatch):
     sizes = []
     search = index.binary.search
     monkeypatch.setattr(index.binary, "search", lambda qq, k, threads=None: sizes.append(len(qq)) or search(qq, k, threads))
-    monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", 1)
+    # shortlist 20 x dim 24: rescoring blocks of 240000 // 1920 = 125 queries, shortlists for 1000 at a time
+    monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", 240000)
     got = index.search(q, 5)
-    assert sizes == [1024, 1024, 452]
+    assert sizes == [1000, 1000, 500]
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)

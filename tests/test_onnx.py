@@ -148,6 +148,8 @@ def test_bad_input(ckpt_factory, tmp_path, monkeypatch):
         jv5fast.export_onnx(ck, str(tmp_path / "b"), dtype="int8")
     with pytest.raises(ValueError, match=r"opset must be an int >= 14 or None \(17\), got '17'"):
         jv5fast.export_onnx(ck, str(tmp_path / "b"), opset="17")
+    with pytest.raises(ValueError, match=r"opset 99 is newer than this torch's exporter supports; choose 14\.\."):
+        jv5fast.export_onnx(ck, str(tmp_path / "b"), opset=99)
     import torch
 
     def boom(*a, **k):

@@ -117,6 +117,12 @@ def example_error(ex, stage: str):
     return None
 
 
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-30), (a == b).all(1))))
+
+
 def examples_fingerprint(examples) -> str:
     """A hash of the training data, stored with the trainer state: a resumed run must see the same data."""
     import hashlib
@@ -184,8 +190,8 @@ class Trainer:
         if bad:
             raise ValueError(f"matryoshka_dims {bad} out of range: each must be an int in 1..{dim - 1} "
                              f"(the student's dimension is {dim})")
-        teacher_dim = self._teacher_dim() if self.needs_teacher else None
         self._teacher_probe = self._teacher_fingerprint() if self.needs_teacher else None
+        teacher_dim = self._teacher_probe.shape[1] if self.needs_teacher else None
         self.model = TrainModel(c.student, lora_r=0 if c.stage == "distill" else c.lora_r, lora_alpha=c.lora_alpha,
                                 lora_targets=c.lora_targets, train_backbone=c.stage == "distill",
                                 teacher_dim=teacher_dim, rope_theta=c.rope_theta, device=self.device, seed=c.seed)
@@ -269,27 +275,45 @@ class Trainer:
             changes.append("the training data differs")
         a, b = st.get("teacher"), self._teacher_probe
         if "teacher" in st and not (a is None and b is None or a is not None and b is not None and
-                                    a.shape == b.shape and np.allclose(a, b, atol=1e-3)):
+                                    a.shape == b.shape and _min_cosine(a, b) >= 0.99):
             changes.append("the teacher differs")
         if changes:
             raise ValueError(f"{path} is a run with other settings ({'; '.join(changes)}); resuming it would mix "
                              f"two runs. Pass resume=False to start over, or use another output")
 
     # ---- data ----------------------------------------------------------------------------------------
-    def _teacher_dim(self):
-        if self.teacher_embeddings is not None:
-            return int(np.asarray(self.teacher_embeddings["query"][:1]).shape[1])
-        return int(np.asarray(self.teacher(["probe"])).shape[1])
+    def _check_teacher_embeddings(self):
+        """Precomputed teacher rows: 2-D float arrays of one width (> 0) on both sides; a few rows are
+        checked finite here (every batch is checked again when it is read)."""
+        widths = {}
+        for side in ("query", "document"):
+            a = self.teacher_embeddings[side]
+            shape, kind = getattr(a, "shape", None), getattr(getattr(a, "dtype", None), "kind", None)
+            if shape is None or len(shape) != 2 or kind != "f" or shape[1] == 0:
+                raise ValueError(f"teacher_embeddings[{side!r}] must be a 2-D float array (examples, dim > 0), got "
+                                 f"shape {shape} dtype {getattr(a, 'dtype', type(a).__name__)}")
+            widths[side] = shape[1]
+        if widths["query"] != widths["document"]:
+            raise ValueError(f"teacher_embeddings have {widths['query']} query dims but {widths['document']} "
+                             f"document dims; both sides must come from the same teacher")
 
     def _teacher_fingerprint(self) -> np.ndarray:
         """A few teacher vectors that identify it: precomputed rows (first, middle, last of each side) or the
-        callable's answer to fixed probes. Compared with a tolerance on resume (a model's fp32 output may
-        differ in the last bits between processes)."""
+        callable's answer to fixed probes. Its width is the teacher's dimension; on resume the rows are
+        compared by cosine (a teacher's output differs in the last bits between devices and dtypes)."""
         if self.teacher_embeddings is not None:
+            self._check_teacher_embeddings()
             rows = sorted({0, len(self.examples) // 2, len(self.examples) - 1})
-            return np.concatenate([np.asarray(self.teacher_embeddings[s][rows], dtype=np.float32)
-                                   for s in ("query", "document")])
-        return np.asarray(self.teacher(["probe", "jv5fast teacher fingerprint"]), dtype=np.float32)
+            out = np.concatenate([np.asarray(self.teacher_embeddings[s][rows], dtype=np.float32)
+                                  for s in ("query", "document")])
+        else:
+            out = np.asarray(self.teacher(["probe", "jv5fast teacher fingerprint"]), dtype=np.float32)
+            if out.ndim != 2 or out.shape[0] != 2 or out.shape[1] == 0:
+                raise ValueError(f"the teacher must return one vector per text, (n, dim); for 2 texts it returned "
+                                 f"shape {out.shape}")
+        if not np.isfinite(out).all():
+            raise ValueError("the teacher's embeddings contain NaN or inf")
+        return out
 
     def _teach(self, idx, side, texts):
         if self.teacher_embeddings is not None:
@@ -465,6 +489,8 @@ class Trainer:
                     src, dst = os.path.join(c.student, name), os.path.join(c.output, name)
                     if name.startswith("trainer_state_") or os.path.exists(dst):
                         continue
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+                    tmp = f"{dst}.tmp{os.getpid()}"  # a copy cut short (disk full) never passes for done
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, tmp)
+                    os.replace(tmp, dst)
             m.save_adapter(c.output, c.stage)
         m.save_projection(c.output)

@@ -260,6 +260,26 @@ def test_resume_refuses_another_teacher(student, tmp_path):
     emb = {s: char_trigram_teacher()([e[s] for e in pairs()]) for s in ("query", "document")}
     with pytest.raises(ValueError, match="the teacher differs"):
         Trainer(cfg, pairs(), teacher_embeddings=emb)
+    # the same teacher on another device / dtype differs in the last bits: that still resumes
+    base = char_trigram_teacher(seed=0)
+    rng = np.random.default_rng(0)
+
+    def bf16_like(texts):
+        t = base(texts)
+        return t * (1 + 4e-3 * rng.standard_normal(t.shape).astype(np.float32))
+    assert Trainer(cfg, pairs(), teacher=bf16_like).resumed_from == 1
+
+
+@pytest.mark.parametrize("emb,msg", [
+    ({"query": np.zeros(48, np.float32), "document": np.zeros(48, np.float32)}, "must be a 2-D float array"),
+    ({"query": np.zeros((48, 8), np.float32), "document": np.zeros((48, 6), np.float32)}, "8 query dims but 6"),
+    ({"query": np.zeros((48, 0), np.float32), "document": np.zeros((48, 0), np.float32)}, "dim > 0"),
+    ({"query": np.full((48, 4), np.nan, np.float32), "document": np.ones((48, 4), np.float32)}, "NaN or inf"),
+])
+def test_bad_teacher_embeddings_are_named(student, tmp_path, emb, msg):
+    with pytest.raises(ValueError, match=msg):
+        Trainer(TrainConfig(stage="retrieval", student=student, output=str(tmp_path)), pairs(),
+                teacher_embeddings=emb)
 
 
 def test_malformed_projection_is_a_clear_error(student, tmp_path):
