@@ -323,6 +323,37 @@ def check_hamming(rep):
         _fail(rep, "correctness", "hamming_topk", e)
 
 
+HAMMING_LARGE_K = dict(n=200_003, q=64, nbytes=128, ks=(1024, 1025, 4096))  # 1024-bit codes (small's dim)
+
+
+def check_hamming_large_k(rep):
+    """k above the Triton kernel's MAX_K runs the exact chunked torch path: equality with the reference, and
+    both paths timed at k = MAX_K, which says where MAX_K belongs on this GPU."""
+    from jv5fast.kernels.hamming import (MAX_K, hamming_topk, hamming_topk_ref, hamming_topk_words,
+                                         hamming_topk_words_chunked, pack_words)
+    p = HAMMING_LARGE_K
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    corpus = torch.randint(0, 256, (p["n"], p["nbytes"]), dtype=torch.uint8, device=DEVICE, generator=g)
+    corpus[100:300] = corpus[0]  # ties, broken by id
+    queries = torch.cat([corpus[:2], torch.randint(0, 256, (p["q"] - 2, p["nbytes"]), dtype=torch.uint8,
+                                                   device=DEVICE, generator=g)])
+    for k in p["ks"]:
+        d, i = hamming_topk(queries, corpus, k)
+        dr, ir = hamming_topk_ref(queries, corpus, k)
+        ok = torch.equal(d.cpu(), dr.cpu()) and torch.equal(i.cpu(), ir.cpu())
+        path = "Triton" if k <= MAX_K else "chunked torch"
+        rep.add("correctness", f"hamming_topk k={k} ({path}) {p['q']}q × {p['n']} × {8 * p['nbytes']} bit",
+                "PASS" if ok else "FAIL", "exact D and I")
+    qw, cw = pack_words(queries), pack_words(corpus)
+    k = min(MAX_K, p["n"])
+    timer = _cuda_ms if str(DEVICE).startswith("cuda") else _wall_ms  # results stay on the device: events
+    t_triton = timer(lambda: hamming_topk_words(qw, cw, k), iters=5)
+    t_chunk = timer(lambda: hamming_topk_words_chunked(qw, cw, k), iters=5)
+    rep.add("hamming", f"k={k}: Triton vs chunked torch", "info",
+            f"Triton {fmt(t_triton)} ms, chunked {fmt(t_chunk)} ms, chunked/Triton {fmt(t_chunk / t_triton)}x "
+            f"(below 1: move MAX_K down)")
+
+
 def bench_attention(rep):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
@@ -527,6 +558,10 @@ def main(argv):
             check_attention(rep, dtype)
             check_small_kernels(rep, dtype)
         check_hamming(rep)
+        try:
+            check_hamming_large_k(rep)
+        except Exception as e:  # noqa: BLE001
+            _fail(rep, "correctness", "hamming_topk large k", e)
         print(f"-- correctness done at {time.time() - t0:.0f} s", flush=True)
     for name, fn in (("attention", bench_attention), ("engine", bench_engine), ("latency", bench_latency)):
         if name in sections:

@@ -98,3 +98,22 @@ def test_latency_section_on_cpu(monkeypatch):
         [f"{f} warmup" for f in ("small", "nano")] + [f"{f} {n} queries" for f in ("small", "nano") for n in (1, 3)])
     assert all("graphs on: False" in v[1] and "cosine graphs vs eager min 1" in v[1]
                for k, v in rows.items() if "queries" in k), rep.rows
+
+
+def test_hamming_large_k_section_on_cpu(monkeypatch):
+    """The large-k Hamming rows, shrunk, on CPU tensors (Triton under the interpreter)."""
+    import pytest
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("covered by the real run on GPU")
+    gc = _load()
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    monkeypatch.setattr(gc, "HAMMING_LARGE_K", dict(n=1500, q=3, nbytes=12, ks=(1025, 1400, 2000)))
+    import jv5fast.kernels.hamming as hk
+    monkeypatch.setattr(hk, "MAX_K", 4)  # the Triton row at a size the interpreter manages
+    monkeypatch.setattr(gc, "_wall_ms", lambda fn, iters=20: (fn(), 1.0)[1])
+    rep = gc.Report()
+    gc.check_hamming_large_k(rep)
+    rows = {r[1]: (r[2], r[3]) for r in rep.rows}
+    assert [v[0] for k, v in rows.items() if k.startswith("hamming_topk")] == ["PASS"] * 3, rep.rows
+    assert any("chunked/Triton" in v[1] for v in rows.values()), rep.rows
