@@ -309,8 +309,12 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
     while not os.path.isdir(d) and d != os.path.dirname(d):
         created.append(d)
         d = os.path.dirname(d)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".jv5fast-export-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".jv5fast-export-", dir=parent)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         raw = os.path.join(tmp, "raw", "model.onnx")
         os.makedirs(os.path.dirname(raw))
@@ -347,17 +351,22 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException as e:  # Ctrl-C too: never leave a hidden, possibly multi-GB temporary folder behind
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
+        _remove_empty(created)
         if not isinstance(e, Exception) or isinstance(e, (ValueError, FileExistsError, _StrandedExport,
                                                           ModuleNotFoundError)):
             raise
         raise RuntimeError(f"ONNX export of {model_name_or_path!r} failed ({type(e).__name__}: {e}); "
                            f"nothing was written to {out_dir}") from e
     return meta
+
+
+def _remove_empty(folders):
+    """Remove the folders an export created (innermost first), stopping at the first one not empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 class _StrandedExport(RuntimeError):

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -81,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"lora_r must be positive for a task adapter, got {self.lora_r}")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule {self.schedule!r} is not valid; choose 'cosine' or 'linear'")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
         if self.temperature <= 0 or self.cosent_tau <= 0:
             raise ValueError("temperature and cosent_tau must be positive")
         if not os.path.isdir(self.student):

@@ -119,6 +119,9 @@ def test_bad_config(student, tmp_path):
                 teacher_embeddings={"query": np.zeros((3, 4)), "document": np.zeros((48, 4))})
     with pytest.raises(ValueError, match="unknown LoRA targets"):
         TrainModel(student, lora_r=4, lora_targets=("qkv",))
+    for name in ("lr", "lambda_nce", "temperature"):  # NaN would train silently and could never resume
+        with pytest.raises(ValueError, match=f"{name} must be a finite number, got nan"):
+            TrainConfig(stage="retrieval", student=student, output=str(tmp_path), **{name: float("nan")})
 
 
 def test_cli_train_with_precomputed_teacher(student, tmp_path):
