@@ -12,8 +12,9 @@ Attention memory is linear in S: an ONNX ``Loop`` walks the queries in chunks of
 ``ATTENTION_CHUNK``) rows, so one iteration holds (B, H, C, S) fp32 scores and builds its key-padding
 and causal masks from the chunk's row indices; no (S, S) tensor exists. The price is one Loop
 iteration (a subgraph run) per chunk and up to C - 1 padded query rows in the last one: on 2 CPU cores
-one 2k-token text runs ~10% slower than with a single (S, S) score matrix and a 10–500-token corpus as
-fast, while a 16.8k-token text needs 0.3 GiB instead of 12.6 GiB. The tracer sees one
+the 10–500-token benchmark corpus runs as fast in fp32 and ~13% slower in int8 than with a single (S, S)
+score matrix (bench/results/onnx_cpu.md), while one 16.8k-token text peaks at 0.8 GiB of RSS instead of
+12.9 GiB. The tracer sees one
 ``jv5fast::ChunkedAttention`` node (``_ChunkedAttention.symbolic``) that ``_expand_attention`` rewrites
 into plain ONNX ops. Scores and softmax are fp32 in fp16 graphs too, and so is RoPE (``inv_freq``, the
 angles, cos/sin and the rotation): an fp16 ``inv_freq`` puts the angles 0.2 rad off at position 4k and
