@@ -154,6 +154,8 @@ class Engine:
         else:
             self.task = self._check_task(task)
         self._activate(self.task)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self.model.pack_linears()  # oneDNN-prepacked GEMMs: 2-4x faster at query-sized batches
         if not self._adapters:
             self._base = {}
         if cuda_graphs or (cuda_graphs is None and self.device.type == "cuda" and ops.uses_triton(self.device)):

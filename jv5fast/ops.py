@@ -13,6 +13,9 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch
+import torch.nn.functional as F
+
 from .kernels.attention import attention_last_ref, attention_varlen_ref
 from .kernels.pooling import pack_bits_ref, pool_ref
 from .kernels.rmsnorm import rms_norm_ref
@@ -106,3 +109,30 @@ def pool_last(hidden, cu_seqlens, *, truncate_dim=None, normalize=True):
 def pack_bits(v):
     """(B, K) -> (B, ceil(K/8)) uint8 in np.packbits(v > 0) order."""
     return _pick("pooling", "pack_bits", pack_bits_ref, v)(v)
+
+
+# ---- linear: oneDNN-prepacked weights on CPU -----------------------------------------------------------
+# On CPU, F.linear re-reads the fp32 weight in its row-major layout on every call, which at the few rows of a
+# query batch streams at ~5 GB/s; a weight reordered once into oneDNN's blocked layout runs the same GEMM
+# 2-4x faster at M <= 64 (measured: 768 -> 6144 at M = 1 / 20: 1.19 -> 0.29 ms / 3.5 -> 1.7 ms, 2 cores)
+# and no slower at M = 512. The results are fp32 GEMMs either way (another summation order only).
+
+
+def pack_linear(weight):
+    """A oneDNN-prepacked copy of a (out, in) fp32 CPU weight for ``linear``, or None where that does not
+    apply (another device or dtype, a weight that needs gradients, no oneDNN, JV5FAST_CPU_PACK=0)."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.requires_grad
+            or not torch.backends.mkldnn.is_available() or os.environ.get("JV5FAST_CPU_PACK", "1") == "0"):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
+    except (RuntimeError, AttributeError):  # a torch build without these ops
+        return None
+
+
+def linear(x, weight, packed=None):
+    """x (M, in) @ weight (out, in)^T -> (M, out); ``packed`` (from ``pack_linear(weight)``) runs oneDNN's
+    prepacked GEMM on CPU. Inference only: the packed path has no autograd."""
+    if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+    return F.linear(x, weight)

@@ -332,3 +332,30 @@ def test_merged_task_from_released_names_only():
     assert m("/hf/hub/models--jinaai--jina-embeddings-v5-text-small-clustering/snapshots/0a1b2c") == "clustering"
     assert m("/hf/hub/models--someone--other-model/snapshots/0a1b2c") is None
     assert m("/models/my-classifier") is None and m("jina-embeddings-v5-text-small") is None
+
+
+def test_cpu_prepacked_linears_match_plain_and_follow_task_switches(ckpt_factory, monkeypatch):
+    """CPU fp32 engines run the projections on oneDNN-prepacked weights; the vectors equal the plain
+    F.linear engine's (another fp32 summation order only), and a task switch re-packs every layer."""
+    import torch
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    ck = ckpt_factory("small", seed=71)
+    texts = ["a query about light", "Ünïcödé 東京", "x", "a longer document about the speed of light " * 9]
+    monkeypatch.setenv("JV5FAST_CPU_PACK", "0")
+    plain = jv5fast.Engine(ck, device="cpu")
+    assert plain.model.packed is None
+    monkeypatch.delenv("JV5FAST_CPU_PACK")
+    packed = jv5fast.Engine(ck, device="cpu")
+    n_layers = packed.args.num_layers
+    assert packed.model.packed is not None and len(packed.model.packed) == 4 * n_layers + 2
+    for task in ("retrieval", "clustering", "retrieval", "classification"):
+        a, b = plain.embed(texts, task=task), packed.embed(texts, task=task)
+        assert (a * b).sum(1).min() >= 0.99999 and np.abs(a - b).max() < 1e-4, task
+    # the packed copies are the active task's: poisoning the plain weights changes nothing packed-side
+    w = packed.model.layers[0]["w13"]
+    saved = w.clone()
+    w.mul_(0)
+    np.testing.assert_allclose(packed.embed(texts, task="classification"), b, atol=1e-6)
+    w.copy_(saved)
+    assert not jv5fast.Engine(ck, device="cpu", dtype="bfloat16").model.packed  # fp32 only
