@@ -23,7 +23,6 @@ import sys
 from .config import TASKS
 from .postprocess import PRECISIONS
 
-STAGES = ("distill",) + TASKS  # jv5fast.train.trainer.STAGES, without importing torch for --help
 
 
 class CLIError(Exception):
@@ -307,7 +306,7 @@ def _add_train_parser(sub):
     """``jv5fast train``: one flag per TrainConfig field (--stage, --student, --output, --steps, ...)."""
     import dataclasses
 
-    from .train.trainer import TrainConfig
+    from .train.trainer import STAGES, TrainConfig
     t = sub.add_parser("train", help="stage 1 distillation or a stage 2 task adapter", formatter_class=_Help,
                        description="Train a student (stage distill) or one task adapter (stage = task). A rerun "
                        "with the same --output resumes from its trainer_state_<stage>.pt.")

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from ..batching import PackedBatch
-from ..config import load_model_args
+from ..config import TASKS, load_model_args
 from ..devices import check_device
 from ..loading import LORA_TARGETS
 from ..tokenizer import Tokenizer
 from . import losses
 from .model import TrainModel
 
-STAGES = ("distill", "retrieval", "text-matching", "clustering", "classification")
+STAGES = ("distill",) + TASKS  # stage 1, then one stage-2 adapter per released task
 TEACHER_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 CLUSTERING_PROMPT = "Instruct: Identify the topic or theme of the given document:\nQuery:"
 
