@@ -1,6 +1,7 @@
 """Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) --output OUT.npy|OUT.jsonl``
 ``jv5fast export-onnx --model PATH_OR_ID --out DIR [--task ..] [--dtype ..] [--quantize int8] ...`` and
-``jv5fast train --stage STAGE --student DIR --output DIR --data FILE.jsonl [--teacher DIR | --teacher-embeddings DIR]``.
+``jv5fast train --stage STAGE --student DIR --output DIR --data FILE.jsonl [--teacher DIR | --teacher-embeddings DIR]``
+and ``jv5fast serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8080] [...]`` (see jv5fast/server.py).
 
 Same semantics as ``Engine.embed``. ``--input`` reads one text per line, split on newlines only (one
 trailing carriage return is dropped; form feeds, U+2028 and the like stay inside the text). A .jsonl
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jv5fast", description="Fast, exact jina-embeddings-v5-text engine: embed "
                                 "texts, export to ONNX, train adapters.", formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"jv5fast {_version()}")
-    sub = p.add_subparsers(dest="cmd", metavar="{embed,export-onnx,train}")
+    sub = p.add_subparsers(dest="cmd", metavar="{embed,export-onnx,train,serve}")
     task_help = (f"task adapter, one of {', '.join(TASKS)} (default: retrieval, or the one task a merged "
                  f"checkpoint or ONNX export holds)")
 
@@ -299,7 +300,67 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--external-data", action="store_true", help="force model.onnx_data (automatic above 2 GB)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous jv5fast export")
     _add_train_parser(sub)
+    _add_serve_parser(sub)
     return p
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+def _nonneg_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v!r}")
+    return x
+
+
+def _add_serve_parser(sub):
+    s = sub.add_parser("serve", help="serve embeddings over HTTP (OpenAI and Jina API), with dynamic batching",
+                       formatter_class=_Help, description="An OpenAI- and Jina-API-compatible embeddings server "
+                       "(POST /v1/embeddings, GET /v1/models, /health, /metrics) batching concurrent requests "
+                       "onto one engine. Needs jv5fast[serve]. SIGTERM/SIGINT: stop accepting, answer what was "
+                       "accepted, exit 0.")
+    s.add_argument("--model", required=True, help="checkpoint folder (released layout), hub id, or with "
+                   "--backend onnx a folder written by export-onnx")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8080, help="port to bind (0: any free port; the address is "
+                   "printed as 'listening on http://HOST:PORT')")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    s.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="engine backend")
+    s.add_argument("--quantize", default=None, choices=("int8",), help="with --backend onnx: the int8 graph")
+    s.add_argument("--max-length", type=_positive_int, default=None, help="tokens per text, prompt included")
+    s.add_argument("--served-model-name", default=None, help="the model name in responses and /v1/models "
+                   "(default: the folder name of --model)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                   "$JV5FAST_API_KEY; none when unset)")
+    s.add_argument("--max-batch-tokens", type=_positive_int, default=None, help="token budget of one forward "
+                   "batch (default: 16384 on CUDA, 512 on CPU)")
+    s.add_argument("--max-wait-ms", type=_nonneg_float, default=2.0, help="how long a request that finds the "
+                   "engine idle waits for others to batch with")
+    s.add_argument("--max-queue-tokens", type=_positive_int, default=None, help="tokens allowed to wait; a "
+                   "request beyond gets 429 with Retry-After (default: 64 x --max-batch-tokens)")
+    s.add_argument("--max-inputs", type=_positive_int, default=2048, help="texts per request (413 beyond)")
+    s.add_argument("--max-request-bytes", type=_positive_int, default=8 * 2**20, help="request body size "
+                   "(413 beyond, checked before parsing)")
+    s.add_argument("--drain-timeout", type=_nonneg_float, default=30.0, help="seconds to finish accepted "
+                   "requests after SIGTERM/SIGINT")
+    s.add_argument("--resident-tasks", default="auto", choices=("auto", "true", "false"), help="keep every "
+                   "task's merged weights in memory, so mixed-task traffic never re-merges (auto: when they "
+                   "fit in half the free memory)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level")
 
 
 def _add_train_parser(sub):
@@ -377,7 +438,7 @@ def main(argv=None):
     if a.cmd is None:
         p.print_help()
         return 0
-    run = {"embed": _embed, "export-onnx": _export, "train": _train}[a.cmd]
+    run = {"embed": _embed, "export-onnx": _export, "train": _train, "serve": _serve}[a.cmd]
     try:
         return run(a)
     except CLIError as err:
@@ -388,6 +449,9 @@ def main(argv=None):
     except ModuleNotFoundError as err:
         if os.environ.get("JV5FAST_DEBUG"):
             raise
+        if err.name in ("fastapi", "uvicorn", "prometheus_client", "starlette"):
+            return _fail(a.cmd, f"{err.name} is not installed; serve needs the serve extra: "
+                                'pip install "jv5fast[serve]"', 2)
         if err.name in ("onnx", "onnxruntime"):
             return _fail(a.cmd, f"{err.name} is not installed; export-onnx and --backend onnx need the onnx "
                                 'extra: pip install "jv5fast[onnx]"', 2)
@@ -428,6 +492,25 @@ def _embed(a):
     _write(a.output, emb)
     print(f"embedded {len(texts)} texts -> {a.output} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
     return 0
+
+
+def _serve(a):
+    if a.quantize and a.backend != "onnx":
+        raise CLIError("--quantize int8 runs an ONNX export's int8 graph; add --backend onnx")
+    _check_model(a.model, "--model", a.backend)
+    _check_device(a.device)
+    if not 0 <= a.port <= 65535:
+        raise CLIError(f"--port must be in 0..65535, got {a.port}")
+    from .server import serve
+    if a.max_queue_tokens is None:
+        a.max_queue_tokens = 64 * (a.max_batch_tokens or 16384)
+    resident = {"auto": "auto", "true": True, "false": False}[a.resident_tasks]
+    return serve(a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, backend=a.backend,
+                 max_length=a.max_length, onnx_quantize=a.quantize, log_level=a.log_level,
+                 drain_timeout=a.drain_timeout, served_model_name=a.served_model_name, api_key=a.api_key,
+                 max_batch_tokens=a.max_batch_tokens, max_wait_ms=a.max_wait_ms,
+                 max_queue_tokens=a.max_queue_tokens, max_inputs=a.max_inputs,
+                 max_request_bytes=a.max_request_bytes, resident_tasks=resident)
 
 
 def _train(a):

@@ -68,6 +68,20 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} is not supported; choose one of 'float32', 'bfloat16', 'float16'")
 
 
+def _free_memory(device: torch.device) -> int:
+    """Bytes free now on ``device`` (CPU: MemAvailable of /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class Engine:
     """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
 
@@ -117,6 +131,7 @@ class Engine:
         self._onnx_task = self._merged_task = None
         self._export_dim = None
         self._graphs = None
+        self._resident = None  # task -> its merged projections, when kept resident (keep_tasks_resident)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine is on {self.device}")
         if cuda_graphs and not ops.uses_triton(self.device):
@@ -227,6 +242,12 @@ class Engine:
             return
         if not self._adapters and self._active is not _UNMERGED:
             return  # a merged checkpoint: its weights were set once and there is nothing to switch
+        if self._resident is not None and task in self._resident:
+            ws, packed = self._resident[task]
+            self._active = _UNMERGED
+            self.model.use_linears(ws, packed, in_place=self._graphs is not None)
+            self._active = task
+            return
         adapter = self._adapters.get(task) if task is not None else None
         self._active = _UNMERGED
         for i in range(self.args.num_layers):
@@ -244,6 +265,35 @@ class Engine:
                     fused = fused.clone()  # task switches overwrite the layer tensor in place: never the base
                 self.model.set_linear(i, name, fused)
         self._active = task
+
+    def keep_tasks_resident(self, enable="auto") -> bool:
+        """Hold every adapter's merged weights in memory at once, so that a task switch swaps tensors (or,
+        under CUDA graphs, copies them into place) instead of re-merging: what mixed-task serving needs.
+        Costs one copy of the projection weights per task (two on CPU fp32, with the prepacked copy).
+        ``"auto"``: only when that fits in half the memory free now. ``False`` drops them. Returns whether
+        the tasks are resident. The weights are the ones a switch would merge, so results do not change."""
+        if enable not in (True, False, "auto"):
+            raise ValueError(f"enable must be True, False or 'auto', got {enable!r}")
+        with self._lock, self._on_device():
+            if not enable or self.backend != "torch" or len(self._adapters) < 2:
+                self._resident = None
+                return False
+            if self._resident is not None:
+                return True
+            ws, packed = self.model.linears()
+            per_task = sum(w.numel() * w.element_size() for w in ws.values()) * (2 if packed else 1)
+            need, free = per_task * len(self._adapters), _free_memory(self.device)
+            if enable == "auto" and need > free // 2:
+                log.info("task weights not kept resident: %.1f GiB needed, %.1f GiB free", need / 2**30, free / 2**30)
+                return False
+            resident = {}
+            for task in self._adapters:
+                self._activate(task)
+                ws, packed = self.model.linears()
+                resident[task] = ({key: w.clone() for key, w in ws.items()}, packed)
+            self._resident, self._active = resident, _UNMERGED
+            self._activate(self.task)
+            return True
 
     # ---- embedding -----------------------------------------------------------------------------
     def embed(self, texts, *, prompt_name=None, prompt=None, task=None, truncate_dim=None, normalize=True,
@@ -362,25 +412,32 @@ class Engine:
 
     # ---- internals -----------------------------------------------------------------------------
     def _run(self, idx, ids, out, k, normalize):
-        """Forward one batch; on CUDA OOM split it in halves and retry down to a single text."""
-        try:
-            seqs = [ids[i] for i in idx]
-            rows = self._graphs.run(seqs) if self._graphs is not None else None   # (B, E) or None
-            if rows is None:
-                batch = PackedBatch.from_ids(seqs, self.device)
-                rows = self.model.forward(batch, last_only=True)                 # (B, E)
+        """Embed the texts ``idx`` of ``ids`` into rows ``idx`` of ``out`` (pooled, truncated, normalized)."""
+        def put(lo, hi, rows):
             one_each = torch.arange(rows.shape[0] + 1, device=rows.device, dtype=torch.int32)
             emb = ops.pool_last(rows, one_each, truncate_dim=k, normalize=normalize)
-            out[torch.as_tensor(idx)] = emb.float().cpu()
+            out[torch.as_tensor(idx[lo:hi])] = emb.float().cpu()
+        self._forward([ids[i] for i in idx], put, name=lambda j: f"text {idx[j]}")
+
+    def _forward(self, seqs, consume, lo=0, name=lambda j: "one text"):
+        """Forward ``seqs`` (token id lists) as one packed batch and hand the last-token rows (B, E) to
+        ``consume(lo, hi, rows)`` for ``seqs[lo:hi]`` (rows are valid only during the call: a CUDA graph
+        reuses its output). On CUDA OOM the batch is split in halves, down to a single text. The caller
+        holds the engine lock with the task active (``embed``; ``jv5fast.scheduler.Batcher``)."""
+        try:
+            rows = self._graphs.run(seqs) if self._graphs is not None else None   # (B, E) or None
+            if rows is None:
+                rows = self.model.forward(PackedBatch.from_ids(seqs, self.device), last_only=True)  # (B, E)
+            consume(lo, lo + len(seqs), rows)
         except torch.OutOfMemoryError:
-            if len(idx) == 1:
-                raise torch.OutOfMemoryError(f"out of memory embedding text {idx[0]} alone "
-                                             f"({len(ids[idx[0]])} tokens) on {self.device}") from None
+            if len(seqs) == 1:
+                raise torch.OutOfMemoryError(f"out of memory embedding {name(lo)} alone ({len(seqs[0])} tokens) "
+                                             f"on {self.device}") from None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            half = len(idx) // 2
-            self._run(idx[:half], ids, out, k, normalize)
-            self._run(idx[half:], ids, out, k, normalize)
+            half = len(seqs) // 2
+            self._forward(seqs[:half], consume, lo, name)
+            self._forward(seqs[half:], consume, lo + half, name)
 
     @staticmethod
     def _check_texts(texts):

@@ -98,6 +98,23 @@ class Backbone:
         if self.packed is not None:
             self._pack(i, name)
 
+    def linears(self):
+        """The fused projections as they are now, ``({(layer, name): weight}, prepacked copies or None)``,
+        for ``use_linears``: the engine keeps each task's merged set resident this way."""
+        ws = {(i, n): w for i, layer in enumerate(self.layers) for n, w in layer.items() if n in FUSED}
+        return ws, (dict(self.packed) if self.packed is not None else None)
+
+    def use_linears(self, ws: dict, packed, in_place: bool):
+        """Make ``ws`` (from ``linears``) the fused projections: by reference, an instant switch, or with
+        ``in_place`` copied into the current tensors, whose addresses captured CUDA graphs hold."""
+        for (i, n), w in ws.items():
+            if in_place:
+                self.layers[i][n].copy_(w)
+            else:
+                self.layers[i][n] = w
+        if packed is not None:
+            self.packed = dict(packed)
+
     def rope_tables(self, n_positions: int):
         if self._rope is None or self._rope[0].shape[0] < n_positions:
             a = self.args

@@ -1,0 +1,346 @@
+"""Dynamic batching over one Engine: the texts of many callers, one packed forward pass at a time.
+
+Callers (the HTTP server, or Python code with ``await Batcher.embed(...)``) hand in jobs; tokenization runs
+on a worker thread, never on the event loop; one scheduler thread owns the engine and cuts packed batches
+of at most ``max_batch_tokens`` tokens from the queued texts, back to back under load, and waits at most
+``max_wait_ms`` for company when a job arrives at an idle engine. A token-budget queue as in
+text-embeddings-inference, plus what an embedding server with task adapters needs:
+
+- one task per batch, the task of the oldest waiting job; with the tasks' merged weights resident
+  (``Engine.keep_tasks_resident``) a switch swaps tensors, so alternating tasks never re-merge;
+- fairness: the jobs of a batch take turns, one text each in arrival order, so a 2,000-text job is spread
+  over many batches and a 1-text job rides in the next one;
+- a cancelled job (its caller went away) has its texts that have not started dropped;
+- ``max_queue_tokens`` bounds the queue: a job that would overflow it is refused with ``Overloaded``
+  (with a retry delay from the measured throughput), never queued without bound.
+
+Results equal ``Engine.embed`` of the same texts and options: the same tokenization, forward pass,
+pooling and quantization, only the batch composition differs (row-wise ops; GEMMs agree to fp rounding).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import ops
+from .engine import CPU_BATCH_TOKENS
+from .postprocess import check_precision, quantize
+
+log = logging.getLogger("jv5fast")
+
+
+class Overloaded(RuntimeError):
+    """The queue holds more tokens than ``max_queue_tokens`` allows; try again in ``retry_after`` seconds."""
+
+    def __init__(self, message, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Closed(RuntimeError):
+    """The batcher is draining or closed and takes no new work."""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    embeddings: np.ndarray  # (N, D') in the requested precision, rows in input order
+    tokens: int             # tokens the model saw, prompts and special tokens included, after truncation
+
+
+class _Job:
+    """One ``embed`` call: its token ids, options, and the rows filled in as batches finish."""
+
+    def __init__(self, ids, task, k, normalize, precision):
+        self.ids, self.task, self.k, self.normalize, self.precision = ids, task, k, normalize, precision
+        self.lengths = [len(s) for s in ids]
+        self.tokens = sum(self.lengths)
+        self.out = torch.empty(len(ids), k, dtype=torch.float32)
+        self.next = 0        # next text to schedule
+        self.done = 0        # texts whose rows are written
+        self.started = None  # when its first text entered a batch
+        self.submitted = time.monotonic()
+        self.cancelled = False
+        self.future = concurrent.futures.Future()
+
+
+class Batcher:
+    """Batches ``embed`` calls from many callers onto one engine (see the module docstring).
+
+    ``max_batch_tokens`` defaults to the engine's (on CPU at most 512, where fp32 GEMMs run fastest);
+    ``max_wait_ms`` is how long a job that finds the engine idle waits for company; ``max_queue_tokens``
+    (None: unbounded) bounds the tokens waiting; ``resident_tasks`` is passed to
+    ``Engine.keep_tasks_resident`` ("auto": when memory allows). ``observer(texts, tokens, forward_s,
+    queue_waits)`` is called after each batch (metrics), from the scheduler thread."""
+
+    def __init__(self, engine, *, max_batch_tokens=None, max_wait_ms=2.0, max_queue_tokens=None,
+                 resident_tasks="auto", observer=None):
+        for name, v in (("max_batch_tokens", max_batch_tokens), ("max_queue_tokens", max_queue_tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 1e4:
+            raise ValueError(f"max_wait_ms must be a number in [0, 10000), got {max_wait_ms!r}")
+        self.engine = engine
+        if max_batch_tokens is None:
+            max_batch_tokens = engine.max_batch_tokens
+            if engine.device.type == "cpu":
+                max_batch_tokens = min(max_batch_tokens, CPU_BATCH_TOKENS)
+        self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000.0
+        self.max_queue_tokens, self.observer = max_queue_tokens, observer
+        self.resident = engine.keep_tasks_resident(resident_tasks) if resident_tasks else False
+        self._cond = threading.Condition()
+        self._queue = deque()       # jobs with texts not yet scheduled, in arrival order
+        self._queued_tokens = 0     # tokens of those texts
+        self._running = False       # a batch is in the engine (jobs out of the queue finish with it)
+        self._closing = False
+        self._stop = False
+        self._rate = None           # tokens/s of recent batches (EMA), for Retry-After
+        self._tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jv5fast-tokenize")
+        self._thread = threading.Thread(target=self._loop, name="jv5fast-batcher", daemon=True)
+        self._thread.start()
+
+    # ---- callers -------------------------------------------------------------------------------
+    @property
+    def queued_texts(self) -> int:
+        with self._cond:
+            return sum(len(j.ids) - j.next for j in self._queue)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def prepare(self, texts, *, task=None, prompt_name=None, prompt=None, truncate_dim=None, normalize=True,
+                precision="float32"):
+        """Check the options as ``Engine.embed`` does (its errors) and return ``(texts with the prompt
+        prefixed, options)`` for ``submit_ids``; cheap, so it may run on an event loop."""
+        eng = self.engine
+        items = eng._check_texts(texts)
+        check_precision(precision)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        opts = dict(task=eng.task if task is None else eng._check_task(task),
+                    k=eng._check_truncate_dim(truncate_dim), normalize=normalize, precision=precision)
+        prefix = eng._prefix(prompt_name, prompt)
+        return [prefix + t for t in items], opts
+
+    def tokenize(self, prefixed, truncate=True):
+        """Token ids of prompt-prefixed texts; with ``truncate=False`` a text over ``max_length`` is a
+        ValueError naming its index, as in ``Engine.embed``. Blocking: run it off the event loop."""
+        eng = self.engine
+        ids, truncated = eng.tokenizer.encode(prefixed)
+        for i, seq in enumerate(ids):
+            if not seq:
+                raise ValueError(f"input[{i}] produced no tokens (an empty text with an empty prompt)")
+        if not truncate and any(truncated):
+            idx = [i for i, t in enumerate(truncated) if t]
+            i = idx[0]
+            raise ValueError(f"input[{i}] has {eng.tokenizer.count_untruncated(prefixed[i])} tokens (prompt "
+                             f"included), more than max_length={eng.max_length}; allow truncation to cut it"
+                             + (f" ({len(idx)} inputs are too long)" if len(idx) > 1 else ""))
+        return ids
+
+    def submit_ids(self, ids, *, task, k, normalize=True, precision="float32") -> concurrent.futures.Future:
+        """Queue token id lists (from ``tokenize``) and return a future of ``EmbedResult``. Cancelling the
+        future drops the texts that have not started. Raises ``Overloaded`` or ``Closed``."""
+        job = _Job(ids, task, k, normalize, precision)
+        if not ids:
+            job.future.set_result(EmbedResult(quantize(job.out.numpy(), precision), 0))
+            return job.future
+        with self._cond:
+            if self._closing:
+                raise Closed("the server is shutting down and takes no new requests")
+            limit = self.max_queue_tokens
+            if limit is not None and self._queued_tokens > 0 and self._queued_tokens + job.tokens > limit:
+                wait = max(1, math.ceil(self._queued_tokens / self._rate)) if self._rate else 1
+                raise Overloaded(f"overloaded: {self._queued_tokens} tokens are queued and this request adds "
+                                 f"{job.tokens} (limit {limit}); retry in {wait} s", retry_after=wait)
+            self._queue.append(job)
+            self._queued_tokens += job.tokens
+            self._cond.notify_all()
+        job.future.add_done_callback(lambda f: f.cancelled() and self._cancel(job))
+        return job.future
+
+    async def embed(self, texts, *, task=None, prompt_name=None, prompt=None, truncate_dim=None, normalize=True,
+                    precision="float32", truncate=True) -> EmbedResult:
+        """``Engine.embed`` through the batcher, awaitable: the same options (always a list of rows) and the
+        same vectors. Cancelling the awaiting task drops the texts that have not started."""
+        prefixed, opts = self.prepare(texts, task=task, prompt_name=prompt_name, prompt=prompt,
+                                      truncate_dim=truncate_dim, normalize=normalize, precision=precision)
+        if self._closing:
+            raise Closed("the server is shutting down and takes no new requests")
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tok_pool, self.tokenize, prefixed, truncate)
+        return await asyncio.wrap_future(self.submit_ids(ids, **opts))
+
+    def close(self, timeout=None) -> bool:
+        """Stop taking work, finish every job already queued (up to ``timeout`` seconds), then stop the
+        scheduler. Jobs still unfinished at the timeout fail with ``Closed``. Returns whether all finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._queue or self._running:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            drained = not self._queue and not self._running
+            for job in list(self._queue):
+                self._fail(job, Closed("the server shut down before this request was embedded"))
+            self._queue.clear()
+            self._queued_tokens = 0
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=None if drained else 1.0)
+        self._tok_pool.shutdown(wait=False)
+        return drained
+
+    # ---- scheduler thread ----------------------------------------------------------------------
+    def _cancel(self, job):
+        with self._cond:
+            job.cancelled = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._queued_tokens -= sum(job.lengths[job.next:])
+                self._cond.notify_all()
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                # A job that found the engine idle waits up to max_wait for company (under load the oldest
+                # job has waited longer than that already, so batches run back to back).
+                deadline = self._queue[0].submitted + self.max_wait
+                while self._queued_tokens < self.max_batch_tokens and not self._stop and self._queue:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if not self._queue:
+                    continue
+                task, entries, waits = self._take()
+            self._run(task, entries, waits)
+
+    def _take(self):
+        """Cut the next batch (under the lock): the oldest job's task; jobs of that task take turns."""
+        task = self._queue[0].task
+        jobs = [j for j in self._queue if j.task == task]
+        entries, waits, used, budget = [], [], 0, self.max_batch_tokens
+        progress = True
+        while progress and used < budget:
+            progress = False
+            for j in jobs:
+                if j.next == len(j.ids):
+                    continue
+                n = j.lengths[j.next]
+                if entries and used + n > budget:
+                    continue
+                if j.started is None:
+                    j.started = time.monotonic()
+                    waits.append(j.started - j.submitted)
+                entries.append((j, j.next))
+                j.next += 1
+                used += n
+                progress = True
+                if used >= budget:
+                    break
+        for j in jobs:
+            if j.next == len(j.ids):
+                self._queue.remove(j)
+        self._queued_tokens -= used
+        self._running = True
+        return task, entries, waits
+
+    def _run(self, task, entries, waits):
+        try:
+            self._run_batch(task, entries, waits)
+        finally:
+            with self._cond:
+                self._running = False
+                self._cond.notify_all()
+
+    def _run_batch(self, task, entries, waits):
+        eng = self.engine
+        seqs = [j.ids[i] for j, i in entries]
+        t0 = time.perf_counter()
+        try:
+            with eng._lock, eng._on_device():
+                eng._activate(task)
+                eng._forward(seqs, lambda lo, hi, rows: self._put(entries, lo, hi, rows))
+        except Exception as e:  # noqa: BLE001 — the error goes to every caller in the batch
+            log.exception("batch of %d texts failed", len(entries))
+            with self._cond:
+                for j in {id(j): j for j, _ in entries}.values():
+                    if j in self._queue:
+                        self._queue.remove(j)
+                        self._queued_tokens -= sum(j.lengths[j.next:])
+                    self._fail(j, e)
+                self._cond.notify_all()
+            return
+        dt = time.perf_counter() - t0
+        tokens = sum(len(s) for s in seqs)
+        finished = []
+        with self._cond:
+            rate = tokens / max(dt, 1e-6)
+            self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
+            for j, _ in entries:
+                j.done += 1
+                if j.done == len(j.ids):
+                    finished.append(j)
+        for j in finished:
+            self._finish(j)
+        if self.observer is not None:
+            try:
+                self.observer(len(seqs), tokens, dt, waits)
+            except Exception:  # noqa: BLE001 — metrics never fail a batch
+                log.exception("batch observer failed")
+
+    @staticmethod
+    def _put(entries, lo, hi, rows):
+        """Pool rows (B, E) of ``entries[lo:hi]`` with each job's options into its output rows."""
+        groups = {}
+        for p in range(lo, hi):
+            j, _ = entries[p]
+            groups.setdefault((j.k, j.normalize), []).append(p)
+        for (k, normalize), ps in groups.items():
+            sel = rows if len(ps) == hi - lo else rows[torch.as_tensor([p - lo for p in ps], device=rows.device)]
+            one_each = torch.arange(sel.shape[0] + 1, device=sel.device, dtype=torch.int32)
+            emb = ops.pool_last(sel, one_each, truncate_dim=k, normalize=normalize).float().cpu()  # (B', k)
+            for r, p in enumerate(ps):
+                j, i = entries[p]
+                j.out[i] = emb[r]
+
+    def _finish(self, job):
+        if job.cancelled or not job.future.set_running_or_notify_cancel():
+            return
+        out = job.out
+        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            job.future.set_exception(FloatingPointError(
+                f"the model produced a non-finite embedding for input{bad[:10]} (dtype {self.engine.dtype}); "
+                f"the server's weights or dtype need attention (float32 avoids overflow)"))
+            return
+        res = out.numpy()
+        if job.precision != "float32":
+            res = quantize(res, job.precision)
+        job.future.set_result(EmbedResult(res, job.tokens))
+
+    @staticmethod
+    def _fail(job, exc):
+        if not job.future.done() and job.future.set_running_or_notify_cancel():
+            job.future.set_exception(exc)

@@ -1,0 +1,490 @@
+"""``jv5fast serve``: an OpenAI- and Jina-API-compatible embeddings server over ``jv5fast.scheduler.Batcher``.
+
+A thin FastAPI layer, served by uvicorn: read the body (size-limited before parsing), validate it with
+pydantic, map its fields onto the batcher's options, await the batcher, shape the response. All batching,
+task switching and fairness live in the batcher, which knows nothing of HTTP. Every error is OpenAI's
+body ``{"error": {"message", "type", "param", "code"}}``, never a stack trace or a server path.
+
+Endpoints: ``POST /v1/embeddings`` (also ``/embeddings``), ``GET /v1/models``, ``GET /health`` (200 once
+the model is loaded and warm; 503 while loading or draining), ``GET /metrics`` (Prometheus).
+Needs the ``serve`` extra: ``pip install "jv5fast[serve]"``.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, List, Optional, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+from .postprocess import quantize
+from .scheduler import Batcher, Closed, Overloaded
+
+log = logging.getLogger("jv5fast")
+
+# Jina API task -> (adapter, prompt name). The query side of retrieval gets "Query: ", all else "Document: ".
+JINA_TASKS = {
+    "retrieval.query": ("retrieval", "query"),
+    "retrieval.passage": ("retrieval", "document"),
+    "text-matching": ("text-matching", "document"),
+    "clustering": ("clustering", "document"),
+    "separation": ("clustering", "document"),  # the name jina-embeddings-v3 used
+    "classification": ("classification", "document"),
+}
+EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
+ENCODING_FORMATS = ("float", "base64")
+MATRYOSHKA = (32, 64, 128, 256, 512, 768, 1024)
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request plus the Jina API's fields; anything else is refused (a misspelt
+    option would otherwise be ignored silently)."""
+    model_config = ConfigDict(extra="forbid")
+    input: Any                                                   # str or list of str (checked by hand)
+    model: Optional[StrictStr] = None
+    encoding_format: Optional[StrictStr] = None                  # float | base64 (OpenAI)
+    dimensions: Optional[StrictInt] = None                       # Matryoshka: truncate, then normalize
+    user: Optional[StrictStr] = None                             # accepted and ignored, as OpenAI logs it
+    task: Optional[StrictStr] = None                             # Jina: retrieval.query, ...
+    embedding_type: Optional[Union[StrictStr, List[StrictStr]]] = None  # Jina: float|base64|binary|ubinary
+    normalized: StrictBool = True                                # Jina (default false there; true here)
+    truncate: StrictBool = True                                  # Jina (default false there; true here)
+
+
+class APIError(Exception):
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.code, self.headers = code, headers
+
+
+def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _json(obj, status=200):
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+class _Metrics:
+    """Prometheus metrics in the app's own registry (several apps may share a process)."""
+
+    def __init__(self, state):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        r = self.registry = CollectorRegistry()
+        lat = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+        self.requests = Counter("jv5fast_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.duration = Histogram("jv5fast_request_duration_seconds", "HTTP request latency", ["endpoint"],
+                                  buckets=lat, registry=r)
+        self.in_progress = Gauge("jv5fast_requests_in_progress", "embedding requests being served", registry=r)
+        self.inputs = Counter("jv5fast_inputs", "texts embedded", registry=r)
+        self.tokens = Counter("jv5fast_tokens", "tokens embedded (prompts included)", registry=r)
+        self.batch_size = Histogram("jv5fast_batch_size", "texts per forward batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.batch_tokens = Histogram("jv5fast_batch_tokens", "tokens per forward batch", registry=r,
+                                      buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768))
+        self.forward = Histogram("jv5fast_forward_seconds", "time of one forward batch", buckets=lat, registry=r)
+        self.queue_wait = Histogram("jv5fast_queue_wait_seconds", "time from queuing to a request's first "
+                                    "batch", buckets=lat, registry=r)
+        Gauge("jv5fast_queue_depth", "texts waiting for a batch", registry=r).set_function(
+            lambda: state.batcher.queued_texts if state.batcher else 0)
+        Gauge("jv5fast_queue_tokens", "tokens waiting for a batch", registry=r).set_function(
+            lambda: state.batcher.queued_tokens if state.batcher else 0)
+
+    def on_batch(self, texts, tokens, forward_s, waits):
+        self.batch_size.observe(texts)
+        self.batch_tokens.observe(tokens)
+        self.forward.observe(forward_s)
+        for w in waits:
+            self.queue_wait.observe(w)
+
+
+class _State:
+    def __init__(self):
+        self.batcher = None
+        self.engine = None
+        self.status = "loading"   # loading | ready | draining | failed
+        self.error = None
+
+
+_ENDPOINTS = ("/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics")
+
+
+class _Count:
+    """ASGI wrapper counting every HTTP response by endpoint and status, and timing it."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, t0 = 500, time.perf_counter()
+
+        async def send_(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            path = scope.get("path", "")
+            endpoint = path if path in _ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.duration.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None, max_batch_tokens=None,
+               max_wait_ms=2.0, max_queue_tokens=None, max_inputs=2048, max_request_bytes=8 * 2**20,
+               resident_tasks="auto", drain_timeout=30.0, warmup=True, on_load_error=None):
+    """The ASGI app serving ``engine`` (an ``Engine``), or the engine ``loader()`` returns: it runs in a
+    thread at startup, so the port answers (``/health``: 503) while the model loads. Batching options go to
+    ``jv5fast.scheduler.Batcher``; ``max_inputs`` and ``max_request_bytes`` bound a request (413 beyond);
+    ``api_key`` (default: ``$JV5FAST_API_KEY``) guards ``/v1/*``. ``on_load_error(message)`` is called if
+    loading or warm-up fails. ``app.state.jv5fast`` holds the batcher once ready; ``drain(...)``-style
+    shutdown happens in the app's lifespan (uvicorn answers in-flight requests first)."""
+    if (engine is None) == (loader is None):
+        raise ValueError("give exactly one of engine or loader")
+    for name, v in (("max_inputs", max_inputs), ("max_request_bytes", max_request_bytes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    api_key = api_key if api_key is not None else os.environ.get("JV5FAST_API_KEY") or None
+    key_bytes = api_key.encode() if api_key else None
+    state = _State()
+    metrics = _Metrics(state)
+
+    def load():
+        try:
+            eng = engine if engine is not None else loader()
+            if warmup:
+                eng.warmup()
+            state.batcher = Batcher(eng, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                                    max_queue_tokens=max_queue_tokens, resident_tasks=resident_tasks,
+                                    observer=metrics.on_batch)
+            state.engine = eng
+            if state.status == "loading":
+                state.status = "ready"
+            log.info("jv5fast serve: ready (%s)", eng)
+        except BaseException as e:  # noqa: BLE001 — reported, and the server exits
+            state.status, state.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("jv5fast serve: loading the model failed: %s", state.error)
+            if on_load_error is not None:
+                on_load_error(state.error)
+
+    async def lifespan(app):
+        thread = threading.Thread(target=load, name="jv5fast-load", daemon=True)
+        thread.start()
+        yield
+        if state.status != "failed":
+            state.status = "draining"
+        if state.batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, state.batcher.close, drain_timeout)
+
+    app = FastAPI(title="jv5fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.jv5fast = state
+
+    def name():
+        if served_model_name:
+            return served_model_name
+        path = getattr(state.engine, "path", None) or "jv5fast"
+        return os.path.basename(os.path.normpath(path))
+
+    def check_key(request: Request):
+        if key_bytes is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if not auth:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        scheme, _, given = auth.partition(" ")
+        if not hmac.compare_digest(given.strip().encode(), key_bytes) or scheme.lower() != "bearer":
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    def check_ready():
+        if state.status != "ready":
+            why = {"loading": "the model is still loading", "draining": "the server is shutting down",
+                   "failed": "the model failed to load"}[state.status]
+            raise APIError(503, f"unavailable: {why}", type_="service_unavailable", code=state.status)
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise APIError(400, f"bad Content-Length header {length!r}")
+            if int(length) > max_request_bytes:
+                raise APIError(413, f"request body of {int(length)} bytes is over this server's limit of "
+                               f"{max_request_bytes} bytes", code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_request_bytes:
+                raise APIError(413, f"request body is over this server's limit of {max_request_bytes} bytes",
+                               code="request_too_large")
+        return bytes(body)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, err: APIError):
+        return error_response(err.status, err.message, err.type, err.param, err.code, err.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, err):  # never a stack trace or a path on the wire
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal server error ({type(err).__name__}); see the server log",
+                              type_="server_error")
+
+    @app.get("/health")
+    async def health():
+        body = {"status": state.status}
+        return _json(body, 200 if state.status == "ready" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        check_ready()
+        eng = state.engine
+        return _json({"object": "list", "data": [{
+            "id": name(), "object": "model", "created": 0, "owned_by": "jv5fast",
+            "tasks": [t for t, (adapter, _) in JINA_TASKS.items() if adapter in eng.tasks],
+            "dimensions": eng.dim, "max_input_tokens": eng.max_length}]})
+
+    async def embeddings(request: Request):
+        check_key(request)
+        check_ready()
+        body = await read_body(request)
+        try:
+            raw = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise APIError(400, f"request body must be a JSON object, got {type(raw).__name__}")
+        try:
+            req = EmbeddingRequest.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "body"
+            if err["type"] == "missing":
+                msg = f"missing field '{field}'"
+            elif err["type"] == "extra_forbidden":
+                msg = (f"unknown field '{field}'; valid fields: {list(EmbeddingRequest.model_fields)}")
+            else:
+                msg = f"field '{field}': {err['msg']} (got {err.get('input')!r:.60})"
+            raise APIError(400, msg, param=field.split(".")[0]) from None
+        state_engine = state.engine
+        if req.model is not None and req.model not in (name(), state_engine.path):
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {name()!r}",
+                           param="model", code="model_not_found")
+        texts = _texts(req.input, max_inputs)
+        adapter, prompt_name = _task(req.task, state_engine)
+        k = _dimensions(req.dimensions, state_engine)
+        types = _embedding_types(req.embedding_type)
+        if req.encoding_format is not None and req.encoding_format not in ENCODING_FORMATS:
+            raise APIError(400, f"encoding_format {req.encoding_format!r} is not valid; choose one of "
+                           f"{list(ENCODING_FORMATS)}", param="encoding_format")
+        metrics.in_progress.inc()
+        try:
+            res = await _until_disconnect(request, state.batcher.embed(
+                texts, task=adapter, prompt_name=prompt_name, truncate_dim=k, normalize=req.normalized,
+                truncate=req.truncate))
+        finally:
+            metrics.in_progress.dec()
+        if res is None:  # the client went away; its queued texts were dropped
+            return Response(status_code=499)
+        metrics.inputs.inc(len(texts))
+        metrics.tokens.inc(res.tokens)
+        base64_floats = req.encoding_format == "base64"
+        data = [{"object": "embedding", "index": i, "embedding": None} for i in range(len(texts))]
+        encoded = {t: _encode(res.embeddings, t, base64_floats) for t in types}
+        for i, row in enumerate(data):
+            row["embedding"] = (encoded[types[0]][i] if req.embedding_type is None or isinstance(req.embedding_type,
+                                str) else {t: encoded[t][i] for t in types})
+        return _json({"object": "list", "data": data, "model": name(),
+                      "usage": {"prompt_tokens": res.tokens, "total_tokens": res.tokens}})
+
+    async def embeddings_route(request: Request):
+        try:
+            return await embeddings(request)
+        except (Overloaded,) as e:
+            raise APIError(429, str(e), type_="rate_limit_error", code="overloaded",
+                           headers={"Retry-After": str(int(e.retry_after))}) from None
+        except Closed as e:
+            raise APIError(503, str(e), type_="service_unavailable", code="draining") from None
+        except FloatingPointError as e:
+            raise APIError(500, str(e), type_="server_error", code="non_finite_embedding") from None
+        except (ValueError, TypeError) as e:  # the batcher's checks (e.g. truncate=false, over-long input)
+            raise APIError(400, str(e)) from None
+
+    app.add_api_route("/v1/embeddings", embeddings_route, methods=["POST"])
+    app.add_api_route("/embeddings", embeddings_route, methods=["POST"])
+    return _wrap(app, metrics)
+
+
+def _wrap(app, metrics):
+    """The counting wrapper, keeping ``.state`` reachable for callers that hold the app."""
+    counted = _Count(app, metrics)
+    counted.state = app.state
+    counted.fastapi = app
+    return counted
+
+
+async def _until_disconnect(request: Request, coro):
+    """Await ``coro``; if the client disconnects first, cancel it (the batcher drops texts not yet started)
+    and return None."""
+    work = asyncio.ensure_future(coro)
+
+    async def disconnected():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            work.cancel()
+        watch.cancel()
+    if not work.done() or work.cancelled():
+        return None
+    return work.result()
+
+
+def _texts(value, max_inputs):
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise APIError(400, f"'input' must be a string or a list of strings, got {type(value).__name__}",
+                       param="input")
+    if not value:
+        raise APIError(400, "'input' is an empty list; send at least one string", param="input")
+    if len(value) > max_inputs:
+        raise APIError(413, f"'input' has {len(value)} items; this server takes at most {max_inputs} per "
+                       f"request", param="input", code="too_many_inputs")
+    for i, t in enumerate(value):
+        if not isinstance(t, str):
+            what = "token ids are not accepted, send text" if isinstance(t, (int, list)) else "expected a string"
+            raise APIError(400, f"input[{i}] is {type(t).__name__} ({t!r:.40}); {what}", param="input")
+    return value
+
+
+def _task(task, engine):
+    """(adapter, prompt name) for a Jina task (None: the engine's task, document prompt)."""
+    doc = "document" if "document" in engine.prompts else None
+    if task is None:
+        return None, doc
+    valid = [t for t, (adapter, _) in JINA_TASKS.items() if adapter in engine.tasks]
+    if task not in JINA_TASKS or task not in valid:
+        if not valid:
+            raise APIError(400, f"task {task!r}: this model serves one task that its files do not name; omit "
+                           f"'task'", param="task")
+        raise APIError(400, f"task {task!r} is not valid; choose one of {valid}", param="task")
+    adapter, side = JINA_TASKS[task]
+    return adapter, side if side in engine.prompts else None
+
+
+def _dimensions(dimensions, engine):
+    if dimensions is None:
+        return None
+    if not 1 <= dimensions <= engine.dim:
+        dims = [d for d in MATRYOSHKA if d <= engine.dim]
+        raise APIError(400, f"dimensions={dimensions} is out of range 1..{engine.dim}; the Matryoshka "
+                       f"dimensions are {dims}", param="dimensions")
+    return dimensions
+
+
+def _embedding_types(value):
+    types = [value] if value is None or isinstance(value, str) else list(value)
+    if not types:
+        raise APIError(400, "embedding_type is an empty list", param="embedding_type")
+    types = ["float" if t is None else t for t in types]
+    for t in types:
+        if t not in EMBEDDING_TYPES:
+            raise APIError(400, f"embedding_type {t!r} is not valid; choose one of {list(EMBEDDING_TYPES)}",
+                           param="embedding_type")
+    return types
+
+
+def _encode(emb: np.ndarray, kind: str, base64_floats: bool):
+    """Rows of float32 ``emb`` in the wire form of ``kind``: float lists (or base64 of little-endian float32
+    when the client asked encoding_format=base64, or kind 'base64'), binary/ubinary as int lists."""
+    if kind in ("binary", "ubinary"):
+        return quantize(emb, kind).tolist()
+    if kind == "base64" or base64_floats:
+        le = emb.astype("<f4", copy=False)
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in le]
+    return emb.tolist()
+
+
+def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backend="torch", max_length=None,
+          onnx_quantize=None, log_level="info", drain_timeout=30.0, **app_options) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code (0 after a clean drain). The socket is
+    bound first (``port=0``: an ephemeral one) and its address printed as ``listening on http://HOST:PORT``,
+    then the model loads while ``/health`` answers 503."""
+    import signal
+    import socket
+
+    import uvicorn
+
+    from .engine import Engine
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"jv5fast serve: listening on http://{shown}:{bound} (loading {model})", flush=True)
+
+    failed = []
+    server = None
+
+    def load_error(msg):
+        failed.append(msg)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(loader=lambda: Engine(model, device=device, dtype=dtype, backend=backend, max_length=max_length,
+                                          onnx_quantize=onnx_quantize),
+                     drain_timeout=drain_timeout, on_load_error=load_error, **app_options)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if app.state.jv5fast.status == "ready":
+                app.state.jv5fast.status = "draining"  # /health says 503 from the first signal on
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout, lifespan="on",
+                            access_log=False)
+    server = _Server(config)
+    if failed:
+        return 1
+    # uvicorn re-raises the signal it stopped on once it is done; a no-op handler makes that a clean exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    if failed:
+        print(f"jv5fast serve: error: loading the model failed: {failed[0]}", flush=True)
+        return 1
+    print("jv5fast serve: stopped", flush=True)
+    return 0
