@@ -419,15 +419,17 @@ class Engine:
             out[torch.as_tensor(idx[lo:hi])] = emb.float().cpu()
         self._forward([ids[i] for i in idx], put, name=lambda j: f"text {idx[j]}")
 
-    def _forward(self, seqs, consume, lo=0, name=lambda j: "one text"):
+    def _forward(self, seqs, consume, lo=0, name=lambda j: "one text", between=None):
         """Forward ``seqs`` (token id lists) as one packed batch and hand the last-token rows (B, E) to
         ``consume(lo, hi, rows)`` for ``seqs[lo:hi]`` (rows are valid only during the call: a CUDA graph
         reuses its output). On CUDA OOM the batch is split in halves, down to a single text. The caller
-        holds the engine lock with the task active (``embed``; ``jv5fast.scheduler.Batcher``)."""
+        holds the engine lock with the task active (``embed``; ``jv5fast.scheduler.Batcher``). ``between``
+        goes to ``Backbone.forward`` (eager torch batches only)."""
         try:
             rows = self._graphs.run(seqs) if self._graphs is not None else None   # (B, E) or None
             if rows is None:
-                rows = self.model.forward(PackedBatch.from_ids(seqs, self.device), last_only=True)  # (B, E)
+                kw = {"between": between} if between is not None and self.backend == "torch" else {}
+                rows = self.model.forward(PackedBatch.from_ids(seqs, self.device), last_only=True, **kw)  # (B, E)
             consume(lo, lo + len(seqs), rows)
         except torch.OutOfMemoryError:
             if len(seqs) == 1:
@@ -436,8 +438,8 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(seqs) // 2
-            self._forward(seqs[:half], consume, lo, name)
-            self._forward(seqs[half:], consume, lo + half, name)
+            self._forward(seqs[:half], consume, lo, name, between)
+            self._forward(seqs[half:], consume, lo + half, name, between)
 
     @staticmethod
     def _check_texts(texts):

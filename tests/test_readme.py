@@ -1,5 +1,5 @@
 """The README's Python snippets run as written, on tiny (64-d) checkpoints: model paths point at them,
-Matryoshka dims become 32, and the training snippet's step count and batch size are shrunk; nothing else is changed, so README and code
+Matryoshka dims (truncate_dim=, dimensions=) become 32, and the training snippet's step count and batch size are shrunk; nothing else is changed, so README and code
 cannot drift apart."""
 import os
 import re
@@ -22,6 +22,7 @@ def test_readme_has_the_snippets_this_test_runs():
     assert len(blocks) >= 3
     assert any("Engine(" in b for b in blocks) and any("export_onnx" in b for b in blocks)
     assert any("Trainer(" in b for b in blocks)
+    assert any("OpenAI(" in b for b in blocks) and any("Batcher(" in b for b in blocks)
 
 
 @pytest.mark.parametrize("i", range(len(python_blocks())))
@@ -29,7 +30,7 @@ def test_readme_python_snippet_runs(i, ckpt_factory, tmp_path, monkeypatch):
     src = python_blocks()[i]
     src = src.replace("/models/jina-embeddings-v5-text-small", ckpt_factory("small"))
     src = src.replace("/models/jina-embeddings-v5-text-nano", ckpt_factory("nano"))
-    src = re.sub(r"\btruncate_dim=\d+", "truncate_dim=32", src)  # the tiny models are 64-d
+    src = re.sub(r"\b(truncate_dim|dimensions)=\d+", r"\1=32", src)  # the tiny models are 64-d
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(i)
     words = "light speed vacuum cat dog tree river mountain city music code paper".split()
@@ -50,4 +51,38 @@ def test_readme_python_snippet_runs(i, ckpt_factory, tmp_path, monkeypatch):
         def fn(texts):  # a teacher callable: the same 16-d space as tq/td
             return teacher.embed(texts, prompt="") @ proj
         ns.update(pairs=pairs, triplets=[dict(p, negatives=[docs[-1 - k]]) for k, p in enumerate(pairs)], fn=fn)
-    exec(compile(src, f"README.md python block {i + 1}", "exec"), ns)
+    server = None
+    if "OpenAI(" in src:  # the serving snippet talks to a real `jv5fast serve` of the nano checkpoint
+        import subprocess
+        import sys
+        server = subprocess.Popen([sys.executable, "-m", "jv5fast", "serve", "--model", ckpt_factory("nano"),
+                                   "--port", "0", "--device", "cpu", "--log-level", "warning", "--served-model-name",
+                                   "jina-embeddings-v5-text-nano"], stdout=subprocess.PIPE, text=True)
+        url = server.stdout.readline().split("listening on ")[1].split()[0]
+        _wait_healthy(url)
+        src = src.replace("http://127.0.0.1:8080", url)
+    try:
+        exec(compile(src, f"README.md python block {i + 1}", "exec"), ns)
+    finally:
+        if server is not None:
+            server.terminate()
+            assert server.wait(60) == 0
+    if "OpenAI(" in src:
+        import jv5fast
+        ref = jv5fast.Engine(ckpt_factory("nano")).embed(["how fast is light?", "c = 299,792 km/s"], truncate_dim=32)
+        assert np.abs(np.array(ns["vectors"]) - ref).max() <= 1e-6
+
+
+def _wait_healthy(url, timeout=120):
+    import time
+
+    import httpx
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} never became healthy")

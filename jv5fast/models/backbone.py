@@ -123,16 +123,18 @@ class Backbone:
 
     # ---- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch: PackedBatch, last_only: bool = False) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, last_only: bool = False, between=None) -> torch.Tensor:
         """Packed batch -> final-normed hidden states in the model dtype: (T, E), or with ``last_only``
         just each sequence's last token (B, E).
 
         ``last_only`` skips the work nothing reads: in the final layer only the last rows need a query,
         the output projection, the MLP and the final norm (keys and values still cover every token).
+        ``between()``, if given, is called after every layer but the last: the batcher runs urgent small
+        batches there, nested, so a long batch holds them up for one layer, not for all of them.
         """
-        return self.hidden_states(batch, last_only)
+        return self.hidden_states(batch, last_only, between=between)
 
-    def hidden_states(self, batch: PackedBatch, last_only: bool = False, linear=None) -> torch.Tensor:
+    def hidden_states(self, batch: PackedBatch, last_only: bool = False, linear=None, between=None) -> torch.Tensor:
         """``forward`` without inference mode, so the trainer can differentiate through it. ``linear(i,
         name, h)`` replaces ``F.linear(h, layers[i][name])`` for the fused projections (the trainer adds
         LoRA there); it needs the full path (``last_only=False``)."""
@@ -172,4 +174,6 @@ class Backbone:
             x = linear(n, "wo", o.reshape(o.shape[0], dq))                # (T or B, E)
             h, residual = ops.rms_norm(x, layer["mlp_norm"], a.rms_norm_eps, residual)
             x = linear(n, "w2", ops.swiglu(linear(n, "w13", h)))
+            if between is not None and n < len(self.layers) - 1:
+                between()
         return ops.rms_norm(x + residual, self.norm, a.rms_norm_eps)
