@@ -8,8 +8,9 @@ text-embeddings-inference, plus what an embedding server with task adapters need
 
 - one task per batch, the task of the oldest waiting job; with the tasks' merged weights resident
   (``Engine.keep_tasks_resident``) a switch swaps tensors, so alternating tasks never re-merge;
-- fairness: the jobs of a batch take turns, one text each in arrival order, so a 2,000-text job is spread
-  over many batches and a 1-text job rides in the next one; and while a batch of such a bulk job runs,
+- fairness: jobs not started yet come first, then the others least recently served first, and the jobs
+  of a batch take turns one text each, so a 2,000-text job is spread over many batches and a 1-text job
+  rides in the next one; and while a batch of such a bulk job runs,
   small jobs that arrive are run between two of its layers (nested, same thread), so they wait for one
   layer of it, not for the whole batch (on CPU a 512-token batch of nano takes ~0.8 s, a layer ~70 ms);
 - a cancelled job (its caller went away) has its texts that have not started dropped;
@@ -69,7 +70,7 @@ class _Job:
         self.next = 0        # next text to schedule
         self.done = 0        # texts whose rows are written
         self.started = None  # when its first text entered a batch
-        self.submitted = time.monotonic()
+        self.submitted = self.served = time.monotonic()  # served: when a batch last took one of its texts
         self.cancelled = False
         self.future = concurrent.futures.Future()
 
@@ -102,6 +103,7 @@ class Batcher:
         self._queue = deque()       # jobs with texts not yet scheduled, in arrival order
         self._queued_tokens = 0     # tokens of those texts
         self._running = False       # a batch is in the engine (jobs out of the queue finish with it)
+        self._active = {}           # id -> job, for the jobs of the batch(es) in the engine
         self._nested = False        # a small batch is running between two layers of a bulk one
         self._nested_s = 0.0        # seconds spent in nested batches (kept out of the outer one's time)
         self._closing = False
@@ -159,12 +161,12 @@ class Batcher:
         """Queue token id lists (from ``tokenize``) and return a future of ``EmbedResult``. Cancelling the
         future drops the texts that have not started. Raises ``Overloaded`` or ``Closed``."""
         job = _Job(ids, task, k, normalize, precision)
-        if not ids:
-            job.future.set_result(EmbedResult(quantize(job.out.numpy(), precision), 0))
-            return job.future
         with self._cond:
             if self._closing:
                 raise Closed("the server is shutting down and takes no new requests")
+            if not ids:
+                job.future.set_result(EmbedResult(quantize(job.out.numpy(), precision), 0))
+                return job.future
             limit = self.max_queue_tokens
             if limit is not None and self._queued_tokens > 0 and self._queued_tokens + job.tokens > limit:
                 wait = max(1, math.ceil(self._queued_tokens / self._rate)) if self._rate else 1
@@ -185,7 +187,11 @@ class Batcher:
         if self._closing:
             raise Closed("the server is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._tok_pool, self.tokenize, prefixed, truncate)
+        try:
+            work = loop.run_in_executor(self._tok_pool, self.tokenize, prefixed, truncate)
+        except RuntimeError:  # the pool was shut down by close() in the meantime
+            raise Closed("the server is shutting down and takes no new requests") from None
+        ids = await work
         return await asyncio.wrap_future(self.submit_ids(ids, **opts))
 
     def close(self, timeout=None) -> bool:
@@ -201,7 +207,7 @@ class Batcher:
                     break
                 self._cond.wait(left)
             drained = not self._queue and not self._running
-            for job in list(self._queue):
+            for job in list(self._queue) + list(self._active.values()):
                 self._fail(job, Closed("the server shut down before this request was embedded"))
             self._queue.clear()
             self._queued_tokens = 0
@@ -241,10 +247,15 @@ class Batcher:
             self._run(task, entries, waits)
 
     def _take(self):
-        """Cut the next batch (under the lock): the oldest job's task; jobs of that task take turns."""
-        task = self._queue[0].task
-        jobs = [j for j in self._queue if j.task == task]
-        entries, waits, used, budget = [], [], 0, self.max_batch_tokens
+        """Cut the next batch (under the lock). Jobs not started yet come first, in arrival order, then the
+        others, least recently served first; the first one's task is the batch's task, and the jobs of that
+        task take turns in that order (so a text too long to share a batch gets its own turn instead of
+        waiting behind an older bulk job)."""
+        def turn(j):
+            return (j.started is not None, j.served)
+        task = min(self._queue, key=turn).task
+        jobs = sorted((j for j in self._queue if j.task == task), key=turn)
+        entries, waits, used, budget, now = [], [], 0, self.max_batch_tokens, time.monotonic()
         progress = True
         while progress and used < budget:
             progress = False
@@ -255,8 +266,9 @@ class Batcher:
                 if entries and used + n > budget:
                     continue
                 if j.started is None:
-                    j.started = time.monotonic()
-                    waits.append(j.started - j.submitted)
+                    j.started = now
+                    waits.append(now - j.submitted)
+                j.served = now
                 entries.append((j, j.next))
                 j.next += 1
                 used += n
@@ -316,6 +328,8 @@ class Batcher:
         eng = self.engine
         seqs = [j.ids[i] for j, i in entries]
         t0, nested0 = time.perf_counter(), self._nested_s
+        with self._cond:
+            self._active.update((id(j), j) for j, _ in entries)
         try:
             with eng._lock, eng._on_device():
                 eng._activate(task)
@@ -328,6 +342,7 @@ class Batcher:
                         self._queue.remove(j)
                         self._queued_tokens -= sum(j.lengths[j.next:])
                     self._fail(j, e)
+                    self._active.pop(id(j), None)
                 self._cond.notify_all()
             return
         dt = time.perf_counter() - t0 - (self._nested_s - nested0)
@@ -340,6 +355,8 @@ class Batcher:
                 j.done += 1
                 if j.done == len(j.ids):
                     finished.append(j)
+            for j, _ in entries:
+                self._active.pop(id(j), None)
         for j in finished:
             self._finish(j)
         if self.observer is not None:
@@ -364,21 +381,26 @@ class Batcher:
                 j.out[i] = emb[r]
 
     def _finish(self, job):
-        if job.cancelled or not job.future.set_running_or_notify_cancel():
+        if job.cancelled:
             return
-        out = job.out
+        out, result, error = job.out, None, None
         bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
         if bad:
-            job.future.set_exception(FloatingPointError(
+            error = FloatingPointError(
                 f"the model produced a non-finite embedding for input{bad[:10]} (dtype {self.engine.dtype}); "
-                f"the server's weights or dtype need attention (float32 avoids overflow)"))
-            return
-        res = out.numpy()
-        if job.precision != "float32":
-            res = quantize(res, job.precision)
-        job.future.set_result(EmbedResult(res, job.tokens))
+                f"the server's weights or dtype need attention (float32 avoids overflow)")
+        else:
+            res = out.numpy()
+            result = EmbedResult(res if job.precision == "float32" else quantize(res, job.precision), job.tokens)
+        with self._cond:  # close() may fail the same future from another thread
+            if job.future.done() or not job.future.set_running_or_notify_cancel():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
 
-    @staticmethod
-    def _fail(job, exc):
-        if not job.future.done() and job.future.set_running_or_notify_cancel():
-            job.future.set_exception(exc)
+    def _fail(self, job, exc):
+        with self._cond:
+            if not job.future.done() and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(exc)
