@@ -397,3 +397,28 @@ def test_in_process_app_health_states_and_nan_is_500(engines, nano_ckpt):
         assert tc.get("/health").status_code == 503
         _err(tc.post("/v1/embeddings", json={"input": "x"}), 503, "shutting down")
         app.state.jv5fast.status = "ready"
+
+
+def test_accepted_connections_have_nagle_off():
+    """The listening socket says it is TCP, so asyncio sets TCP_NODELAY on each accepted connection; without it
+    every keep-alive response waited ~40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from jv5fast.server import listen_socket
+    sock = listen_socket("127.0.0.1", 0)
+
+    async def main():
+        got = asyncio.get_running_loop().create_future()
+
+        def accepted(reader, writer):
+            got.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+        server = await asyncio.start_server(accepted, sock=sock)
+        _, w = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            w.close()
+            server.close()
+    assert asyncio.run(main()) != 0
