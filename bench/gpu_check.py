@@ -532,6 +532,50 @@ def bench_latency(rep, budget_s=120, size="full"):
                 torch.cuda.empty_cache()
 
 
+def bench_server(rep, size="full", clients=64, requests=20, budget_s=150):
+    """``jv5fast serve`` on this device, loopback, full-size nano (retrieval merged): p50 of 1-text requests
+    at ``clients`` concurrent clients (issue 12's target: <= 5 ms), and tok/s under saturating load (16 texts
+    per request) against the engine's offline ``embed`` of the same texts (target: >= 80%)."""
+    import asyncio
+
+    import jv5fast
+    from jv5fast.testing import write_checkpoint
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_server as bs
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    t_start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(os.path.join(tmp, "nano"), "nano", size, seed=0, merged_task="retrieval")
+        cmd = [sys.executable, "-m", "jv5fast", "serve", "--model", path, "--port", "0", "--device", DEVICE,
+               "--dtype", dtype, "--served-model-name", bs.MODEL, "--log-level", "warning"]
+        sat = bs.plan(clients, max(2, requests // 4), seed=3, lo=16, hi=16)
+        tokens = bs.count_tokens(path, sat)
+        with bs.Server("jv5fast serve", cmd, os.path.join(tmp, "serve.log"), ready_timeout=budget_s) as srv:
+            rep.add("server", "nano ready", f"{fmt(srv.ready_s)} s", "process start to /health 200 (load + warm-up)")
+            asyncio.run(bs.load(srv.url, bs.plan(clients, 2, seed=1, lo=1, hi=1)))  # untimed warm-up
+            r = asyncio.run(bs.load(srv.url, bs.plan(clients, requests, seed=2, lo=1, hi=1)))
+            rep.add("server", f"nano 1-text requests, {clients} clients", f"p50 {fmt(r['p50'])} ms",
+                    f"p99 {fmt(r['p99'])} ms, {fmt(r['req_s'])} req/s; target p50 <= 5 ms")
+            if time.time() - t_start > budget_s:
+                rep.add("server", "nano saturating load", "skipped", f"time budget {budget_s} s spent")
+                return
+            asyncio.run(bs.load(srv.url, sat[:4]))
+            r = asyncio.run(bs.load(srv.url, sat))
+        served = tokens / r["wall"]
+        eng = jv5fast.Engine(path, device=DEVICE, dtype=dtype)
+        eng.warmup()
+        flat = [t for mine in sat for req in mine for t in req]
+        eng.embed(flat[:256])
+        t0 = time.perf_counter()
+        eng.embed(flat)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        offline = tokens / (time.perf_counter() - t0)
+        rep.add("server", f"nano saturating load, {clients} clients x 16 texts", f"{fmt(served)} tok/s",
+                f"{fmt(served / offline)} of the engine's offline embed of the same {len(flat)} texts "
+                f"({fmt(offline)} tok/s); p50 {fmt(r['p50'])} ms; target >= 0.8")
+
+
 def _fail(rep, section, check, e):
     traceback.print_exc()
     rep.add(section, check, "ERROR", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
@@ -539,7 +583,7 @@ def _fail(rep, section, check, e):
 
 def main(argv):
     out_path = next((a for a in argv[1:] if not a.startswith("--")), None)
-    only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,attention,engine,latency")
+    only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,attention,engine,latency,server")
     sections = set(only.split(","))
     rep = Report()
     try:
@@ -563,7 +607,8 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             _fail(rep, "correctness", "hamming_topk large k", e)
         print(f"-- correctness done at {time.time() - t0:.0f} s", flush=True)
-    for name, fn in (("attention", bench_attention), ("engine", bench_engine), ("latency", bench_latency)):
+    for name, fn in (("attention", bench_attention), ("engine", bench_engine), ("latency", bench_latency),
+                     ("server", bench_server)):
         if name in sections:
             try:
                 fn(rep)

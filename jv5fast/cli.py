@@ -342,7 +342,7 @@ def _add_serve_parser(sub):
     s.add_argument("--quantize", default=None, choices=("int8",), help="with --backend onnx: the int8 graph")
     s.add_argument("--max-length", type=_positive_int, default=None, help="tokens per text, prompt included")
     s.add_argument("--served-model-name", default=None, help="the model name in responses and /v1/models "
-                   "(default: the folder name of --model)")
+                   "(default: the folder name of --model, or the hub id)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
                    "$JV5FAST_API_KEY; none when unset)")
     s.add_argument("--max-batch-tokens", type=_positive_int, default=None, help="token budget of one forward "

@@ -9,8 +9,9 @@ text-embeddings-inference, plus what an embedding server with task adapters need
 - one task per batch, the task of the oldest waiting job; with the tasks' merged weights resident
   (``Engine.keep_tasks_resident``) a switch swaps tensors, so alternating tasks never re-merge;
 - fairness: jobs not started yet come first, then the others least recently served first, and the jobs
-  of a batch take turns one text each, so a 2,000-text job is spread over many batches and a 1-text job
-  rides in the next one; and while a batch of such a bulk job runs,
+  of a batch take turns one text each, so a 2,000-text job is spread over many batches; small jobs (that
+  fit one batch) and bulk ones never share a batch, small ones first, bulk ones at least every
+  ``BULK_WAIT_S``; and while a batch of a bulk job runs,
   small jobs that arrive are run between two of its layers (nested, same thread), so they wait for one
   layer of it, not for the whole batch (on CPU a 512-token batch of nano takes ~0.8 s, a layer ~70 ms);
 - a cancelled job (its caller went away) has its texts that have not started dropped;
@@ -39,6 +40,9 @@ from .engine import CPU_BATCH_TOKENS
 from .postprocess import check_precision, quantize
 
 log = logging.getLogger("jv5fast")
+
+
+BULK_WAIT_S = 1.0  # a job bigger than one batch waits at most this long between batches while small jobs run
 
 
 class Overloaded(RuntimeError):
@@ -253,9 +257,17 @@ class Batcher:
         waiting behind an older bulk job)."""
         def turn(j):
             return (j.started is not None, j.served)
+        budget, now = self.max_batch_tokens, time.monotonic()
         task = min(self._queue, key=turn).task
         jobs = sorted((j for j in self._queue if j.task == task), key=turn)
-        entries, waits, used, budget, now = [], [], 0, self.max_batch_tokens, time.monotonic()
+        bulk = [j for j in jobs if j.tokens > budget]
+        if bulk and len(bulk) < len(jobs):
+            # Small and bulk jobs never share a batch, or the small ones would wait for a whole bulk batch:
+            # small jobs go first, and bulk ones (small jobs then run between their layers) once one of them
+            # has waited BULK_WAIT_S, so a steady stream of small jobs cannot starve them.
+            starved = any(now - j.served > BULK_WAIT_S for j in bulk)
+            jobs = bulk if starved else [j for j in jobs if j.tokens <= budget]
+        entries, waits, used = [], [], 0
         progress = True
         while progress and used < budget:
             progress = False

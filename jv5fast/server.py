@@ -116,6 +116,7 @@ class _State:
         self.engine = None
         self.status = "loading"   # loading | ready | draining | failed
         self.error = None
+        self.cut_off = 0          # requests cancelled when the drain timed out
 
 
 _ENDPOINTS = ("/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics")
@@ -302,6 +303,10 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             res = await _until_disconnect(request, state.batcher.embed(
                 texts, task=adapter, prompt_name=prompt_name, truncate_dim=k, normalize=req.normalized,
                 truncate=req.truncate))
+        except asyncio.CancelledError:
+            if state.status == "draining":  # uvicorn's graceful-shutdown timeout ran out
+                state.cut_off += 1
+            raise
         finally:
             metrics.in_progress.dec()
         if res is None:  # the client went away; its queued texts were dropped
@@ -475,6 +480,9 @@ def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backen
         if server is not None:
             server.should_exit = True
 
+    if not app_options.get("served_model_name"):  # a folder's name, or the hub id as given (not its snapshot hash)
+        app_options["served_model_name"] = (os.path.basename(os.path.normpath(model)) if os.path.isdir(model)
+                                            else model)
     app = create_app(loader=lambda: Engine(model, device=device, dtype=dtype, backend=backend, max_length=max_length,
                                           onnx_quantize=onnx_quantize),
                      drain_timeout=drain_timeout, on_load_error=load_error, **app_options)
@@ -496,6 +504,11 @@ def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backen
     server.run(sockets=[sock])
     if failed:
         print(f"jv5fast serve: error: loading the model failed: {failed[0]}", flush=True)
+        return 1
+    cut = app.state.jv5fast.cut_off
+    if cut:
+        print(f"jv5fast serve: error: {cut} requests were still running after --drain-timeout {drain_timeout:g} s "
+              f"and were cut off", flush=True)
         return 1
     print("jv5fast serve: stopped", flush=True)
     return 0

@@ -117,3 +117,16 @@ def test_hamming_large_k_section_on_cpu(monkeypatch):
     rows = {r[1]: (r[2], r[3]) for r in rep.rows}
     assert [v[0] for k, v in rows.items() if k.startswith("hamming_topk")] == ["PASS"] * 3, rep.rows
     assert any("chunked/Triton" in v[1] for v in rows.values()), rep.rows
+
+
+def test_server_section_on_cpu(monkeypatch):
+    """The serving section end to end on a tiny checkpoint on CPU: a real `jv5fast serve`, the bench's load
+    generator, and the offline comparison; every row measured, none an error."""
+    gc = _load()
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    rep = gc.Report()
+    gc.bench_server(rep, size="tiny", clients=4, requests=4)
+    rows = {r[1]: (r[2], r[3]) for r in rep.rows}
+    assert not any(v[0] in ("ERROR", "skipped") for v in rows.values()), rep.rows
+    assert sorted(rows) == ["nano 1-text requests, 4 clients", "nano ready", "nano saturating load, 4 clients x 16 texts"]
+    assert "target p50 <= 5 ms" in rows["nano 1-text requests, 4 clients"][1]

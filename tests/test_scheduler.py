@@ -608,22 +608,25 @@ def test_forward_error_fails_every_job_of_its_batch_and_serving_goes_on(served, 
         return forward(batch, **kw)
 
     monkeypatch.setattr(eng.model, "forward", flaky)
-    a_texts, c_texts, later_texts = _texts(rng, 1), _texts(rng, 30), _texts(rng, 4)
+    # two bulk jobs (each more than one batch: small and bulk jobs never share a batch), so the failing batch
+    # holds texts of both and leaves part of each queued
+    a_texts, c_texts, later_texts = _texts(rng, 30), _texts(rng, 30), _texts(rng, 2)
     with _serving(eng) as b:
         with _held(eng):
             fblock = _block_scheduler(b, eng)
-            _, fa = _submit(b, a_texts)
-            c_ids, fc = _submit(b, c_texts)  # more than one batch: part of it stays queued
-            assert sum(map(len, c_ids)) > BUDGET
+            a_ids, fa = _submit(b, a_texts)
+            c_ids, fc = _submit(b, c_texts)
+            assert sum(map(len, a_ids)) > BUDGET and sum(map(len, c_ids)) > BUDGET
         for f in (fa, fc):
             with pytest.raises(RuntimeError, match="simulated kernel failure"):
                 f.result(WAIT_S)
         _assert_matches(fblock.result(0).embeddings, ref, ["a blocker"])
         _wait_until(lambda: b.queued_tokens == 0, "the failed job's remaining texts to be dropped")
         assert b.queued_texts == 0
-        _, flater = _submit(b, later_texts, precision="ubinary")
+        later_ids, flater = _submit(b, later_texts, precision="ubinary")
+        assert sum(map(len, later_ids)) <= BUDGET  # one batch
         _assert_matches(flater.result(WAIT_S).embeddings, ref, later_texts, precision="ubinary")
-    assert calls[0] == 1 and calls[1] >= 2 and len(calls) == 3  # C's unstarted texts never ran
+    assert calls[0] == 1 and calls[1] >= 2 and len(calls) == 3  # A's and C's unstarted texts never ran
 
 
 def test_failing_observer_never_fails_a_batch(served, engines):
@@ -757,3 +760,31 @@ def test_empty_input_gives_zero_rows_in_the_right_dtype(served, engines, truncat
             assert direct.embeddings.dtype == want.dtype
     k = truncate_dim or 64
     assert want.shape == (0, (k + 7) // 8)  # ubinary, the last one
+
+
+def test_small_and_bulk_jobs_never_share_a_batch_and_bulk_is_not_starved(served, engines, monkeypatch):
+    """A small job (it fits one batch) never waits for a whole batch of bulk texts: the two kinds never share
+    a batch. A steady stream of small jobs still lets a bulk job through once it waited BULK_WAIT_S."""
+    import jv5fast.scheduler as sched
+    monkeypatch.setattr(sched, "BULK_WAIT_S", 0.3)
+    eng, ref = served("nano"), engines["nano"]
+    rng = np.random.default_rng(71)
+    log = _ForwardLog(eng, monkeypatch)
+    big_texts = _texts(rng, 60)
+    with _serving(eng) as b:
+        big_ids, fbig = _submit(b, big_texts)
+        smalls = []
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end and not fbig.done():  # small jobs back to back, one always waiting
+            smalls.append(_submit(b, _texts(rng, 1)))
+            smalls[-1][1].result(WAIT_S)
+        fbig.result(WAIT_S)
+    bulk = {id(s) for s in big_ids}
+    small = {id(s) for ids, _ in smalls for s in ids}
+    for batch in log.batches:
+        kinds = {id(s) in bulk for s in batch if id(s) in bulk | small}
+        assert len(kinds) <= 1, "a batch mixed bulk and small texts"
+    assert log.count(big_ids) == len(big_texts)  # the bulk job finished while small ones kept coming
+    _assert_matches(fbig.result(0).embeddings, ref, big_texts)
+    for ids, f in smalls[:5]:
+        assert f.result(0).embeddings.shape[0] == 1

@@ -422,3 +422,25 @@ def test_accepted_connections_have_nagle_off():
             w.close()
             server.close()
     assert asyncio.run(main()) != 0
+
+
+def test_a_drain_that_times_out_exits_nonzero_and_says_so(nano_ckpt):
+    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0", "--drain-timeout", "0.5")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(srv.post, {"input": texts(2000, seed=4, lo=2, hi=4)})
+            t0 = time.time()
+            while srv.metric("jv5fast_requests_in_progress") < 1:
+                assert time.time() - t0 < 60
+                time.sleep(0.02)
+            srv.proc.send_signal(signal.SIGTERM)
+            assert srv.proc.wait(60) == 1
+            try:  # cut off: a 5xx, or the connection closed on it; never a 200
+                status = fut.result(timeout=60).status_code
+            except httpx.HTTPError:
+                status = None
+            assert status is None or status >= 500, status
+        out = "".join(srv.lines.queue)
+        assert "1 requests were still running after --drain-timeout 0.5 s" in out, out
+    finally:
+        srv.stop()
