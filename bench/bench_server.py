@@ -311,7 +311,7 @@ def offline(path, reqs, tokens):
     flat = [t for mine in reqs for texts in mine for t in texts]
     eng.embed(flat[:32])
     t0 = time.perf_counter()
-    eng.embed(flat)
+    eng.embed(flat, show_progress_bar=False)
     wall = time.perf_counter() - t0
     print(f"offline Engine.embed: {tokens / wall:.0f} tok/s", flush=True)
     return {"server": "Engine.embed, one call in-process (ceiling)", "offline": True, "texts": len(flat),

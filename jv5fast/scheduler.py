@@ -7,7 +7,9 @@ of at most ``max_batch_tokens`` tokens from the queued texts, back to back under
 text-embeddings-inference, plus what an embedding server with task adapters needs:
 
 - one task per batch, the task of the oldest waiting job; with the tasks' merged weights resident
-  (``Engine.keep_tasks_resident``) a switch swaps tensors, so alternating tasks never re-merge;
+  (``Engine.keep_tasks_resident``) a switch swaps tensors, so alternating tasks never re-merge; without
+  them (too little memory) the batcher stays on the merged task while the other tasks' jobs have waited
+  less than ``SWITCH_WAIT_S``, so a switch (a re-merge) happens at most about once per second;
 - fairness: jobs not started yet come first, then the others least recently served first, and the jobs
   of a batch take turns one text each, so a 2,000-text job is spread over many batches; small jobs (that
   fit one batch) and bulk ones never share a batch, small ones first, bulk ones at least every
@@ -43,6 +45,7 @@ log = logging.getLogger("jv5fast")
 
 
 BULK_WAIT_S = 1.0  # a job bigger than one batch waits at most this long between batches while small jobs run
+SWITCH_WAIT_S = 1.0  # without resident task weights, jobs of another task wait up to this long for a switch
 
 
 class Overloaded(RuntimeError):
@@ -259,6 +262,10 @@ class Batcher:
             return (j.started is not None, j.served)
         budget, now = self.max_batch_tokens, time.monotonic()
         task = min(self._queue, key=turn).task
+        current = self.engine._active
+        if (not self.resident and task != current and any(j.task == current for j in self._queue)
+                and now - min(j.submitted for j in self._queue if j.task != current) < SWITCH_WAIT_S):
+            task = current  # without resident weights a switch re-merges: stay while others can wait
         jobs = sorted((j for j in self._queue if j.task == task), key=turn)
         bulk = [j for j in jobs if j.tokens > budget]
         if bulk and len(bulk) < len(jobs):

@@ -788,3 +788,37 @@ def test_small_and_bulk_jobs_never_share_a_batch_and_bulk_is_not_starved(served,
     _assert_matches(fbig.result(0).embeddings, ref, big_texts)
     for ids, f in smalls[:5]:
         assert f.result(0).embeddings.shape[0] == 1
+
+
+@pytest.mark.parametrize("switch_wait,max_switches", [(60.0, 1), (0.0, None)])
+def test_without_resident_weights_task_switches_are_rationed(nano_ckpt, monkeypatch, switch_wait, max_switches):
+    """Without resident task weights a switch re-merges every layer, so jobs of another task wait (up to
+    SWITCH_WAIT_S) while the merged task has work: alternating traffic switches once, not per batch. With no
+    wait the batcher follows arrival order and switches per job (the test's own check that it can fail)."""
+    import jv5fast.scheduler as sched
+    monkeypatch.setattr(sched, "SWITCH_WAIT_S", switch_wait)
+    eng = jv5fast.Engine(nano_ckpt, device="cpu")
+    active, inner = [], eng._activate
+
+    def spy(task):
+        if task != eng._active:
+            active.append(task)
+        return inner(task)
+
+    monkeypatch.setattr(eng, "_activate", spy)
+    rng = np.random.default_rng(81)
+    with _serving(eng, resident_tasks=False) as b:
+        assert not b.resident
+        with _held(eng):
+            fblock = _block_scheduler(b, eng)  # the engine's task, retrieval
+            # jobs of several batches each, so that tasks could alternate batch by batch
+            jobs = [_submit(b, _texts(rng, 12), task=("clustering", "retrieval")[i % 2]) for i in range(6)]
+            assert all(sum(map(len, ids)) > BUDGET for ids, _ in jobs)
+        for _, f in jobs:
+            f.result(WAIT_S)
+        fblock.result(WAIT_S)
+    switches = len(active)
+    if max_switches is None:
+        assert switches >= 5, active
+    else:
+        assert switches <= max_switches, active
