@@ -498,6 +498,9 @@ def _serve(a):
     if a.quantize and a.backend != "onnx":
         raise CLIError("--quantize int8 runs an ONNX export's int8 graph; add --backend onnx")
     _check_model(a.model, "--model", a.backend)
+    path = os.path.expanduser(a.model)
+    if (os.path.isabs(path) or a.model.startswith((".", "~"))) and not os.path.isdir(path):
+        raise CLIError(f"--model {a.model}: no such folder")  # fail before binding, not after
     _check_device(a.device)
     if not 0 <= a.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {a.port}")

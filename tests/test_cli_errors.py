@@ -127,7 +127,7 @@ def test_every_flag_has_help_and_choices_are_listed():
     assert TRAIN_STAGES == ("distill",) + TASKS
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subs) == {"embed", "export-onnx", "train"}
+    assert set(subs) == {"embed", "export-onnx", "train", "serve"}
     for name, sub in subs.items():
         for action in sub._actions:
             assert action.help and action.help.strip(), (name, action.option_strings)
@@ -204,3 +204,29 @@ def test_train_errors_and_resume(ckpt_factory, files, tmp_path, capsys):
     # a teacher whose dimension differs from the projection the first run saved, through the real entry point
     check(run(*base[:-1], teacher16, "--output", tmp_path / "out2", "--student", out, "--steps", "1"), 2,
           "projection.safetensors maps 64 student dims to 24 teacher dims, but this teacher gives 16")
+
+
+def test_serve_errors_fail_before_binding(nano_ckpt, files, tmp_path):
+    """`jv5fast serve` refuses bad flags and a missing model folder at once (exit 2, one line), before it
+    binds a port or loads anything."""
+    s = ("serve", "--model", nano_ckpt, "--port", "0")
+    r = run_many([
+        (("serve", "--model", tmp_path / "no-such-model", "--port", "0"), {}),
+        ((*s[:3], "--port", "70000"), {}),
+        ((*s, "--max-wait-ms", "-1"), {}),
+        ((*s, "--max-inputs", "0"), {}),
+        ((*s, "--max-queue-tokens", "many"), {}),
+        ((*s, "--quantize", "int8"), {}),
+        ((*s, "--backend", "onnx"), {}),
+        ((*s, "--resident-tasks", "maybe"), {}),
+        ((*s, "--device", "tpu"), {}),
+    ])
+    check(r[0], 2, "no-such-model", "no such folder")
+    check(r[1], 2, "--port", "70000")
+    check(r[2], 2, "--max-wait-ms", "-1")
+    check(r[3], 2, "--max-inputs", "'0'")
+    check(r[4], 2, "--max-queue-tokens", "many")
+    check(r[5], 2, "--quantize int8", "--backend onnx")
+    check(r[6], 2, "not an ONNX export")
+    check(r[7], 2, "--resident-tasks", "auto")
+    check(r[8], 2, "tpu")
