@@ -350,7 +350,7 @@ def _add_serve_parser(sub):
     s.add_argument("--max-wait-ms", type=_nonneg_float, default=2.0, help="how long a request that finds the "
                    "engine idle waits for others to batch with")
     s.add_argument("--max-queue-tokens", type=_positive_int, default=None, help="tokens allowed to wait; a "
-                   "request beyond gets 429 with Retry-After (default: 262144, or 64 x --max-batch-tokens if more)")
+                   "request beyond gets 429 with Retry-After (default: 262144, or 64 batches if more)")
     s.add_argument("--max-inputs", type=_positive_int, default=2048, help="texts per request (413 beyond)")
     s.add_argument("--max-request-bytes", type=_positive_int, default=8 * 2**20, help="request body size "
                    "(413 beyond, checked before parsing)")
@@ -505,14 +505,12 @@ def _serve(a):
     if not 0 <= a.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {a.port}")
     from .server import serve
-    if a.max_queue_tokens is None:
-        a.max_queue_tokens = max(2**18, 64 * (a.max_batch_tokens or 16384))
     resident = {"auto": "auto", "true": True, "false": False}[a.resident_tasks]
     return serve(a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, backend=a.backend,
                  max_length=a.max_length, onnx_quantize=a.quantize, log_level=a.log_level,
                  drain_timeout=a.drain_timeout, served_model_name=a.served_model_name, api_key=a.api_key,
                  max_batch_tokens=a.max_batch_tokens, max_wait_ms=a.max_wait_ms,
-                 max_queue_tokens=a.max_queue_tokens, max_inputs=a.max_inputs,
+                 max_queue_tokens=a.max_queue_tokens or "auto", max_inputs=a.max_inputs,
                  max_request_bytes=a.max_request_bytes, resident_tasks=resident)
 
 

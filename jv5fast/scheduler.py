@@ -10,10 +10,10 @@ text-embeddings-inference, plus what an embedding server with task adapters need
   (``Engine.keep_tasks_resident``) a switch swaps tensors, so alternating tasks never re-merge; without
   them (too little memory) the batcher stays on the merged task while the other tasks' jobs have waited
   less than ``SWITCH_WAIT_S``, so a switch (a re-merge) happens at most about once per second;
-- fairness: jobs not started yet come first, then the others least recently served first, and the jobs
-  of a batch take turns one text each, so a 2,000-text job is spread over many batches; small jobs (that
-  fit one batch) and bulk ones never share a batch, small ones first, bulk ones at least every
-  ``BULK_WAIT_S``; and while a batch of a bulk job runs,
+- fairness: small jobs (that fit one batch) and bulk ones never share a batch; small jobs go first, whole,
+  in arrival order, and a bulk job gets a batch at least every ``BULK_WAIT_S``, its texts taking turns with
+  the other bulk jobs' one at a time, so a 2,000-text job is spread over many batches; and while a batch of
+  a bulk job runs,
   small jobs that arrive are run between two of its layers (nested, same thread), so they wait for one
   layer of it, not for the whole batch (on CPU a 512-token batch of nano takes ~0.8 s, a layer ~70 ms);
 - a cancelled job (its caller went away) has its texts that have not started dropped;
@@ -60,6 +60,10 @@ class Closed(RuntimeError):
     """The batcher is draining or closed and takes no new work."""
 
 
+class BatchFailed(RuntimeError):
+    """The forward pass of a batch raised; every job in it fails with this (the cause is chained)."""
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     embeddings: np.ndarray  # (N, D') in the requested precision, rows in input order
@@ -87,15 +91,18 @@ class Batcher:
 
     ``max_batch_tokens`` defaults to the engine's (on CPU at most 512, where fp32 GEMMs run fastest);
     ``max_wait_ms`` is how long a job that finds the engine idle waits for company; ``max_queue_tokens``
-    (None: unbounded) bounds the tokens waiting; ``resident_tasks`` is passed to
+    bounds the tokens waiting ("auto": 262,144 or 64 batches, whichever is more; None: unbounded), counting
+    texts still being tokenized at ~4 characters a token; ``resident_tasks`` is passed to
     ``Engine.keep_tasks_resident`` ("auto": when memory allows). ``observer(texts, tokens, forward_s,
     queue_waits)`` is called after each batch (metrics), from the scheduler thread."""
 
-    def __init__(self, engine, *, max_batch_tokens=None, max_wait_ms=2.0, max_queue_tokens=None,
+    def __init__(self, engine, *, max_batch_tokens=None, max_wait_ms=2.0, max_queue_tokens="auto",
                  resident_tasks="auto", observer=None):
         for name, v in (("max_batch_tokens", max_batch_tokens), ("max_queue_tokens", max_queue_tokens)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            if v is not None and v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if max_batch_tokens == "auto":
+            raise ValueError("max_batch_tokens must be a positive int or None, got 'auto'")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 1e4:
             raise ValueError(f"max_wait_ms must be a number in [0, 10000), got {max_wait_ms!r}")
         self.engine = engine
@@ -104,11 +111,15 @@ class Batcher:
             if engine.device.type == "cpu":
                 max_batch_tokens = min(max_batch_tokens, CPU_BATCH_TOKENS)
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000.0
+        if max_queue_tokens == "auto":
+            max_queue_tokens = max(2**18, 64 * max_batch_tokens)
         self.max_queue_tokens, self.observer = max_queue_tokens, observer
         self.resident = engine.keep_tasks_resident(resident_tasks) if resident_tasks else False
         self._cond = threading.Condition()
         self._queue = deque()       # jobs with texts not yet scheduled, in arrival order
         self._queued_tokens = 0     # tokens of those texts
+        self._pending_chars = 0     # characters of texts being tokenized (admitted, not yet queued)
+        self.failed = None          # why the scheduler thread died, if it did (nothing is served then)
         self._running = False       # a batch is in the engine (jobs out of the queue finish with it)
         self._active = {}           # id -> job, for the jobs of the batch(es) in the engine
         self._nested = False        # a small batch is running between two layers of a bulk one
@@ -167,18 +178,18 @@ class Batcher:
     def submit_ids(self, ids, *, task, k, normalize=True, precision="float32") -> concurrent.futures.Future:
         """Queue token id lists (from ``tokenize``) and return a future of ``EmbedResult``. Cancelling the
         future drops the texts that have not started. Raises ``Overloaded`` or ``Closed``."""
+        vocab, limit_len = self.engine.args.vocab_size, self.engine.max_length
+        for i, seq in enumerate(ids):  # one bad row would fail every job of its batch
+            if not 0 < len(seq) <= max(limit_len, 1) or min(seq) < 0 or max(seq) >= vocab:
+                raise ValueError(f"ids[{i}] must hold 1..{limit_len} token ids in 0..{vocab - 1}")
         job = _Job(ids, task, k, normalize, precision)
         with self._cond:
-            if self._closing:
-                raise Closed("the server is shutting down and takes no new requests")
+            if self._closing or self.failed:
+                raise Closed(self.failed or "the server is shutting down and takes no new requests")
             if not ids:
                 job.future.set_result(EmbedResult(quantize(job.out.numpy(), precision), 0))
                 return job.future
-            limit = self.max_queue_tokens
-            if limit is not None and self._queued_tokens > 0 and self._queued_tokens + job.tokens > limit:
-                wait = max(1, math.ceil(self._queued_tokens / self._rate)) if self._rate else 1
-                raise Overloaded(f"overloaded: {self._queued_tokens} tokens are queued and this request adds "
-                                 f"{job.tokens} (limit {limit}); retry in {wait} s", retry_after=wait)
+            self._admit(job.tokens)
             self._queue.append(job)
             self._queued_tokens += job.tokens
             self._cond.notify_all()
@@ -191,15 +202,34 @@ class Batcher:
         same vectors. Cancelling the awaiting task drops the texts that have not started."""
         prefixed, opts = self.prepare(texts, task=task, prompt_name=prompt_name, prompt=prompt,
                                       truncate_dim=truncate_dim, normalize=normalize, precision=precision)
-        if self._closing:
-            raise Closed("the server is shutting down and takes no new requests")
-        loop = asyncio.get_running_loop()
+        chars = sum(map(len, prefixed))
+        with self._cond:  # admission before tokenizing: the tokenizer's backlog counts against the queue
+            if self._closing or self.failed:
+                raise Closed(self.failed or "the server is shutting down and takes no new requests")
+            self._admit(chars // 4, estimate=True)
+            self._pending_chars += chars
         try:
-            work = loop.run_in_executor(self._tok_pool, self.tokenize, prefixed, truncate)
-        except RuntimeError:  # the pool was shut down by close() in the meantime
-            raise Closed("the server is shutting down and takes no new requests") from None
-        ids = await work
+            loop = asyncio.get_running_loop()
+            try:
+                work = loop.run_in_executor(self._tok_pool, self.tokenize, prefixed, truncate)
+            except RuntimeError:  # the pool was shut down by close() in the meantime
+                raise Closed("the server is shutting down and takes no new requests") from None
+            ids = await work
+        finally:
+            with self._cond:
+                self._pending_chars -= chars
         return await asyncio.wrap_future(self.submit_ids(ids, **opts))
+
+    def _admit(self, tokens, estimate=False):
+        """Raise Overloaded if ``tokens`` more would overflow ``max_queue_tokens`` (under the lock). A
+        request alone is never refused: an empty queue takes one of any size (``max_inputs`` and the
+        request-size limit bound it)."""
+        limit, waiting = self.max_queue_tokens, self._queued_tokens + self._pending_chars // 4
+        if limit is not None and waiting > 0 and waiting + tokens > limit:
+            wait = max(1, math.ceil(waiting / self._rate)) if self._rate else 1
+            raise Overloaded(f"overloaded: {waiting} tokens are queued and this request adds "
+                             f"{'about ' if estimate else ''}{tokens} "
+                             f"(limit {limit}); retry in {wait} s", retry_after=wait)
 
     def close(self, timeout=None) -> bool:
         """Stop taking work, finish every job already queued (up to ``timeout`` seconds), then stop the
@@ -234,6 +264,19 @@ class Batcher:
                 self._cond.notify_all()
 
     def _loop(self):
+        try:
+            self._schedule()
+        except BaseException as e:  # noqa: BLE001 — a bug here must not leave callers waiting forever
+            log.exception("the batcher's scheduler thread died")
+            with self._cond:
+                self.failed = f"the embedding scheduler failed ({type(e).__name__}); see the server log"
+                for job in list(self._queue) + list(self._active.values()):
+                    self._fail(job, Closed(self.failed))
+                self._queue.clear()
+                self._queued_tokens = 0
+                self._cond.notify_all()
+
+    def _schedule(self):
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
@@ -254,46 +297,55 @@ class Batcher:
             self._run(task, entries, waits)
 
     def _take(self):
-        """Cut the next batch (under the lock). Jobs not started yet come first, in arrival order, then the
-        others, least recently served first; the first one's task is the batch's task, and the jobs of that
-        task take turns in that order (so a text too long to share a batch gets its own turn instead of
-        waiting behind an older bulk job)."""
+        """Cut the next batch (under the lock). Small jobs (that fit one batch) and bulk jobs never share a
+        batch, or the small ones would wait for a whole bulk batch. The batch's kind and task are those of the
+        first of: the bulk job that has waited longest past ``BULK_WAIT_S`` since it was last served (so small
+        jobs cannot starve it), else the oldest small job, else the bulk job to serve next (not started first,
+        then least recently served). Small jobs are taken whole, first come first served, while they fit;
+        bulk jobs take turns one text at a time."""
+        budget, now = self.max_batch_tokens, time.monotonic()
+
         def turn(j):
             return (j.started is not None, j.served)
-        budget, now = self.max_batch_tokens, time.monotonic()
-        task = min(self._queue, key=turn).task
-        current = self.engine._active
-        if (not self.resident and task != current and any(j.task == current for j in self._queue)
+        starved = [j for j in self._queue if j.tokens > budget and now - j.served > BULK_WAIT_S]
+        if starved:
+            first = min(starved, key=lambda j: j.served)
+        else:
+            first = min([j for j in self._queue if j.tokens <= budget] or self._queue, key=turn)
+        bulk = first.tokens > budget
+        task, current = first.task, self.engine._active
+        if (not starved and not self.resident and task != current and any(j.task == current for j in self._queue)
                 and now - min(j.submitted for j in self._queue if j.task != current) < SWITCH_WAIT_S):
             task = current  # without resident weights a switch re-merges: stay while others can wait
-        jobs = sorted((j for j in self._queue if j.task == task), key=turn)
-        bulk = [j for j in jobs if j.tokens > budget]
-        if bulk and len(bulk) < len(jobs):
-            # Small and bulk jobs never share a batch, or the small ones would wait for a whole bulk batch:
-            # small jobs go first, and bulk ones (small jobs then run between their layers) once one of them
-            # has waited BULK_WAIT_S, so a steady stream of small jobs cannot starve them.
-            starved = any(now - j.served > BULK_WAIT_S for j in bulk)
-            jobs = bulk if starved else [j for j in jobs if j.tokens <= budget]
+            bulk = not any(j.task == task and j.tokens <= budget for j in self._queue)
+        jobs = sorted((j for j in self._queue if j.task == task and (j.tokens > budget) == bulk), key=turn)
         entries, waits, used = [], [], 0
-        progress = True
-        while progress and used < budget:
-            progress = False
+
+        def take(j):
+            nonlocal used
+            if j.started is None:
+                j.started = now
+                waits.append(now - j.submitted)
+            j.served = now
+            entries.append((j, j.next))
+            used += j.lengths[j.next]
+            j.next += 1
+        if not bulk:  # whole jobs, first come first served (none skipped, so none can be overtaken for good)
             for j in jobs:
-                if j.next == len(j.ids):
-                    continue
-                n = j.lengths[j.next]
-                if entries and used + n > budget:
-                    continue
-                if j.started is None:
-                    j.started = now
-                    waits.append(now - j.submitted)
-                j.served = now
-                entries.append((j, j.next))
-                j.next += 1
-                used += n
-                progress = True
-                if used >= budget:
+                if entries and used + j.tokens > budget:
                     break
+                while j.next < len(j.ids):
+                    take(j)
+        else:
+            progress = True
+            while progress and used < budget:
+                progress = False
+                for j in jobs:
+                    if j.next < len(j.ids) and (not entries or used + j.lengths[j.next] <= budget):
+                        take(j)
+                        progress = True
+                        if used >= budget:
+                            break
         for j in jobs:
             if j.next == len(j.ids):
                 self._queue.remove(j)
@@ -360,7 +412,9 @@ class Batcher:
                     if j in self._queue:
                         self._queue.remove(j)
                         self._queued_tokens -= sum(j.lengths[j.next:])
-                    self._fail(j, e)
+                    err = BatchFailed(f"embedding failed on the server ({type(e).__name__}); see the server log")
+                    err.__cause__ = e
+                    self._fail(j, err)
                     self._active.pop(id(j), None)
                 self._cond.notify_all()
             return

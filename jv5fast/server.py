@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -25,9 +26,10 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .postprocess import quantize
-from .scheduler import Batcher, Closed, Overloaded
+from .scheduler import BatchFailed, Batcher, Closed, Overloaded
 
 log = logging.getLogger("jv5fast")
 
@@ -58,6 +60,7 @@ class EmbeddingRequest(BaseModel):
     embedding_type: Optional[Union[StrictStr, List[StrictStr]]] = None  # Jina: float|base64|binary|ubinary
     normalized: StrictBool = True                                # Jina (default false there; true here)
     truncate: StrictBool = True                                  # Jina (default false there; true here)
+    late_chunking: StrictBool = False                            # Jina; only false is served
 
 
 class APIError(Exception):
@@ -148,7 +151,7 @@ class _Count:
 
 
 def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None, max_batch_tokens=None,
-               max_wait_ms=2.0, max_queue_tokens=None, max_inputs=2048, max_request_bytes=8 * 2**20,
+               max_wait_ms=2.0, max_queue_tokens="auto", max_inputs=2048, max_request_bytes=8 * 2**20,
                resident_tasks="auto", drain_timeout=30.0, warmup=True, on_load_error=None):
     """The ASGI app serving ``engine`` (an ``Engine``), or the engine ``loader()`` returns: it runs in a
     thread at startup, so the port answers (``/health``: 503) while the model loads. Batching options go to
@@ -199,8 +202,7 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
     def name():
         if served_model_name:
             return served_model_name
-        path = getattr(state.engine, "path", None) or "jv5fast"
-        return os.path.basename(os.path.normpath(path))
+        return display_name(getattr(state.engine, "path", None) or "jv5fast")
 
     def check_key(request: Request):
         if key_bytes is None:
@@ -210,10 +212,13 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
         scheme, _, given = auth.partition(" ")
-        if not hmac.compare_digest(given.strip().encode(), key_bytes) or scheme.lower() != "bearer":
+        # headers arrive decoded as latin-1: encoding back gives the bytes the client sent (a UTF-8 key too)
+        if not hmac.compare_digest(given.strip().encode("latin-1"), key_bytes) or scheme.lower() != "bearer":
             raise APIError(401, "invalid API key", code="invalid_api_key")
 
     def check_ready():
+        if state.status == "ready" and state.batcher is not None and state.batcher.failed:
+            state.status, state.error = "failed", state.batcher.failed
         if state.status != "ready":
             why = {"loading": "the model is still loading", "draining": "the server is shutting down",
                    "failed": "the model failed to load"}[state.status]
@@ -245,8 +250,15 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
         return error_response(500, f"internal server error ({type(err).__name__}); see the server log",
                               type_="server_error")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, err):  # unknown paths (404), wrong methods (405): OpenAI's body too
+        return error_response(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+                              code=str(err.status_code), headers=getattr(err, "headers", None))
+
     @app.get("/health")
     async def health():
+        if state.status == "ready" and state.batcher is not None and state.batcher.failed:
+            state.status, state.error = "failed", state.batcher.failed
         body = {"status": state.status}
         return _json(body, 200 if state.status == "ready" else 503)
 
@@ -273,6 +285,8 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             raw = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON here: nested too deeply") from None
         if not isinstance(raw, dict):
             raise APIError(400, f"request body must be a JSON object, got {type(raw).__name__}")
         try:
@@ -288,7 +302,10 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
                 msg = f"field '{field}': {err['msg']} (got {err.get('input')!r:.60})"
             raise APIError(400, msg, param=field.split(".")[0]) from None
         state_engine = state.engine
-        if req.model is not None and req.model not in (name(), state_engine.path):
+        if req.late_chunking:
+            raise APIError(400, "late_chunking=true is not supported by this server; send false or leave it out",
+                           param="late_chunking")
+        if req.model is not None and req.model not in (name(), name().rsplit("/", 1)[-1], state_engine.path):
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {name()!r}",
                            param="model", code="model_not_found")
         texts = _texts(req.input, max_inputs)
@@ -313,14 +330,13 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             return Response(status_code=499)
         metrics.inputs.inc(len(texts))
         metrics.tokens.inc(res.tokens)
-        base64_floats = req.encoding_format == "base64"
-        data = [{"object": "embedding", "index": i, "embedding": None} for i in range(len(texts))]
-        encoded = {t: _encode(res.embeddings, t, base64_floats) for t in types}
-        for i, row in enumerate(data):
-            row["embedding"] = (encoded[types[0]][i] if req.embedding_type is None or isinstance(req.embedding_type,
-                                str) else {t: encoded[t][i] for t in types})
-        return _json({"object": "list", "data": data, "model": name(),
-                      "usage": {"prompt_tokens": res.tokens, "total_tokens": res.tokens}})
+        single = req.embedding_type is None or isinstance(req.embedding_type, str)
+        body = functools.partial(_response_body, res, types, single, req.encoding_format == "base64", name())
+        if res.embeddings.size > 65536:  # a big response: serialize off the event loop, which serves everyone
+            body = await asyncio.get_running_loop().run_in_executor(None, body)
+        else:
+            body = body()
+        return Response(body, media_type="application/json")
 
     async def embeddings_route(request: Request):
         try:
@@ -332,6 +348,8 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             raise APIError(503, str(e), type_="service_unavailable", code="draining") from None
         except FloatingPointError as e:
             raise APIError(500, str(e), type_="server_error", code="non_finite_embedding") from None
+        except BatchFailed as e:
+            raise APIError(500, str(e), type_="server_error", code="batch_failed") from None
         except (ValueError, TypeError) as e:  # the batcher's checks (e.g. truncate=false, over-long input)
             raise APIError(400, str(e)) from None
 
@@ -346,6 +364,26 @@ def _wrap(app, metrics):
     counted.state = app.state
     counted.fastapi = app
     return counted
+
+
+def display_name(path: str) -> str:
+    """A model's name from its folder: the folder name, or for a hub cache snapshot
+    (.../models--org--name/snapshots/<sha>) the repo's name, not the hash."""
+    path = os.path.normpath(path)
+    parent, repo = os.path.dirname(path), os.path.basename(os.path.dirname(os.path.dirname(path)))
+    if os.path.basename(parent) == "snapshots" and repo.startswith("models--"):
+        return repo[len("models--"):].replace("--", "/")
+    return os.path.basename(path)
+
+
+def _response_body(res, types, single, base64_floats, model) -> bytes:
+    encoded = {t: _encode(res.embeddings, t, base64_floats) for t in types}
+    data = [{"object": "embedding", "index": i,
+             "embedding": encoded[types[0]][i] if single else {t: encoded[t][i] for t in types}}
+            for i in range(res.embeddings.shape[0])]
+    return json.dumps({"object": "list", "data": data, "model": model,
+                       "usage": {"prompt_tokens": res.tokens, "total_tokens": res.tokens}},
+                      separators=(",", ":")).encode()
 
 
 async def _until_disconnect(request: Request, coro):
@@ -481,8 +519,7 @@ def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backen
             server.should_exit = True
 
     if not app_options.get("served_model_name"):  # a folder's name, or the hub id as given (not its snapshot hash)
-        app_options["served_model_name"] = (os.path.basename(os.path.normpath(model)) if os.path.isdir(model)
-                                            else model)
+        app_options["served_model_name"] = display_name(model) if os.path.isdir(model) else model
     app = create_app(loader=lambda: Engine(model, device=device, dtype=dtype, backend=backend, max_length=max_length,
                                           onnx_quantize=onnx_quantize),
                      drain_timeout=drain_timeout, on_load_error=load_error, **app_options)
@@ -499,9 +536,12 @@ def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backen
     if failed:
         return 1
     # uvicorn re-raises the signal it stopped on once it is done; a no-op handler makes that a clean exit 0
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock])
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():  # a Python caller gets its Ctrl-C back
+            signal.signal(sig, handler)
     if failed:
         print(f"jv5fast serve: error: loading the model failed: {failed[0]}", flush=True)
         return 1

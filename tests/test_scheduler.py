@@ -9,6 +9,7 @@ instead of hanging the suite. References are separate engines on the same checkp
 import asyncio
 import concurrent.futures
 import contextlib
+import re
 import threading
 import time
 
@@ -18,7 +19,7 @@ import torch
 
 import jv5fast
 from jv5fast.postprocess import quantize
-from jv5fast.scheduler import Batcher, Closed, EmbedResult, Overloaded
+from jv5fast.scheduler import BatchFailed, Batcher, Closed, EmbedResult, Overloaded
 
 BUDGET = 48      # max_batch_tokens: small, so that calls share batches and long texts split them
 WAIT_S = 30.0    # the longest any single wait may take
@@ -617,9 +618,10 @@ def test_forward_error_fails_every_job_of_its_batch_and_serving_goes_on(served, 
             a_ids, fa = _submit(b, a_texts)
             c_ids, fc = _submit(b, c_texts)
             assert sum(map(len, a_ids)) > BUDGET and sum(map(len, c_ids)) > BUDGET
-        for f in (fa, fc):
-            with pytest.raises(RuntimeError, match="simulated kernel failure"):
+        for f in (fa, fc):  # a server fault, named by type; the cause stays chained for the log
+            with pytest.raises(BatchFailed, match=r"embedding failed on the server \(RuntimeError\)") as info:
                 f.result(WAIT_S)
+            assert "simulated kernel failure" in str(info.value.__cause__)
         _assert_matches(fblock.result(0).embeddings, ref, ["a blocker"])
         _wait_until(lambda: b.queued_tokens == 0, "the failed job's remaining texts to be dropped")
         assert b.queued_texts == 0
@@ -822,3 +824,97 @@ def test_without_resident_weights_task_switches_are_rationed(nano_ckpt, monkeypa
         assert switches >= 5, active
     else:
         assert switches <= max_switches, active
+
+
+def test_small_jobs_are_taken_whole_and_finish_in_arrival_order(served, monkeypatch):
+    """Small jobs are never split across batches, so under a standing queue they finish first-come first-served
+    (split jobs used to rank behind every new one and could wait forever)."""
+    eng = served("nano")
+    rng = np.random.default_rng(91)
+    log = _ForwardLog(eng, monkeypatch)
+    done = []
+    with _serving(eng) as b:
+        with _held(eng):
+            fblock = _block_scheduler(b, eng)
+            jobs = [_submit(b, _texts(rng, int(rng.integers(2, 5)), 1, 6)) for _ in range(30)]
+            assert all(sum(map(len, ids)) <= BUDGET for ids, _ in jobs)
+            for i, (_, f) in enumerate(jobs):
+                f.add_done_callback(lambda f, i=i: done.append(i))
+        for _, f in jobs:
+            f.result(WAIT_S)
+        fblock.result(WAIT_S)
+    assert done == sorted(done)
+    for ids, _ in jobs:  # each job's texts all in one batch
+        assert sum(any(id(s) in {id(x) for x in ids} for s in batch) for batch in log.batches) == 1
+
+
+@pytest.mark.parametrize("bulk_wait,bulk_first", [(0.0, True), (60.0, False)])
+def test_a_waiting_bulk_job_of_any_task_goes_before_small_jobs(served, monkeypatch, bulk_wait, bulk_first):
+    """A bulk job that has waited BULK_WAIT_S since it was last served gets the next batch even if small jobs of
+    another task are queued (with resident weights); before that, small jobs go first."""
+    import jv5fast.scheduler as sched
+    monkeypatch.setattr(sched, "BULK_WAIT_S", bulk_wait)
+    eng = served("nano")
+    rng = np.random.default_rng(92)
+    log = _ForwardLog(eng, monkeypatch)
+    with _serving(eng, resident_tasks=True) as b:
+        assert b.resident
+        with _held(eng):
+            fblock = _block_scheduler(b, eng)
+            big_ids, fbig = _submit(b, _texts(rng, 40), task="retrieval")
+            small = [_submit(b, _texts(rng, 1), task="text-matching") for _ in range(3)]
+        for _, f in small + [(None, fbig), (None, fblock)]:
+            f.result(WAIT_S)
+    second = {id(s) for s in log.batches[1]}
+    assert any(id(s) in second for s in big_ids) == bulk_first
+
+
+def test_submit_ids_refuses_rows_that_would_fail_a_shared_batch(served):
+    eng = served("nano")
+    with _serving(eng) as b:
+        for bad, why in (([[5, 6], []], "ids[1]"), ([[eng.args.vocab_size]], "ids[0]"), ([[-1, 3]], "ids[0]")):
+            with pytest.raises(ValueError, match=re.escape(why) + r" must hold 1\.\.\d+ token ids in 0\.\.\d+"):
+                b.submit_ids(bad, task="retrieval", k=8)
+        assert b.queued_tokens == 0
+        assert b.submit_ids([[5, 6]], task="retrieval", k=8).result(WAIT_S).embeddings.shape == (1, 8)
+
+
+def test_texts_being_tokenized_count_against_the_queue_limit(served, monkeypatch):
+    """Admission happens before tokenization: a backlog in the tokenizer is refused with Overloaded too, so
+    huge bodies cannot pile up in memory in front of the one tokenizer thread."""
+    eng = served("nano")
+    gate, started = threading.Event(), threading.Event()
+    with _serving(eng, max_queue_tokens=100) as b:
+        inner = b.tokenize
+
+        def slow(prefixed, truncate=True):
+            started.set()
+            assert gate.wait(WAIT_S)
+            return inner(prefixed, truncate)
+        monkeypatch.setattr(b, "tokenize", slow)
+
+        async def main():
+            first = asyncio.ensure_future(b.embed(["word " * 100]))  # ~500 chars: ~125 tokens estimated
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded, match="adds about"):
+                await b.embed(["another text"])
+            gate.set()
+            return await first
+        res = _run(main())
+        assert res.embeddings.shape == (1, eng.dim) and b.queued_tokens == 0
+
+
+def test_a_dead_scheduler_fails_waiting_jobs_and_refuses_new_ones(served, monkeypatch):
+    eng = served("nano")
+    with _serving(eng) as b:
+        with _held(eng):
+            fblock = _block_scheduler(b, eng)
+            _, f = _submit(b, ["queued"])
+            monkeypatch.setattr(b, "_take", lambda: 1 / 0)  # a bug in the scheduler
+        with pytest.raises(Closed, match="scheduler failed"):
+            f.result(WAIT_S)
+        fblock.result(WAIT_S)
+        assert b.failed and "ZeroDivisionError" in b.failed
+        with pytest.raises(Closed, match="scheduler failed"):
+            _submit(b, ["new"])

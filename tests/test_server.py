@@ -191,6 +191,19 @@ def test_models_and_health(servers):
     assert [x.id for x in c.models.list()] == ["nano-test"]
 
 
+def test_deeply_nested_json_is_a_400_not_a_crash(servers):
+    srv = servers["nano"]
+    _err(srv.post(b'{"input": ' + b"[" * 100000 + b"]" * 100000 + b"}"), 400, "nested too deeply")
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_display_name_of_folders_and_hub_snapshots():
+    from jv5fast.server import display_name
+    assert display_name("/m/jina-embeddings-v5-text-nano/") == "jina-embeddings-v5-text-nano"
+    hub = "/root/.cache/huggingface/hub/models--jinaai--jina-embeddings-v5-text-small/snapshots/0123abcd"
+    assert display_name(hub) == "jinaai/jina-embeddings-v5-text-small"
+
+
 def test_concurrent_clients_each_get_their_own_vectors_in_order(servers, engines):
     srv, eng = servers["nano"], engines["nano"]
     jobs = [texts(random.Random(i).randint(1, 9), seed=100 + i, hi=40) for i in range(32)]
@@ -262,6 +275,10 @@ def test_every_bad_request_gets_a_clear_400(strict):
     _err(strict.post(b'{"input": ["a", }', key=k), 400, "not valid JSON")
     _err(strict.post(b'["a"]', key=k), 400, "JSON object")
     _err(strict.post({"input": "x", "model": "gpt-4"}, key=k), 404, "'gpt-4'")
+    _err(strict.post({"input": "x", "late_chunking": True}, key=k), 400, "late_chunking")
+    assert strict.post({"input": "x", "late_chunking": False}, key=k).status_code == 200
+    _err(httpx.get(strict.url + "/v1/embeddings"), 405, "GET /v1/embeddings")
+    _err(httpx.post(strict.url + "/v1/embedding", json={"input": "x"}), 404, "/v1/embedding")
     long = " ".join(["word"] * 60)
     e = _err(strict.post({"input": ["short", long], "truncate": False}, key=k), 400, "input[1]", "max_length=24")
     r = strict.post({"input": ["short", long]}, key=k)  # truncate defaults to true: cut, as Engine.embed does
@@ -392,6 +409,17 @@ def test_in_process_app_health_states_and_nan_is_500(engines, nano_ckpt):
             eng.model.forward = forward
         e = _err(r, 500, "non-finite", "input[0, 1]")
         assert e["type"] == "server_error"
+        assert tc.post("/v1/embeddings", json={"input": "fine again"}).status_code == 200
+
+        def broken(batch, last_only=False, **kw):
+            raise ValueError("bad weights in /secret/models/x")
+        eng.model.forward = broken
+        try:
+            r = tc.post("/v1/embeddings", json={"input": ["a", "b"]})
+        finally:
+            eng.model.forward = forward
+        e = _err(r, 500, "embedding failed on the server (ValueError)")  # a server fault, never a 400
+        assert "/secret" not in e["message"]
         assert tc.post("/v1/embeddings", json={"input": "fine again"}).status_code == 200
         app.state.jv5fast.status = "draining"
         assert tc.get("/health").status_code == 503
