@@ -304,24 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return n
+def _checked(convert, ok, what):
+    """An argparse type: ``convert(v)`` that must satisfy ``ok``, else a message saying ``what`` was expected."""
+    def parse(v: str):
+        try:
+            x = convert(v)
+        except ValueError:
+            x = None
+        if x is None or not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+        return x
+    return parse
 
 
-def _nonneg_float(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v!r}") from None
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v!r}")
-    return x
+_positive_int = _checked(int, lambda n: n > 0, "a positive integer")
+_nonneg_float = _checked(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0")
 
 
 def _add_serve_parser(sub):
