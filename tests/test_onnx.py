@@ -382,3 +382,29 @@ def test_export_never_replaces_a_folder_that_appeared_without_overwrite(ckpt_fac
         jv5fast.export_onnx(ck, str(out), truncate_dim=32)
     assert jv5fast.Engine.from_onnx(str(out)).dim == 64  # the other export, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_server_over_an_onnx_engine(exported):
+    """`create_app` over an ONNX engine: the batcher feeds onnxruntime the same packed batches, the export's one
+    task is the only one served, and the vectors equal the ONNX engine's own embed."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from jv5fast.server import create_app
+    ck, folder = exported["nano"]
+    ref = jv5fast.Engine.from_onnx(folder, max_length=48)
+    app = create_app(jv5fast.Engine.from_onnx(folder, max_length=48), served_model_name="m")
+    texts = _texts(9, seed=3)
+    with TestClient(app) as tc:
+        t0 = time.time()
+        while tc.get("/health").status_code != 200:
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        assert tc.get("/v1/models").json()["data"][0]["tasks"] == ["text-matching"]
+        r = tc.post("/v1/embeddings", json={"input": texts, "task": "text-matching", "dimensions": 16})
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        want = ref.embed(texts, truncate_dim=16)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
+        r = tc.post("/v1/embeddings", json={"input": "x", "task": "retrieval.query"})
+        assert r.status_code == 400 and "['text-matching']" in r.json()["error"]["message"]

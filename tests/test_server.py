@@ -112,9 +112,10 @@ def servers(nano_ckpt, small_ckpt):
 
 @pytest.fixture(scope="module")
 def strict(nano_ckpt):
-    """Tight limits and an API key: errors, 401, 413, 429."""
-    s = Server(nano_ckpt, "--api-key", "s3cret", "--max-inputs", "8", "--max-request-bytes", "2048",
-               "--max-length", "24", "--max-queue-tokens", "40", "--max-batch-tokens", "16")
+    """Tight limits and an API key (from $JV5FAST_API_KEY; --api-key is the same setting): errors, 401, 413,
+    429."""
+    s = Server(nano_ckpt, "--max-inputs", "8", "--max-request-bytes", "2048", "--max-length", "24",
+               "--max-queue-tokens", "40", "--max-batch-tokens", "16", env={"JV5FAST_API_KEY": "s3cret"})
     yield s
     s.stop()
 
