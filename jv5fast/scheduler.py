@@ -175,13 +175,16 @@ class Batcher:
                              + (f" ({len(idx)} inputs are too long)" if len(idx) > 1 else ""))
         return ids
 
-    def submit_ids(self, ids, *, task, k, normalize=True, precision="float32") -> concurrent.futures.Future:
+    def submit_ids(self, ids, *, task, k, normalize=True, precision="float32", _admitted=False
+                   ) -> concurrent.futures.Future:
         """Queue token id lists (from ``tokenize``) and return a future of ``EmbedResult``. Cancelling the
         future drops the texts that have not started. Raises ``Overloaded`` or ``Closed``."""
         vocab, limit_len = self.engine.args.vocab_size, self.engine.max_length
         for i, seq in enumerate(ids):  # one bad row would fail every job of its batch
-            if not 0 < len(seq) <= max(limit_len, 1) or min(seq) < 0 or max(seq) >= vocab:
-                raise ValueError(f"ids[{i}] must hold 1..{limit_len} token ids in 0..{vocab - 1}")
+            a = np.asarray(seq)
+            if (not 0 < a.size <= max(limit_len, 1) or a.ndim != 1 or a.dtype.kind not in "iu" or a.min() < 0
+                    or a.max() >= vocab):
+                raise ValueError(f"ids[{i}] must hold 1..{limit_len} integer token ids in 0..{vocab - 1}")
         job = _Job(ids, task, k, normalize, precision)
         with self._cond:
             if self._closing or self.failed:
@@ -189,7 +192,9 @@ class Batcher:
             if not ids:
                 job.future.set_result(EmbedResult(quantize(job.out.numpy(), precision), 0))
                 return job.future
-            self._admit(job.tokens)
+            # an embed() call was admitted on its estimate; its check now counts only what is already queued,
+            # not requests admitted after it that are still being tokenized
+            self._admit(job.tokens, pending=not _admitted)
             self._queue.append(job)
             self._queued_tokens += job.tokens
             self._cond.notify_all()
@@ -218,13 +223,13 @@ class Batcher:
         finally:
             with self._cond:
                 self._pending_chars -= chars
-        return await asyncio.wrap_future(self.submit_ids(ids, **opts))
+        return await asyncio.wrap_future(self.submit_ids(ids, **opts, _admitted=True))
 
-    def _admit(self, tokens, estimate=False):
+    def _admit(self, tokens, estimate=False, pending=True):
         """Raise Overloaded if ``tokens`` more would overflow ``max_queue_tokens`` (under the lock). A
         request alone is never refused: an empty queue takes one of any size (``max_inputs`` and the
         request-size limit bound it)."""
-        limit, waiting = self.max_queue_tokens, self._queued_tokens + self._pending_chars // 4
+        limit, waiting = self.max_queue_tokens, self._queued_tokens + (self._pending_chars // 4 if pending else 0)
         if limit is not None and waiting > 0 and waiting + tokens > limit:
             wait = max(1, math.ceil(waiting / self._rate)) if self._rate else 1
             raise Overloaded(f"overloaded: {waiting} tokens are queued and this request adds "
@@ -299,15 +304,15 @@ class Batcher:
     def _take(self):
         """Cut the next batch (under the lock). Small jobs (that fit one batch) and bulk jobs never share a
         batch, or the small ones would wait for a whole bulk batch. The batch's kind and task are those of the
-        first of: the bulk job that has waited longest past ``BULK_WAIT_S`` since it was last served (so small
-        jobs cannot starve it), else the oldest small job, else the bulk job to serve next (not started first,
-        then least recently served). Small jobs are taken whole, first come first served, while they fit;
-        bulk jobs take turns one text at a time."""
+        first of: the job that has waited longest past ``BULK_WAIT_S`` since it was last served (so neither
+        kind can starve the other, whatever the task), else the oldest small job, else the bulk job to serve
+        next (not started first, then least recently served). That job goes first; small jobs are taken whole,
+        first come first served, while they fit; bulk jobs take turns one text at a time."""
         budget, now = self.max_batch_tokens, time.monotonic()
 
         def turn(j):
             return (j.started is not None, j.served)
-        starved = [j for j in self._queue if j.tokens > budget and now - j.served > BULK_WAIT_S]
+        starved = [j for j in self._queue if now - j.served > BULK_WAIT_S]
         if starved:
             first = min(starved, key=lambda j: j.served)
         else:
@@ -318,7 +323,8 @@ class Batcher:
                 and now - min(j.submitted for j in self._queue if j.task != current) < SWITCH_WAIT_S):
             task = current  # without resident weights a switch re-merges: stay while others can wait
             bulk = not any(j.task == task and j.tokens <= budget for j in self._queue)
-        jobs = sorted((j for j in self._queue if j.task == task and (j.tokens > budget) == bulk), key=turn)
+        jobs = sorted((j for j in self._queue if j.task == task and (j.tokens > budget) == bulk),
+                      key=lambda j: (j is not first, turn(j)))
         entries, waits, used = [], [], 0
 
         def take(j):

@@ -120,6 +120,7 @@ class _State:
         self.status = "loading"   # loading | ready | draining | failed
         self.error = None
         self.cut_off = 0          # requests cancelled when the drain timed out
+        self.drain_deadline = None  # time.monotonic() by which a signalled shutdown must be done
 
 
 _ENDPOINTS = ("/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics")
@@ -193,8 +194,9 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
         yield
         if state.status != "failed":
             state.status = "draining"
-        if state.batcher is not None:
-            await asyncio.get_running_loop().run_in_executor(None, state.batcher.close, drain_timeout)
+        if state.batcher is not None:  # what is left of the drain time after uvicorn answered in-flight requests
+            left = drain_timeout if state.drain_deadline is None else max(0.0, state.drain_deadline - time.monotonic())
+            await asyncio.get_running_loop().run_in_executor(None, state.batcher.close, left)
 
     app = FastAPI(title="jv5fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jv5fast = state
@@ -220,8 +222,10 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
         if state.status == "ready" and state.batcher is not None and state.batcher.failed:
             state.status, state.error = "failed", state.batcher.failed
         if state.status != "ready":
+            failed = ("the embedding scheduler failed; see the server log" if state.batcher is not None
+                      else "the model failed to load")
             why = {"loading": "the model is still loading", "draining": "the server is shutting down",
-                   "failed": "the model failed to load"}[state.status]
+                   "failed": failed}[state.status]
             raise APIError(503, f"unavailable: {why}", type_="service_unavailable", code=state.status)
 
     async def read_body(request: Request) -> bytes:
@@ -345,7 +349,8 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             raise APIError(429, str(e), type_="rate_limit_error", code="overloaded",
                            headers={"Retry-After": str(int(e.retry_after))}) from None
         except Closed as e:
-            raise APIError(503, str(e), type_="service_unavailable", code="draining") from None
+            failed = state.batcher is not None and state.batcher.failed
+            raise APIError(503, str(e), type_="service_unavailable", code="failed" if failed else "draining") from None
         except FloatingPointError as e:
             raise APIError(500, str(e), type_="server_error", code="non_finite_embedding") from None
         except BatchFailed as e:
@@ -526,8 +531,11 @@ def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backen
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            if app.state.jv5fast.status == "ready":
-                app.state.jv5fast.status = "draining"  # /health says 503 from the first signal on
+            st = app.state.jv5fast
+            if st.status == "ready":
+                st.status = "draining"  # /health says 503 from the first signal on
+            if st.drain_deadline is None:
+                st.drain_deadline = time.monotonic() + drain_timeout
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout, lifespan="on",

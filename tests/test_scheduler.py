@@ -872,8 +872,9 @@ def test_a_waiting_bulk_job_of_any_task_goes_before_small_jobs(served, monkeypat
 def test_submit_ids_refuses_rows_that_would_fail_a_shared_batch(served):
     eng = served("nano")
     with _serving(eng) as b:
-        for bad, why in (([[5, 6], []], "ids[1]"), ([[eng.args.vocab_size]], "ids[0]"), ([[-1, 3]], "ids[0]")):
-            with pytest.raises(ValueError, match=re.escape(why) + r" must hold 1\.\.\d+ token ids in 0\.\.\d+"):
+        for bad, why in (([[5, 6], []], "ids[1]"), ([[eng.args.vocab_size]], "ids[0]"), ([[-1, 3]], "ids[0]"),
+                         ([[1.5, 2]], "ids[0]")):
+            with pytest.raises(ValueError, match=re.escape(why) + r" must hold 1\.\.\d+ integer token ids in 0\.\.\d+"):
                 b.submit_ids(bad, task="retrieval", k=8)
         assert b.queued_tokens == 0
         assert b.submit_ids([[5, 6]], task="retrieval", k=8).result(WAIT_S).embeddings.shape == (1, 8)
@@ -918,3 +919,28 @@ def test_a_dead_scheduler_fails_waiting_jobs_and_refuses_new_ones(served, monkey
         assert b.failed and "ZeroDivisionError" in b.failed
         with pytest.raises(Closed, match="scheduler failed"):
             _submit(b, ["new"])
+
+
+def test_a_job_past_its_wait_is_served_first_whatever_its_kind(served, monkeypatch):
+    """The job that waited past BULK_WAIT_S goes first in its batch: a started bulk job is not crowded out by
+    newer (unstarted) bulk jobs of its task, with other tasks' bulk and small jobs queued too."""
+    import jv5fast.scheduler as sched
+    eng = served("nano")
+    rng = np.random.default_rng(93)
+    log = _ForwardLog(eng, monkeypatch)
+    with _serving(eng, resident_tasks=True) as b:
+        with _held(eng):
+            fblock = _block_scheduler(b, eng)
+            old_ids, fold = _submit(b, _texts(rng, 20), task="retrieval")
+            fresh = [_submit(b, _texts(rng, 6), task="retrieval") for _ in range(6)]
+            a_ids, fa = _submit(b, _texts(rng, 30), task="clustering")
+            small_ids, fsmall = _submit(b, _texts(rng, 1), task="classification")
+            old = next(j for j in b._queue if j.ids is old_ids)
+            old.started = old.served = time.monotonic() - 5  # it was served long ago
+            for j in b._queue:
+                if j.ids is not old_ids:
+                    j.started = None
+            monkeypatch.setattr(sched, "BULK_WAIT_S", 1.0)
+        for f in [fold, fa, fsmall, fblock] + [f for _, f in fresh]:
+            f.result(WAIT_S)
+    assert any(id(s) in {id(x) for x in old_ids} for s in log.batches[1])  # the batch after the blocker
