@@ -6,16 +6,16 @@ of at most ``max_batch_tokens`` tokens from the queued texts, back to back under
 ``max_wait_ms`` for company when a job arrives at an idle engine. A token-budget queue as in
 text-embeddings-inference, plus what an embedding server with task adapters needs:
 
-- one task per batch, the task of the oldest waiting job; with the tasks' merged weights resident
+- one task per batch, the task of the job that leads it (below); with the tasks' merged weights resident
   (``Engine.keep_tasks_resident``) a switch swaps tensors, so alternating tasks never re-merge; without
   them (too little memory) the batcher stays on the merged task while the other tasks' jobs have waited
   less than ``SWITCH_WAIT_S``, so a switch (a re-merge) happens at most about once per second;
 - fairness: small jobs (that fit one batch) and bulk ones never share a batch; small jobs go first, whole,
-  in arrival order, and a bulk job gets a batch at least every ``BULK_WAIT_S``, its texts taking turns with
-  the other bulk jobs' one at a time, so a 2,000-text job is spread over many batches; and while a batch of
-  a bulk job runs,
-  small jobs that arrive are run between two of its layers (nested, same thread), so they wait for one
-  layer of it, not for the whole batch (on CPU a 512-token batch of nano takes ~0.8 s, a layer ~70 ms);
+  in arrival order, and any job that has waited ``BULK_WAIT_S`` since it was last served leads the next
+  batch (so neither kind starves the other); bulk jobs' texts take turns one at a time, so a 2,000-text
+  job is spread over many batches; and while a batch of a bulk job runs, small jobs that arrive are run
+  between two of its layers (nested, same thread), so they wait for one layer of it, not for the whole
+  batch (on CPU a 512-token batch of nano takes ~0.8 s, a layer ~70 ms);
 - a cancelled job (its caller went away) has its texts that have not started dropped;
 - ``max_queue_tokens`` bounds the queue: a job that would overflow it is refused with ``Overloaded``
   (with a retry delay from the measured throughput), never queued without bound.
