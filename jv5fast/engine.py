@@ -313,20 +313,7 @@ class Engine:
             out = np.zeros((0, width), dtype=dt)
             return torch.from_numpy(out) if convert_to_tensor else out
 
-        ids, truncated = self.tokenizer.encode([prefix + t for t in items])
-        for i, seq in enumerate(ids):
-            if len(seq) == 0:
-                raise ValueError(f"texts[{i}] produced no tokens (empty text with an empty prompt); "
-                                 f"give it a prompt or some text")
-        if any(truncated):
-            idx = [i for i, t in enumerate(truncated) if t]
-            if not truncate:
-                i = idx[0]
-                raise ValueError(f"texts[{i}] has {self.tokenizer.count_untruncated(prefix + items[i])} tokens "
-                                 f"(prompt included), more than max_length={self.max_length}; pass truncate=True "
-                                 f"to cut it" + (f" ({len(idx)} texts are too long)" if len(idx) > 1 else ""))
-            log.info("%d of %d texts were truncated to max_length=%d tokens (first: index %d)",
-                     len(idx), n, self.max_length, idx[0])
+        ids = self._encode([prefix + t for t in items], truncate)
 
         lengths = [len(s) for s in ids]
         budget = self.max_batch_tokens
@@ -385,6 +372,26 @@ class Engine:
         prefix = self._prefix(prompt_name, prompt)
         ids, _ = self.tokenizer.encode([prefix + t for t in items])
         return ids[0] if single else ids
+
+    def _encode(self, prefixed, truncate=True, label="texts", fix="pass truncate=True to cut it", plural="texts"):
+        """Token ids of prompt-prefixed texts, refusing a text with no tokens and, with ``truncate=False``,
+        one over ``max_length`` (errors name ``label[i]``; ``fix`` says how to allow truncation). Shared by
+        ``embed`` and ``jv5fast.scheduler.Batcher``."""
+        ids, truncated = self.tokenizer.encode(prefixed)
+        for i, seq in enumerate(ids):
+            if len(seq) == 0:
+                raise ValueError(f"{label}[{i}] produced no tokens (empty text with an empty prompt); "
+                                 f"give it a prompt or some text")
+        if any(truncated):
+            idx = [i for i, t in enumerate(truncated) if t]
+            if not truncate:
+                i = idx[0]
+                raise ValueError(f"{label}[{i}] has {self.tokenizer.count_untruncated(prefixed[i])} tokens "
+                                 f"(prompt included), more than max_length={self.max_length}; {fix}"
+                                 + (f" ({len(idx)} {plural} are too long)" if len(idx) > 1 else ""))
+            log.info("%d of %d texts were truncated to max_length=%d tokens (first: index %d)",
+                     len(idx), len(ids), self.max_length, idx[0])
+        return ids
 
     def warmup(self, max_tokens=None):
         """Do now what the first calls would otherwise pay for: compile the kernels (one eager batch of

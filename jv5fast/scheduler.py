@@ -162,18 +162,8 @@ class Batcher:
     def tokenize(self, prefixed, truncate=True):
         """Token ids of prompt-prefixed texts; with ``truncate=False`` a text over ``max_length`` is a
         ValueError naming its index, as in ``Engine.embed``. Blocking: run it off the event loop."""
-        eng = self.engine
-        ids, truncated = eng.tokenizer.encode(prefixed)
-        for i, seq in enumerate(ids):
-            if not seq:
-                raise ValueError(f"input[{i}] produced no tokens (an empty text with an empty prompt)")
-        if not truncate and any(truncated):
-            idx = [i for i, t in enumerate(truncated) if t]
-            i = idx[0]
-            raise ValueError(f"input[{i}] has {eng.tokenizer.count_untruncated(prefixed[i])} tokens (prompt "
-                             f"included), more than max_length={eng.max_length}; allow truncation to cut it"
-                             + (f" ({len(idx)} inputs are too long)" if len(idx) > 1 else ""))
-        return ids
+        return self.engine._encode(prefixed, truncate, label="input", fix="allow truncation to cut it",
+                                    plural="inputs")
 
     def submit_ids(self, ids, *, task, k, normalize=True, precision="float32", _admitted=False
                    ) -> concurrent.futures.Future:

@@ -122,6 +122,12 @@ class _State:
         self.cut_off = 0          # requests cancelled when the drain timed out
         self.drain_deadline = None  # time.monotonic() by which a signalled shutdown must be done
 
+    def current(self) -> str:
+        """The status, after noticing a scheduler thread that died since the last look."""
+        if self.status == "ready" and self.batcher is not None and self.batcher.failed:
+            self.status, self.error = "failed", self.batcher.failed
+        return self.status
+
 
 _ENDPOINTS = ("/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics")
 
@@ -219,9 +225,7 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             raise APIError(401, "invalid API key", code="invalid_api_key")
 
     def check_ready():
-        if state.status == "ready" and state.batcher is not None and state.batcher.failed:
-            state.status, state.error = "failed", state.batcher.failed
-        if state.status != "ready":
+        if state.current() != "ready":
             failed = ("the embedding scheduler failed; see the server log" if state.batcher is not None
                       else "the model failed to load")
             why = {"loading": "the model is still loading", "draining": "the server is shutting down",
@@ -261,10 +265,8 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
 
     @app.get("/health")
     async def health():
-        if state.status == "ready" and state.batcher is not None and state.batcher.failed:
-            state.status, state.error = "failed", state.batcher.failed
-        body = {"status": state.status}
-        return _json(body, 200 if state.status == "ready" else 503)
+        status = state.current()
+        return _json({"status": status}, 200 if status == "ready" else 503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -367,7 +369,6 @@ def _wrap(app, metrics):
     """The counting wrapper, keeping ``.state`` reachable for callers that hold the app."""
     counted = _Count(app, metrics)
     counted.state = app.state
-    counted.fastapi = app
     return counted
 
 

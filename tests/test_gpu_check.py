@@ -61,14 +61,21 @@ def test_main_without_cuda(tmp_path, monkeypatch):
     assert gc.main(["gpu_check.py", str(tmp_path / "t.md")]) == 1
 
 
-def test_correctness_sections_on_cpu(monkeypatch):
-    """The correctness code paths, shrunk, on CPU under the Triton interpreter (conftest sets it)."""
+def _on_cpu_interpreter(monkeypatch):
+    """gpu_check on CPU tensors with its Triton kernels under the interpreter (skipped where a GPU runs the
+    real thing)."""
     import pytest
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("covered by the real run on GPU")
     gc = _load()
     monkeypatch.setattr(gc, "DEVICE", "cpu")
+    return gc
+
+
+def test_correctness_sections_on_cpu(monkeypatch):
+    """The correctness code paths, shrunk, on CPU under the Triton interpreter (conftest sets it)."""
+    gc = _on_cpu_interpreter(monkeypatch)
     monkeypatch.setattr(gc, "ATTN_CHECK_CASES", [([5, 40], 4, 2, 64, True)])
     monkeypatch.setattr(gc, "SMALL_LENS", [3, 30])
     monkeypatch.setattr(gc, "POOL_LENS", [1, 9])
@@ -102,12 +109,7 @@ def test_latency_section_on_cpu(monkeypatch):
 
 def test_hamming_large_k_section_on_cpu(monkeypatch):
     """The large-k Hamming rows, shrunk, on CPU tensors (Triton under the interpreter)."""
-    import pytest
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("covered by the real run on GPU")
-    gc = _load()
-    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    gc = _on_cpu_interpreter(monkeypatch)
     monkeypatch.setattr(gc, "HAMMING_LARGE_K", dict(n=1500, q=3, nbytes=12, ks=(1025, 1400, 2000)))
     import jv5fast.kernels.hamming as hk
     monkeypatch.setattr(hk, "MAX_K", 4)  # the Triton row at a size the interpreter manages

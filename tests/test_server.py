@@ -32,7 +32,6 @@ class Server:
     def __init__(self, model, *args, env=None, ready=True):
         cmd = [sys.executable, "-m", "jv5fast", "serve", "--model", model, "--port", "0", "--device", "cpu",
                "--log-level", "warning", *args]
-        self.log = open(os.devnull, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.lines = queue.Queue()
@@ -83,7 +82,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self.log.close()
 
 
 def close(got, ref, dim):
