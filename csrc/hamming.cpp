@@ -568,8 +568,7 @@ py::array_t<uint8_t> pack_signs_f16(py::array_t<uint16_t, py::array::c_style> x)
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "jv5fast C++ kernels: Hamming top-k search and sign-bit packing (see csrc/hamming.cpp)";
+void register_hamming(py::module_& m) {
   m.def("hamming_topk", &hamming_topk, py::arg("queries"), py::arg("corpus"), py::arg("k"), py::arg("threads") = 0,
         py::arg("simd") = "auto",
         "Exact top-k Hamming search. queries (Q, B) and corpus (N, B) uint8, C-contiguous. Returns (D int32 "

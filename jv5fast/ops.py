@@ -10,6 +10,7 @@ query / key-value heads, D head dim, E embedding (hidden) dim, F SwiGLU width, W
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -111,28 +112,85 @@ def pack_bits(v):
     return _pick("pooling", "pack_bits", pack_bits_ref, v)(v)
 
 
-# ---- linear: oneDNN-prepacked weights on CPU -----------------------------------------------------------
+# ---- linear: prepacked weights on CPU ------------------------------------------------------------------
 # On CPU, F.linear re-reads the fp32 weight in its row-major layout on every call, which at the few rows of a
-# query batch streams at ~5 GB/s; a weight reordered once into oneDNN's blocked layout runs the same GEMM
-# 2-4x faster at M <= 64 (measured: 768 -> 6144 at M = 1 / 20: 1.19 -> 0.29 ms / 3.5 -> 1.7 ms, 2 cores)
-# and no slower at M = 512. The results are fp32 GEMMs either way (another summation order only).
+# query batch streams at ~5 GB/s. A weight packed once runs the same GEMM faster: jv5fast's own AVX2 kernel
+# (csrc/sgemm.cpp: 16-column panels, 6 x 16 register tiles, threads split the panels) where the extension was
+# built with AVX2/FMA, else oneDNN's prepacked layout. The results are fp32 GEMMs either way (another
+# summation order only). ``JV5FAST_CPU_GEMM`` = auto | jv5fast | onednn picks one (for benchmarks and
+# tests); ``JV5FAST_CPU_PACK=0`` turns packing off (plain F.linear).
+
+CPU_GEMMS = ("auto", "jv5fast", "onednn")
+PANEL = 16  # columns per panel of jv5fast's packed layout (csrc/sgemm.cpp NR)
+
+
+class PackedLinear:
+    """A CPU fp32 weight (N, K) prepacked for ``linear``: ``kind`` 'jv5fast' (panels (ceil(N/16), K, 16) as a
+    numpy array, zero-padded past N) or 'onednn' (oneDNN's blocked tensor)."""
+
+    __slots__ = ("kind", "data", "out_features")
+
+    def __init__(self, kind, data, out_features):
+        self.kind, self.data, self.out_features = kind, data, out_features
+
+
+@functools.cache
+def _sgemm():
+    """jv5fast._C.sgemm where it runs here (extension built, CPU with AVX2/FMA), else None."""
+    from ._hamming import _C  # torch is imported first (this module's import), so both share one libgomp
+    return _C.sgemm if _C is not None and hasattr(_C, "sgemm") and _C.sgemm_available() else None
+
+
+def cpu_gemm() -> str:
+    """The packed CPU GEMM in use: JV5FAST_CPU_GEMM checked (auto = jv5fast's kernel where it runs, else
+    oneDNN)."""
+    g = os.environ.get("JV5FAST_CPU_GEMM", "auto").strip().lower() or "auto"
+    if g not in CPU_GEMMS:
+        raise ValueError(f"JV5FAST_CPU_GEMM={g!r} is not valid; choose one of {list(CPU_GEMMS)} (or unset it)")
+    if g == "jv5fast" and _sgemm() is None:
+        raise RuntimeError("JV5FAST_CPU_GEMM=jv5fast, but jv5fast._C.sgemm does not run here (extension not "
+                           "built, or built without AVX2/FMA); unset it or choose 'onednn'")
+    if g == "auto":
+        g = "jv5fast" if _sgemm() is not None else "onednn"
+    return g
+
+
+def pack_panels(weight):
+    """(N, K) fp32 -> (ceil(N/16), K, 16): panel p holds rows 16p..16p+15 of ``weight`` transposed."""
+    n, k = weight.shape
+    p = -(-n // PANEL)
+    w = weight.detach().float()
+    if p * PANEL != n:
+        w = torch.cat([w, w.new_zeros(p * PANEL - n, k)])
+    return w.reshape(p, PANEL, k).transpose(1, 2).contiguous()
 
 
 def pack_linear(weight):
-    """A oneDNN-prepacked copy of a (out, in) fp32 CPU weight for ``linear``, or None where that does not
-    apply (another device or dtype, a weight that needs gradients, no oneDNN, JV5FAST_CPU_PACK=0)."""
+    """A prepacked copy (``PackedLinear``) of a (out, in) fp32 CPU weight for ``linear``, or None where that
+    does not apply (another device or dtype, a weight that needs gradients, JV5FAST_CPU_PACK=0, neither
+    jv5fast's kernel nor oneDNN here)."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.requires_grad
-            or not torch.backends.mkldnn.is_available() or os.environ.get("JV5FAST_CPU_PACK", "1") == "0"):
+            or os.environ.get("JV5FAST_CPU_PACK", "1") == "0"):
+        return None
+    if cpu_gemm() == "jv5fast":
+        return PackedLinear("jv5fast", pack_panels(weight).numpy(), weight.shape[0])
+    if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
+        return PackedLinear("onednn", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64),
+                            weight.shape[0])
     except (RuntimeError, AttributeError):  # a torch build without these ops
         return None
 
 
 def linear(x, weight, packed=None):
-    """x (M, in) @ weight (out, in)^T -> (M, out); ``packed`` (from ``pack_linear(weight)``) runs oneDNN's
+    """x (M, in) @ weight (out, in)^T -> (M, out); ``packed`` (from ``pack_linear(weight)``) runs the
     prepacked GEMM on CPU. Inference only: the packed path has no autograd."""
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+        if packed.kind == "jv5fast":
+            x = x.contiguous()
+            out = torch.empty(x.shape[0], packed.out_features)
+            _sgemm()(x.numpy(), packed.data, out.numpy(), torch.get_num_threads())
+            return out
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.data, None, "none", [], "")
     return F.linear(x, weight)

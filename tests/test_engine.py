@@ -334,21 +334,29 @@ def test_merged_task_from_released_names_only():
     assert m("/models/my-classifier") is None and m("jina-embeddings-v5-text-small") is None
 
 
-def test_cpu_prepacked_linears_match_plain_and_follow_task_switches(ckpt_factory, monkeypatch):
-    """CPU fp32 engines run the projections on oneDNN-prepacked weights; the vectors equal the plain
-    F.linear engine's (another fp32 summation order only), and a task switch re-packs every layer."""
+@pytest.mark.parametrize("gemm", ["jv5fast", "onednn"])
+def test_cpu_prepacked_linears_match_plain_and_follow_task_switches(ckpt_factory, monkeypatch, gemm):
+    """CPU fp32 engines run the projections on prepacked weights (jv5fast's own AVX2 GEMM, or oneDNN's);
+    the vectors equal the plain F.linear engine's (another fp32 summation order only), and a task switch
+    re-packs every layer."""
     import torch
-    if not torch.backends.mkldnn.is_available():
+
+    from jv5fast import ops
+    if gemm == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
+    if gemm == "jv5fast" and ops._sgemm() is None:
+        pytest.skip("jv5fast._C.sgemm does not run here (no AVX2/FMA, or the extension was not built)")
     ck = ckpt_factory("small", seed=71)
     texts = ["a query about light", "Ünïcödé 東京", "x", "a longer document about the speed of light " * 9]
     monkeypatch.setenv("JV5FAST_CPU_PACK", "0")
     plain = jv5fast.Engine(ck, device="cpu")
     assert plain.model.packed is None
     monkeypatch.delenv("JV5FAST_CPU_PACK")
+    monkeypatch.setenv("JV5FAST_CPU_GEMM", gemm)
     packed = jv5fast.Engine(ck, device="cpu")
     n_layers = packed.args.num_layers
     assert packed.model.packed is not None and len(packed.model.packed) == 4 * n_layers + 2
+    assert {p.kind for p in packed.model.packed.values()} == {gemm}
     for task in ("retrieval", "clustering", "retrieval", "classification"):
         a, b = plain.embed(texts, task=task), packed.embed(texts, task=task)
         assert (a * b).sum(1).min() >= 0.99999 and np.abs(a - b).max() < 1e-4, task

@@ -1,0 +1,185 @@
+// jv5fast._C: fp32 GEMM C = A @ W^T for CPU inference on prepacked weights (AVX2 + FMA).
+//
+// The weight W (N, K) is packed once (jv5fast.ops.pack_linear) into P = ceil(N / 16) panels of shape
+// (K, 16), each the transpose of 16 consecutive rows of W, zero-padded past N, so a panel is one
+// contiguous stream that the kernel reads exactly once from memory per block of rows of A.
+//
+// Why: at query-sized M (1-64 rows) a transformer forward is a stream of weights (452 MB for
+// EuroBERT-210m) through ~49 GEMMs, and oneDNN's prepacked GEMM reads them at ~10 GB/s on a 2-core
+// Zen3, where the memory gives ~26 GB/s. Work items are (block of Mc rows of A sized to stay in L2) x
+// (8 panels); per panel and K chunk of <= 768 the 6 x 16 register-blocked micro-kernel runs for every
+// tile of <= 6 rows: 12 accumulators, two 8-wide loads of the panel and six broadcasts of A per k. The
+// panel comes from memory for the first tile and from cache for the rest, which also prefetch the next
+// panel. Summation runs over k in order in fp32 (chunks added in order), so results match a
+// reference GEMM to fp32 rounding.
+//
+// Threads: OpenMP, dynamic over work items, `threads` given by the caller (torch.get_num_threads() of
+// the calling thread).
+// Imported after torch, this module shares torch's libgomp (same soname), so torch's pool and ours
+// are the same threads and never spin against each other. The GIL is released while computing.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define JV5_SGEMM 1
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int NR = 16;  // panel width: two 8-float AVX registers
+constexpr int MR = 6;   // rows per micro-tile: 12 accumulators + 2 panel loads + 1 broadcast <= 16 ymm
+
+#if defined(JV5_SGEMM)
+bool cpu_has_avx2_fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// C[r, :ncols] (+)= A[r, :K] . panel[:K] for r < R (R <= MR); ``accumulate`` adds to C (a later K chunk).
+// ``next`` (or null): K lines of another panel to prefetch into L2, one per k, so they arrive while this
+// tile computes from cache. Accumulators are named variables: an array of __m256 is kept on the stack by
+// GCC and stored every iteration.
+template <int R>
+inline void micro(const float* A, int64_t lda, const float* B, int64_t K, float* C, int64_t ldc, int ncols,
+                  bool accumulate, const float* next) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = A, *a1 = A + lda, *a2 = A + 2 * lda, *a3 = A + 3 * lda, *a4 = A + 4 * lda, *a5 = A + 5 * lda;
+#define JV5_STEP(r)                                 \
+  if constexpr (R > r) {                            \
+    const __m256 a = _mm256_broadcast_ss(a##r + k); \
+    c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0);      \
+    c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1);      \
+  }
+  if (next != nullptr) {
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < K; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T1);
+      const __m256 b0 = _mm256_loadu_ps(B + k * NR), b1 = _mm256_loadu_ps(B + k * NR + 8);
+      JV5_STEP(0) JV5_STEP(1) JV5_STEP(2) JV5_STEP(3) JV5_STEP(4) JV5_STEP(5)
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(B + k * NR), b1 = _mm256_loadu_ps(B + k * NR + 8);
+      JV5_STEP(0) JV5_STEP(1) JV5_STEP(2) JV5_STEP(3) JV5_STEP(4) JV5_STEP(5)
+    }
+  }
+#undef JV5_STEP
+  alignas(32) float tile[NR];
+#define JV5_OUT(r)                                              \
+  if constexpr (R > r) {                                        \
+    float* cr = C + r * ldc;                                    \
+    if (ncols == NR) {                                          \
+      if (accumulate) {                                         \
+        c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(cr));  \
+        c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(cr + 8)); \
+      }                                                         \
+      _mm256_storeu_ps(cr, c##r##0);                            \
+      _mm256_storeu_ps(cr + 8, c##r##1);                        \
+    } else {                                                    \
+      _mm256_store_ps(tile, c##r##0);                           \
+      _mm256_store_ps(tile + 8, c##r##1);                       \
+      for (int j = 0; j < ncols; ++j) cr[j] = accumulate ? cr[j] + tile[j] : tile[j]; \
+    }                                                           \
+  }
+  JV5_OUT(0) JV5_OUT(1) JV5_OUT(2) JV5_OUT(3) JV5_OUT(4) JV5_OUT(5)
+#undef JV5_OUT
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool, const float*);
+constexpr MicroFn kMicro[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
+
+constexpr int64_t KC = 768;           // K chunk: a 5 x 768 tile of A (15 KiB) stays in L1 for K = 3072
+constexpr int64_t PANELS_PER_ITEM = 8;  // work item = Mc rows x 8 panels, handed out dynamically
+
+void sgemm_impl(const float* A, int64_t M, int64_t K, const float* B, int64_t N, float* C, int threads) {
+  const int64_t P = (N + NR - 1) / NR;
+  // Rows of A per block: Mc x K floats within ~128 KiB of L2 beside the panel (large M only).
+  const int64_t Mc = std::max<int64_t>(MR, (32768 / K) / MR * MR);
+  const int64_t mblocks = (M + Mc - 1) / Mc, chunks = (P + PANELS_PER_ITEM - 1) / PANELS_PER_ITEM;
+  const int64_t kchunks = (K + KC - 1) / KC, kc = (K + kchunks - 1) / kchunks;
+  const int64_t items = mblocks * chunks;
+  const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  // Dynamic items, not a fixed split: a thread the OS takes away (a busy machine) delays only its item.
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1) if (T > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t m0 = (it / chunks) * Mc, m1 = std::min(M, m0 + Mc);
+    const int64_t p0 = (it % chunks) * PANELS_PER_ITEM, p1 = std::min(P, p0 + PANELS_PER_ITEM);
+    // Rows split evenly over ceil(rows / MR) tiles (20 rows: 4 x 5, not 6 + 6 + 6 + 2).
+    const int64_t rows = m1 - m0, tiles = (rows + MR - 1) / MR, base = rows / tiles, extra = rows % tiles;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* panel = B + p * K * NR;
+      const int ncols = int(std::min<int64_t>(NR, N - p * NR));
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t klen = std::min(kc, K - k0);
+        // every tile but the first (which waits on memory) prefetches the next panel's lines of this chunk
+        const float* next = p + 1 < p1 ? panel + K * NR + k0 * NR : nullptr;
+        int64_t m = m0;
+        for (int64_t i = 0; i < tiles; ++i) {
+          const int r = int(base + (i < extra));
+          kMicro[r](A + m * K + k0, K, panel + k0 * NR, klen, C + m * N + p * NR, N, ncols, k0 > 0,
+                    i > 0 || tiles == 1 ? next : nullptr);
+          m += r;
+        }
+      }
+    }
+  }
+}
+#endif  // JV5_SGEMM
+
+bool sgemm_available() {
+#if defined(JV5_SGEMM)
+  return cpu_has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+// out (M, N) = a (M, K) @ W^T, W given as its panels (P, K, 16). Shapes are checked here: the caller
+// is jv5fast.ops.linear, but a wrong shape must never read or write out of bounds.
+void sgemm(py::array_t<float, py::array::c_style> a, py::array_t<float, py::array::c_style> panels,
+           py::array_t<float, py::array::c_style> out, int threads) {
+  if (!sgemm_available()) throw std::runtime_error("jv5fast._C.sgemm needs a CPU with AVX2 and FMA");
+  if (a.ndim() != 2 || panels.ndim() != 3 || out.ndim() != 2)
+    throw std::invalid_argument("sgemm: a must be (M, K), panels (P, K, 16), out (M, N)");
+  const int64_t M = a.shape(0), K = a.shape(1), P = panels.shape(0), N = out.shape(1);
+  if (panels.shape(1) != K || panels.shape(2) != NR || out.shape(0) != M || (N + NR - 1) / NR != P)
+    throw std::invalid_argument("sgemm: shapes do not match: a (" + std::to_string(M) + ", " + std::to_string(K) +
+                                "), panels (" + std::to_string(P) + ", " + std::to_string(panels.shape(1)) + ", " +
+                                std::to_string(panels.shape(2)) + "), out (" + std::to_string(out.shape(0)) + ", " +
+                                std::to_string(N) + ")");
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    std::memset(out.mutable_data(), 0, sizeof(float) * M * N);
+    return;
+  }
+#if defined(JV5_SGEMM)
+  const float* A = a.data();
+  const float* B = panels.data();
+  float* C = out.mutable_data();
+  py::gil_scoped_release release;
+  sgemm_impl(A, M, K, B, N, C, std::max(1, threads));
+#endif
+}
+
+}  // namespace
+
+void register_sgemm(py::module_& m) {
+  m.def("sgemm", &sgemm, py::arg("a"), py::arg("panels"), py::arg("out"), py::arg("threads") = 1,
+        "out (M, N) = a (M, K) @ W^T for float32 C-contiguous arrays, W (N, K) given as panels (ceil(N/16), K, 16) "
+        "(jv5fast.ops.pack_linear). AVX2 + FMA only (see sgemm_available).");
+  m.def("sgemm_available", &sgemm_available, "Whether sgemm runs here (built with AVX2/FMA, CPU has them)");
+}
