@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="torch", choices=("torch", "onnx"),
                    help="onnx: --model is a folder written by export-onnx (needs jv5fast[onnx])")
     e.add_argument("--quantize", default=None, choices=("int8",),
-                   help="with --backend onnx: run the export's model_int8.onnx")
+                   help="int8 on the CPU: the checkpoint's int8 ONNX export, built on first use and cached "
+                   "($JV5FAST_CACHE); with --backend onnx the export's model_int8.onnx")
     e.add_argument("--input", default=None, help="file with one text per line (.jsonl: a JSON string or "
                    "{\"text\": ...} per line), or - for stdin")
     e.add_argument("--output", required=True, help="OUT.npy or OUT.jsonl (its folder must exist)")
@@ -336,7 +337,8 @@ def _add_serve_parser(sub):
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     s.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="engine backend")
-    s.add_argument("--quantize", default=None, choices=("int8",), help="with --backend onnx: the int8 graph")
+    s.add_argument("--quantize", default=None, choices=("int8",), help="int8 on the CPU (built on first use and "
+                   "cached in $JV5FAST_CACHE); with --backend onnx the export's int8 graph")
     s.add_argument("--max-length", type=_positive_int, default=None, help="tokens per text, prompt included")
     s.add_argument("--served-model-name", default=None, help="the model name in responses and /v1/models "
                    "(default: the folder name of --model, or the hub id)")
@@ -469,11 +471,27 @@ def _fail(cmd, msg, code):
     return code
 
 
+def _check_quantize(a):
+    """--quantize int8: the export's int8 graph with --backend onnx, else the engine's cached int8 export
+    of the checkpoint, which runs on the CPU in float32 only."""
+    if not a.quantize or a.backend == "onnx":
+        return
+    if a.device is not None and a.device != "cpu":
+        raise CLIError(f"--quantize int8 runs on the CPU (onnxruntime's int8); drop --device {a.device}")
+    if a.dtype not in (None, "float32"):
+        raise CLIError(f"--quantize int8 quantizes the float32 model; drop --dtype {a.dtype}")
+
+
+def _quantize_kw(a):
+    if not a.quantize:
+        return {}
+    return {"onnx_quantize": a.quantize} if a.backend == "onnx" else {"quantize": a.quantize}
+
+
 def _embed(a):
     if bool(a.texts) == bool(a.input):
         raise CLIError("give either TEXT arguments or --input FILE (not both, not neither)")
-    if a.quantize and a.backend != "onnx":
-        raise CLIError("--quantize int8 runs an ONNX export's int8 graph; add --backend onnx")
+    _check_quantize(a)
     _check_output_file(a.output, "--output", (".npy", ".jsonl"))
     _check_model(a.model, "--model", a.backend)
     _check_device(a.device)
@@ -482,7 +500,7 @@ def _embed(a):
     from .engine import Engine
     kw = {} if a.task is None else {"task": a.task}
     eng = Engine(a.model, device=a.device, dtype=a.dtype, max_length=a.max_length, backend=a.backend,
-                 max_batch_tokens=a.max_batch_tokens, onnx_quantize=a.quantize, **kw)
+                 max_batch_tokens=a.max_batch_tokens, **_quantize_kw(a), **kw)
     emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
                     precision=a.precision, normalize=not a.no_normalize, truncate=not a.no_truncate,
                     show_progress_bar=False if a.no_progress else None)
@@ -492,8 +510,7 @@ def _embed(a):
 
 
 def _serve(a):
-    if a.quantize and a.backend != "onnx":
-        raise CLIError("--quantize int8 runs an ONNX export's int8 graph; add --backend onnx")
+    _check_quantize(a)
     _check_model(a.model, "--model", a.backend)
     path = os.path.expanduser(a.model)
     if (os.path.isabs(path) or a.model.startswith((".", "~"))) and not os.path.isdir(path):
@@ -504,7 +521,7 @@ def _serve(a):
     from .server import serve
     resident = {"auto": "auto", "true": True, "false": False}[a.resident_tasks]
     return serve(a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, backend=a.backend,
-                 max_length=a.max_length, onnx_quantize=a.quantize, log_level=a.log_level,
+                 max_length=a.max_length, **_quantize_kw(a), log_level=a.log_level,
                  drain_timeout=a.drain_timeout, served_model_name=a.served_model_name, api_key=a.api_key,
                  max_batch_tokens=a.max_batch_tokens, max_wait_ms=a.max_wait_ms,
                  max_queue_tokens=a.max_queue_tokens or "auto", max_inputs=a.max_inputs,

@@ -86,9 +86,14 @@ class Engine:
     """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
 
     def __init__(self, model_name_or_path, *, task=None, device=None, dtype=None, max_length=None,
-                 max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None):
+                 max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None, quantize=None):
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend {backend!r} is not valid; choose 'torch' or 'onnx'")
+        self.int8_quality = None
+        if quantize is not None:  # the int8 CPU path: a cached ONNX export (jv5fast/int8.py)
+            model_name_or_path, task = self._int8_source(model_name_or_path, task, device, dtype, backend,
+                                                         onnx_quantize, cuda_graphs, quantize)
+            backend, onnx_quantize, device, dtype = "onnx", "int8", "cpu", None
         if cuda_graphs not in (None, True, False):
             raise ValueError(f"cuda_graphs must be None (auto), True or False; got {cuda_graphs!r}")
         if cuda_graphs and backend != "torch":
@@ -146,6 +151,11 @@ class Engine:
                                  f"({meta.get('truncate_dim')}) do not fit hidden_size {args.hidden_size} of its "
                                  f"config.json")
             self.model = OnnxBackbone(folder, onnx_file_for(folder, onnx_quantize), str(self.device))
+            if onnx_quantize == "int8":
+                from .int8 import quality_line
+                self.int8_quality = meta.get("int8") if isinstance(meta.get("int8"), dict) else None
+                warnings.warn(f"jv5fast int8 model ({folder}): {quality_line(meta)}; its embeddings approximate "
+                              f"the fp32 ones", stacklevel=2)
             # one task is merged into the graph; it is the only valid task
             self._onnx_task, self._export_dim = meta.get("task"), meta.get("truncate_dim")
             self.task = self._onnx_task if task is None else self._check_task(task)
@@ -170,12 +180,32 @@ class Engine:
             self.task = self._check_task(task)
         self._activate(self.task)
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            self.model.pack_linears()  # oneDNN-prepacked GEMMs: 2-4x faster at query-sized batches
+            self.model.pack_linears()  # prepacked GEMMs (jv5fast.ops.pack_linear): faster at every batch size
         if not self._adapters:
             self._base = {}
         if cuda_graphs or (cuda_graphs is None and self.device.type == "cuda" and ops.uses_triton(self.device)):
             from .graphs import CudaGraphRunner
             self._graphs = CudaGraphRunner(self.model)
+
+    @staticmethod
+    def _int8_source(model_name_or_path, task, device, dtype, backend, onnx_quantize, cuda_graphs, quantize):
+        """Check ``quantize`` and the options it fixes; returns (the cached int8 export folder, its task)."""
+        if quantize != "int8":
+            raise ValueError(f"quantize {quantize!r} is not valid; choose None (exact fp32) or 'int8'")
+        if backend != "torch" or onnx_quantize is not None or cuda_graphs:
+            raise ValueError("quantize='int8' builds and caches its own ONNX export from a checkpoint; leave backend, "
+                             "onnx_quantize and cuda_graphs unset (for an export folder of your own use "
+                             "Engine.from_onnx(folder, quantize='int8'))")
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"quantize='int8' runs on the CPU (onnxruntime's dynamic int8); device={device!r} is not "
+                             f"valid with it: pass device='cpu' or leave it unset")
+        if dtype is not None and _resolve_dtype(dtype, torch.device("cpu")) != torch.float32:
+            raise ValueError(f"quantize='int8' quantizes the float32 graph; dtype={dtype!r} is not valid with it "
+                             f"(leave it unset)")
+        if task is not None and task not in TASKS:
+            raise ValueError(f"task {task!r} is not valid; choose one of {list(TASKS)}")
+        from .int8 import int8_export
+        return int8_export(model_name_or_path, resolve_checkpoint(str(model_name_or_path)), task), task
 
     @classmethod
     def from_onnx(cls, folder, *, device="cpu", quantize=None, max_length=None, max_batch_tokens=16384):

@@ -1,15 +1,25 @@
 """Test-session setup. Without a GPU, Triton kernels can only run in the interpreter, and Triton reads
 TRITON_INTERPRET when a kernel is defined, so it must be set before any kernel module is imported."""
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Engine(quantize="int8") caches its export: tests (and the CLIs they start) never write the user's cache.
+_CACHE = tempfile.mkdtemp(prefix="jv5fast-test-cache-")
+os.environ["JV5FAST_CACHE"] = _CACHE
+
 import pytest  # noqa: E402
 
 from jv5fast.testing import write_checkpoint  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

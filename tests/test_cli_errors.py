@@ -85,7 +85,7 @@ def test_usage_and_input_errors(nano_ckpt, files, tmp_path):
          dict(env={"PYTHONPATH": str(d / "no_onnxruntime")})),
         ((*emb, "x", "--task", "retreival"), {}),
         ((*emb, "x" * 200, "--max-length", "8", "--no-truncate"), {}),
-        ((*emb, "x", "--quantize", "int8"), {}),
+        ((*emb, "x", "--quantize", "int8", "--dtype", "bfloat16"), {}),
         (("embed", "--model", nano_ckpt, "--output", out), {}),
         ((*emb, "x", "--truncate-dim", "999"), {}),
         (("train", "--stage", "retrieval"), {}),
@@ -111,7 +111,7 @@ def test_usage_and_input_errors(nano_ckpt, files, tmp_path):
     check(r[13], 2, 'pip install "jv5fast[onnx]"')
     check(r[14], 2, "unknown task 'retreival'; valid tasks: ['retrieval'")
     check(r[15], 2, "more than --max-length 8", "leave out --no-truncate to cut it")
-    check(r[16], 2, "--quantize int8 runs an ONNX export's int8 graph; add --backend onnx")
+    check(r[16], 2, "--quantize int8 quantizes the float32 model; drop --dtype bfloat16")
     check(r[17], 2, "give either TEXT arguments or --input")
     check(r[18], 2, "--truncate-dim 999 is out of range 1..64")
     check(r[19], 2, "the following arguments are required: --data")
@@ -216,7 +216,7 @@ def test_serve_errors_fail_before_binding(nano_ckpt, files, tmp_path):
         ((*s, "--max-wait-ms", "-1"), {}),
         ((*s, "--max-inputs", "0"), {}),
         ((*s, "--max-queue-tokens", "many"), {}),
-        ((*s, "--quantize", "int8"), {}),
+        ((*s, "--quantize", "int8", "--device", "cuda"), {}),
         ((*s, "--backend", "onnx"), {}),
         ((*s, "--resident-tasks", "maybe"), {}),
         ((*s, "--device", "tpu"), {}),
@@ -226,7 +226,7 @@ def test_serve_errors_fail_before_binding(nano_ckpt, files, tmp_path):
     check(r[2], 2, "--max-wait-ms", "-1")
     check(r[3], 2, "--max-inputs", "'0'")
     check(r[4], 2, "--max-queue-tokens", "many")
-    check(r[5], 2, "--quantize int8", "--backend onnx")
+    check(r[5], 2, "--quantize int8 runs on the CPU", "drop --device cuda")
     check(r[6], 2, "not an ONNX export")
     check(r[7], 2, "--resident-tasks", "auto")
     check(r[8], 2, "tpu")
