@@ -349,7 +349,7 @@ class Engine:
         budget = self.max_batch_tokens
         if self.device.type == "cpu":
             budget = min(budget, CPU_BATCH_TOKENS)
-        batches = plan_batches(lengths, budget)
+        batches = plan_batches(lengths, budget, balance=self.device.type == "cpu")
         if show_progress_bar is None:
             show = len(batches) > _PROGRESS_MIN_BATCHES and n > 64
         else:

@@ -66,6 +66,27 @@ def test_plan_batches_respects_budget_and_covers_everything():
     assert flat == sorted(flat, reverse=True)
 
 
+def test_balanced_plan_has_as_few_batches_of_even_size():
+    import numpy as np
+
+    from jv5fast.batching import plan_batches
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        lengths = rng.integers(1, 300, rng.integers(1, 80)).tolist()
+        budget = int(rng.integers(1, 900))
+        greedy, even = plan_batches(lengths, budget), plan_batches(lengths, budget, balance=True)
+        assert len(even) == len(greedy)
+        assert sorted(i for b in even for i in b) == list(range(len(lengths)))
+        sizes = [sum(lengths[i] for i in b) for b in even]
+        assert all(len(b) == 1 or s <= budget for b, s in zip(even, sizes))
+        assert max(sizes) <= max(sum(lengths[i] for i in b) for b in greedy)
+        flat = [lengths[i] for b in even for i in b]
+        assert flat == sorted(flat, reverse=True)
+    # 32 queries of 17 tokens and one of 40 under 512: two even batches, not 512 + 40
+    lengths = [17] * 32 + [40]
+    assert sorted(sum(lengths[i] for i in b) for b in plan_batches(lengths, 512, balance=True)) == [289, 295]
+
+
 def test_swiglu_ref_inplace_only_without_grad():
     x = torch.randn(5, 8, requires_grad=True)
     y = ops.swiglu(x)
