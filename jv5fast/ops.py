@@ -83,12 +83,57 @@ def attention_last(q_last, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None):
 
 def rms_norm(x, weight, eps, residual=None):
     """RMSNorm over the last axis; with ``residual`` returns (norm(x + residual), x + residual)."""
+    if _cpu_fused(x, weight, residual):
+        return _rms_norm_cpu(x, weight, eps, residual)
     return _pick("rmsnorm", "rms_norm", rms_norm_ref, x)(x, weight, eps, residual)
 
 
 def rope(x, cos, sin, position_ids, norm_weight=None, eps=1e-6):
     """Rotate-half RoPE on x (T, H, D) at ``position_ids`` (T,), optionally after a per-head RMSNorm."""
+    if _cpu_fused(x, cos, sin, norm_weight) and x.stride(-1) == 1 and position_ids.dtype == torch.int64:
+        return _rope_cpu(x, cos, sin, position_ids, norm_weight, eps)
     return _pick("rope", "rope", rope_ref, x)(x, cos, sin, position_ids, norm_weight, eps)
+
+
+# ---- fused CPU RMSNorm and RoPE (csrc/cpu_ops.cpp) --------------------------------------------------------
+# At a query's ~20 rows the references are ~10 tiny torch calls each whose dispatch outweighs the math; the
+# C++ versions compute the same formulas in one call. Inference only (fp32 CPU tensors outside autograd);
+# JV5FAST_BACKEND=torch keeps the references.
+
+
+@functools.cache
+def _cpu_ops():
+    from ._hamming import _C  # imported after torch: one libgomp for both
+    return _C if _C is not None and hasattr(_C, "cpu_ops_available") and _C.cpu_ops_available() else None
+
+
+def _cpu_fused(*tensors) -> bool:
+    ts = [t for t in tensors if t is not None]
+    return (ts[0].device.type == "cpu" and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+            and backend() == "auto" and _cpu_ops() is not None)
+
+
+def _rms_norm_cpu(x, weight, eps, residual):
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    y = torch.empty_like(x2)
+    if residual is None:
+        _cpu_ops().rms_norm(x2.numpy(), None, weight.contiguous().numpy(), eps, y.numpy(), None,
+                            torch.get_num_threads())
+        return y.view(shape)
+    h = torch.empty_like(x2)
+    _cpu_ops().rms_norm(x2.numpy(), residual.reshape(-1, shape[-1]).contiguous().numpy(),
+                        weight.contiguous().numpy(), eps, y.numpy(), h.numpy(), torch.get_num_threads())
+    return y.view(shape), h.view(shape)
+
+
+def _rope_cpu(x, cos, sin, position_ids, norm_weight, eps):
+    y = torch.empty(x.shape, dtype=torch.float32)
+    _cpu_ops().rope(x.numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(),
+                    position_ids.contiguous().numpy(), None if norm_weight is None else norm_weight.contiguous().numpy(),
+                    eps, y.numpy(), torch.get_num_threads())
+    return y
 
 
 def swiglu(gate_up):
