@@ -54,8 +54,10 @@ class OnnxSession:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError("device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the one thread knob: torch.set_num_threads
         try:
-            self.session = ort.InferenceSession(model_path, providers=providers)
+            self.session = ort.InferenceSession(model_path, options, providers=providers)
         except Exception as e:
             raise ValueError(f"corrupt or unreadable ONNX model {model_path}: {e}") from None
         self.model_path = model_path
