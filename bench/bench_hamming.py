@@ -243,7 +243,9 @@ def main(argv=None):
 # pytest-benchmark entry points (N = 1M): pytest bench/bench_hamming.py
 
 
-def _pytest_case(name_prefix):
+def _pytest_case(benchmark, name_prefix):
+    """(queries, corpus, search, n) for the implementation whose name starts with ``name_prefix``, in the
+    group 'hamming top-10 cpu N=...'; skips when this machine lacks it."""
     import pytest
 
     n = int(os.environ.get("JV5FAST_BENCH_N", 1_000_000))
@@ -252,24 +254,35 @@ def _pytest_case(name_prefix):
     name = next((k for k in impls if k.startswith(name_prefix)), None)
     if name is None:
         pytest.skip(f"{name_prefix} not available")
-    return queries, corpus, impls[name]
+    benchmark.group = f"hamming top-{K} cpu N={n:,}"
+    return queries, corpus, impls[name], n
 
 
-def test_jv5fast(benchmark):
-    queries, corpus, fn = _pytest_case("jv5fast C++")
-    D, I = benchmark.pedantic(fn, args=(queries,), rounds=5, warmup_rounds=1)
+def _report(benchmark, groups, name, n):
+    benchmark.extra_info.update(m_comparisons_per_s=NQ * n / benchmark.stats.stats.median / 1e6,
+                                slower_than_jv5fast_x=groups.record(benchmark, name))
+
+
+def test_jv5fast(benchmark, groups):
+    queries, corpus, fn, n = _pytest_case(benchmark, "jv5fast C++")
+    D, _ = benchmark.pedantic(fn, args=(queries,), rounds=5, warmup_rounds=1)
     Dn, _ = _hamming.hamming_topk_numpy(queries[:5], corpus, K)
     np.testing.assert_array_equal(D[:5], Dn)
+    _report(benchmark, groups, "jv5fast", n)
 
 
-def test_faiss(benchmark):
-    queries, corpus, fn = _pytest_case("faiss")
-    benchmark.pedantic(fn, args=(queries,), rounds=3, warmup_rounds=1)
+def test_faiss(benchmark, groups):
+    queries, corpus, fn, n = _pytest_case(benchmark, "faiss")
+    D, _ = benchmark.pedantic(fn, args=(queries,), rounds=3, warmup_rounds=1)
+    Dn, _ = _hamming.hamming_topk_numpy(queries[:5], corpus, K)
+    np.testing.assert_array_equal(D[:5], Dn)
+    _report(benchmark, groups, "faiss IndexBinaryFlat", n)
 
 
-def test_numpy(benchmark):
-    queries, corpus, fn = _pytest_case("numpy")
+def test_numpy(benchmark, groups):
+    queries, corpus, fn, n = _pytest_case(benchmark, "numpy")
     benchmark.pedantic(fn, args=(queries,), rounds=1, warmup_rounds=0)
+    _report(benchmark, groups, "numpy bitwise_count", n)
 
 
 if __name__ == "__main__":
