@@ -1,12 +1,13 @@
-"""CPU query latency: the engine's oneDNN-prepacked projections vs plain ``F.linear`` (``JV5FAST_CPU_PACK=0``),
-same checkpoint, same queries, same run.
+"""CPU query latency by GEMM: the engine's prepacked projections on jv5fast's own GEMM (csrc/sgemm.cpp, the
+default), on oneDNN's prepacked GEMM (``JV5FAST_CPU_GEMM=onednn``) and plain ``F.linear``
+(``JV5FAST_CPU_PACK=0``); same checkpoint, same queries, same run.
 
 Full-size nano (random weights, real tokenizer), queries of 4–24 words embedded with the query prompt in
 batches of 1, 8 and 32; p50 over 3 passes. Checks the vectors agree (cosine >= 0.99999). A first step of
 issue 13's CPU latency work; the peers (onnxruntime, sentence-transformers) belong in its latency suite.
 
     python bench/bench_cpu_pack.py [--families nano,small] [--out bench/results/cpu_pack.md]
-    pytest bench/bench_cpu_pack.py          # pytest-benchmark, nano, 1 query
+    pytest bench/bench_cpu_pack.py          # pytest-benchmark, nano, 1 query: prepacked and plain entries
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jv5fast  # noqa: E402
@@ -33,18 +35,25 @@ def queries(n=64, seed=0):
     return [" ".join(rng.choice(WORDS, rng.integers(4, 25))) for _ in range(n)]
 
 
-def engine(path, packed: bool):
-    old = os.environ.get("JV5FAST_CPU_PACK")
-    os.environ["JV5FAST_CPU_PACK"] = "1" if packed else "0"
+MODES = {"jv5fast": {"JV5FAST_CPU_GEMM": "jv5fast"}, "onednn": {"JV5FAST_CPU_GEMM": "onednn"},
+         "plain": {"JV5FAST_CPU_PACK": "0"}}
+
+
+def engine(path, mode: str):
+    """An fp32 CPU engine whose projections run on ``mode``'s GEMM (a key of MODES)."""
+    old = {k: os.environ.get(k) for k in ("JV5FAST_CPU_GEMM", "JV5FAST_CPU_PACK")}
+    os.environ.update(MODES[mode])
     try:
         eng = jv5fast.Engine(path, device="cpu", dtype="float32")
     finally:
-        if old is None:
-            os.environ.pop("JV5FAST_CPU_PACK")
-        else:
-            os.environ["JV5FAST_CPU_PACK"] = old
-    if (eng.model.packed is not None) != packed:
-        raise RuntimeError("JV5FAST_CPU_PACK did not take effect (no oneDNN in this torch?)")
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    kinds = {p.kind for p in eng.model.packed.values()} if eng.model.packed is not None else {"plain"}
+    if kinds != {mode}:
+        raise RuntimeError(f"asked for the {mode} GEMM, the engine runs {kinds}")
     return eng
 
 
@@ -64,14 +73,14 @@ def run_family(family, tmp):
     path = write_checkpoint(os.path.join(tmp, family), family, "full", seed=0, tasks=("retrieval",),
                             real_tokenizer=True)
     qs = queries()
-    rows = []
-    plain, packed = engine(path, False), engine(path, True)
-    cos = float((plain.encode_query(qs[:32]) * packed.encode_query(qs[:32])).sum(1).min())
+    engines = {m: engine(path, m) for m in MODES}
+    ref = engines["plain"].encode_query(qs[:32])
+    cos = min(float((e.encode_query(qs[:32]) * ref).sum(1).min()) for e in engines.values())
     if cos < 0.99999:
         raise AssertionError(f"{family}: packed vectors differ from plain ones (min cosine {cos})")
-    for n in BATCHES:  # interleaved, so drift on a shared machine hits both alike
-        a, b = p50_ms(plain, qs, n), p50_ms(packed, qs, n)
-        rows.append((family, n, a, b))
+    rows = []
+    for n in BATCHES:  # interleaved, so drift on a shared machine hits every mode alike
+        rows.append((family, n, *(p50_ms(engines[m], qs, n) for m in MODES)))
     return rows, cos
 
 
@@ -80,17 +89,20 @@ def main(argv=None):
     ap.add_argument("--families", default="nano")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    lines = ["# CPU query latency: prepacked vs plain projections", "",
+    lines = ["# CPU query latency by GEMM: jv5fast's own, oneDNN prepacked, plain F.linear", "",
              f"{datetime.date.today()} · {machine()}", "",
              f"Command: `python bench/bench_cpu_pack.py --families {a.families}`; full-size random weights, real "
-             "tokenizer, queries of 4–24 words with the query prompt, p50 of 3 passes.", "",
-             "| model | queries per call | plain F.linear p50 ms | prepacked p50 ms | speedup | min cosine |",
-             "|---|---|---|---|---|---|"]
+             "tokenizer, queries of 4–24 words with the query prompt, p50 of 3 passes; every mode's vectors "
+             "checked against plain F.linear.", "",
+             "| model | queries per call | jv5fast GEMM p50 ms | oneDNN prepacked p50 ms | plain F.linear p50 ms "
+             "| vs oneDNN | vs plain | min cosine |",
+             "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for family in a.families.split(","):
             rows, cos = run_family(family, tmp)
-            for fam, n, plain, packed in rows:
-                lines.append(f"| {fam} | {n} | {plain:.1f} | {packed:.1f} | {plain / packed:.2f}× | {cos:.7f} |")
+            for fam, n, ours, onednn, plain in rows:
+                lines.append(f"| {fam} | {n} | {ours:.1f} | {onednn:.1f} | {plain:.1f} | {onednn / ours:.2f}× "
+                             f"| {plain / ours:.2f}× | {cos:.7f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
@@ -99,18 +111,30 @@ def main(argv=None):
     return 0
 
 
-def test_prepacked_vs_plain_one_query(benchmark, tmp_path):
-    """pytest-benchmark entry: nano, one query per call; reports the plain/packed ratio."""
-    path = write_checkpoint(str(tmp_path / "nano"), "nano", "full", seed=0, tasks=("retrieval",), real_tokenizer=True)
+@pytest.fixture(scope="module")
+def pack_engines(checkpoint):
+    """(prepacked on jv5fast's GEMM, plain) engines on the session's full-size nano checkpoint (bench/conftest.py)."""
+    path = checkpoint("nano")
+    return engine(path, "jv5fast"), engine(path, "plain")
+
+
+def _one_query(benchmark, groups, eng, name):
+    benchmark.group = "prepacked vs plain nano cpu batch=1"
+    benchmark.pedantic(eng.encode_query, args=(queries(1),), rounds=10, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["slower_than_jv5fast_x"] = groups.record(benchmark, name)
+
+
+def test_prepacked(benchmark, groups, pack_engines):
+    """pytest-benchmark entry: jv5fast's default CPU fp32 path (prepacked projections, its own GEMM), one query."""
+    _one_query(benchmark, groups, pack_engines[0], "jv5fast")
+
+
+def test_plain(benchmark, groups, pack_engines):
+    """pytest-benchmark entry: the same engine with plain F.linear (JV5FAST_CPU_PACK=0); same vectors."""
+    packed, plain = pack_engines
     qs = queries(16)
-    plain, packed = engine(path, False), engine(path, True)
     assert (plain.encode_query(qs) * packed.encode_query(qs)).sum(1).min() >= 0.99999
-    t_plain = p50_ms(plain, qs, 1, passes=1)
-    benchmark.pedantic(packed.encode_query, args=(qs[:1],), rounds=10, iterations=1, warmup_rounds=2)
-    ratio = t_plain / (benchmark.stats.stats.median * 1e3)
-    benchmark.extra_info.update(plain_p50_ms=t_plain, ratio_plain_over_packed=ratio)
-    print(f"\nnano 1 query: plain {t_plain:.1f} ms, prepacked {benchmark.stats.stats.median * 1e3:.1f} ms, "
-          f"{ratio:.2f}x")
+    _one_query(benchmark, groups, plain, "F.linear (JV5FAST_CPU_PACK=0)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class Backbone:
         self.layers = [dict() for _ in range(args.num_layers)]
         self._rope = None  # (cos, sin) fp32 tables, grown on demand
         self.version = 0   # bumped whenever a weight tensor is replaced (CUDA graphs hold addresses)
-        self.packed = None  # (layer, name) -> oneDNN-prepacked weight (CPU inference; see pack_linears)
+        self.packed = None  # (layer, name) -> ops.PackedLinear (CPU fp32 inference; see pack_linears)
 
     # ---- weights -------------------------------------------------------------------------------
     def set_static(self, weights: dict):
@@ -54,9 +54,10 @@ class Backbone:
                     layer[ours] = weights[key].to(**cast)
 
     def pack_linears(self):
-        """Keep a oneDNN-prepacked copy of every fused projection for the default linear (CPU fp32
-        inference: 2-4x faster GEMMs at query-sized batches, at the cost of a second copy of the linear
-        weights). ``set_linear`` keeps the copies current. Returns whether packing applies here."""
+        """Keep a prepacked copy (``ops.pack_linear``: jv5fast's AVX2 GEMM panels, else oneDNN's layout) of
+        every fused projection for the default linear (CPU fp32 inference: faster GEMMs at every batch size,
+        at the cost of a second copy of the linear weights). ``set_linear`` keeps the copies current. Returns
+        whether packing applies here."""
         self.packed = {}
         for i, layer in enumerate(self.layers):
             for name in list(layer):
