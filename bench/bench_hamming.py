@@ -263,20 +263,21 @@ def _report(benchmark, groups, name, n):
                                 slower_than_jv5fast_x=groups.record(benchmark, name))
 
 
-def test_jv5fast(benchmark, groups):
-    queries, corpus, fn, n = _pytest_case(benchmark, "jv5fast C++")
-    D, _ = benchmark.pedantic(fn, args=(queries,), rounds=5, warmup_rounds=1)
+def _timed_and_checked(benchmark, groups, impl, name, rounds):
+    """Time ``impl``'s search, check its first 5 queries' distances against numpy's, report."""
+    queries, corpus, fn, n = _pytest_case(benchmark, impl)
+    D, _ = benchmark.pedantic(fn, args=(queries,), rounds=rounds, warmup_rounds=1)
     Dn, _ = _hamming.hamming_topk_numpy(queries[:5], corpus, K)
     np.testing.assert_array_equal(D[:5], Dn)
-    _report(benchmark, groups, "jv5fast", n)
+    _report(benchmark, groups, name, n)
+
+
+def test_jv5fast(benchmark, groups):
+    _timed_and_checked(benchmark, groups, "jv5fast C++", "jv5fast", rounds=5)
 
 
 def test_faiss(benchmark, groups):
-    queries, corpus, fn, n = _pytest_case(benchmark, "faiss")
-    D, _ = benchmark.pedantic(fn, args=(queries,), rounds=3, warmup_rounds=1)
-    Dn, _ = _hamming.hamming_topk_numpy(queries[:5], corpus, K)
-    np.testing.assert_array_equal(D[:5], Dn)
-    _report(benchmark, groups, "faiss IndexBinaryFlat", n)
+    _timed_and_checked(benchmark, groups, "faiss", "faiss IndexBinaryFlat", rounds=3)
 
 
 def test_numpy(benchmark, groups):
