@@ -78,6 +78,7 @@ def int8_export(model_name_or_path: str, folder: str, task) -> str:
     """The cached int8 export folder for checkpoint ``folder`` (resolved from ``model_name_or_path``, whose
     name may record a merged repo's task) and ``task``; built here when missing or broken."""
     from .onnx_export import export_onnx, require_onnx
+    require_onnx("onnx")
     require_onnx("onnxruntime")
     name = os.path.basename(os.path.normpath(str(model_name_or_path)))
     dest = os.path.join(cache_root(), "int8", cache_key(folder, name, task))
