@@ -76,6 +76,7 @@ void rms_norm(Arr x, py::object residual, Arr w, double eps, Arr y, py::object h
   if (!residual.is_none()) {
     res = residual.cast<Arr>();
     hh = h.cast<Arr>();
+    require(hh.ptr() == h.ptr(), "rms_norm: h must be a C-contiguous float32 array (it is written)");
     require(res.ndim() == 2 && hh.ndim() == 2 && res.shape(0) == T && res.shape(1) == N && hh.shape(0) == T &&
                 hh.shape(1) == N,
             "rms_norm: residual and h must be (T, N) like x");
@@ -184,11 +185,11 @@ void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array
 }  // namespace
 
 void register_cpu_ops(py::module_& m) {
-  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("w"), py::arg("eps"), py::arg("y"),
-        py::arg("h"), py::arg("threads") = 1,
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("w"), py::arg("eps"),
+        py::arg("y").noconvert(), py::arg("h").noconvert(), py::arg("threads") = 1,
         "y = w * (h / sqrt(mean(h^2) + eps)), h = x (+ residual, written to h); float32 (T, N) C-contiguous");
   m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("pos"), py::arg("norm"), py::arg("eps"),
-        py::arg("y"), py::arg("threads") = 1,
+        py::arg("y").noconvert(), py::arg("threads") = 1,
         "y (T, H, D) = rotate-half RoPE of x (optionally per-head RMSNormed first) at rows pos of cos/sin");
   m.def("cpu_ops_available", &cpu_ops_available, "Whether rms_norm / rope run here (AVX2 + FMA)");
 }

@@ -178,7 +178,7 @@ void sgemm(py::array_t<float, py::array::c_style> a, py::array_t<float, py::arra
 }  // namespace
 
 void register_sgemm(py::module_& m) {
-  m.def("sgemm", &sgemm, py::arg("a"), py::arg("panels"), py::arg("out"), py::arg("threads") = 1,
+  m.def("sgemm", &sgemm, py::arg("a"), py::arg("panels"), py::arg("out").noconvert(), py::arg("threads") = 1,
         "out (M, N) = a (M, K) @ W^T for float32 C-contiguous arrays, W (N, K) given as panels (ceil(N/16), K, 16) "
         "(jv5fast.ops.pack_linear). AVX2 + FMA only (see sgemm_available).");
   m.def("sgemm_available", &sgemm_available, "Whether sgemm runs here (built with AVX2/FMA, CPU has them)");

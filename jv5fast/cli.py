@@ -476,7 +476,7 @@ def _check_quantize(a):
     of the checkpoint, which runs on the CPU in float32 only."""
     if not a.quantize or a.backend == "onnx":
         return
-    if a.device is not None and a.device != "cpu":
+    if a.device is not None and not a.device.startswith("cpu"):
         raise CLIError(f"--quantize int8 runs on the CPU (onnxruntime's int8); drop --device {a.device}")
     if a.dtype not in (None, "float32"):
         raise CLIError(f"--quantize int8 quantizes the float32 model; drop --dtype {a.dtype}")

@@ -111,7 +111,7 @@ def _cpu_ops():
 def _cpu_fused(*tensors) -> bool:
     ts = [t for t in tensors if t is not None]
     return (ts[0].device.type == "cpu" and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+            and not any(t.requires_grad for t in ts)
             and backend() == "auto" and _cpu_ops() is not None)
 
 
@@ -222,7 +222,11 @@ def _on_huge_pages(a):
     if a.nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return a
     buf = mmap.mmap(-1, -(-a.nbytes // _HUGE_PAGE) * _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: plain pages
+        buf.close()
+        return a
     out = np.frombuffer(buf, dtype=a.dtype, count=a.size).reshape(a.shape)  # holds buf alive
     out[...] = a
     return out
@@ -252,7 +256,7 @@ def linear(x, weight, packed=None):
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         if packed.kind == "jv5fast":
             x = x.contiguous()
-            out = torch.empty(x.shape[0], packed.out_features)
+            out = torch.empty(x.shape[0], packed.out_features, dtype=torch.float32)
             _sgemm()(x.numpy(), packed.data, out.numpy(), torch.get_num_threads())
             return out
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.data, None, "none", [], "")

@@ -74,6 +74,11 @@ def test_bad_shapes_are_refused():
         C.rms_norm(x, None, np.zeros(7, np.float32), 1e-6, np.zeros((4, 8), np.float32), None, 1)
     with pytest.raises(ValueError, match="residual and h go together"):
         C.rms_norm(x, x, np.zeros(8, np.float32), 1e-6, np.zeros((4, 8), np.float32), None, 1)
+    with pytest.raises(TypeError):  # an output is never silently a temporary copy
+        C.rms_norm(x, None, np.zeros(8, np.float32), 1e-6, np.zeros((8, 4), np.float32).T, None, 1)
+    with pytest.raises(ValueError, match="h must be a C-contiguous float32 array"):
+        C.rms_norm(x, x, np.zeros(8, np.float32), 1e-6, np.zeros((4, 8), np.float32),
+                   np.zeros((8, 4), np.float32).T, 1)
     cos = np.zeros((16, 8), np.float32)
     with pytest.raises(ValueError, match="shapes of x, cos, sin, pos and y differ"):
         C.rope(np.zeros((3, 2, 8), np.float32), cos, cos, np.zeros(3, np.int64), None, 1e-6,
@@ -92,6 +97,8 @@ def test_references_where_the_fused_path_does_not_apply(monkeypatch):
         assert x.grad is not None
     w = torch.randn(8)
     ops.rms_norm(torch.randn(4, 8, dtype=torch.float64), w.double(), 1e-6)
+    with torch.inference_mode(False), torch.no_grad():  # a parameter outside autograd never reaches .numpy()
+        ops.rms_norm(torch.randn(4, 8), torch.nn.Parameter(torch.randn(8)), 1e-6)
     monkeypatch.setenv("JV5FAST_BACKEND", "torch")
     ops.rms_norm(torch.randn(4, 8), w, 1e-6)
     assert calls == []

@@ -67,8 +67,10 @@ def test_shape_mismatch_is_refused_not_read_out_of_bounds():
                    (np.zeros(8, np.float32), good_out)]:          # not 2-D
         with pytest.raises(ValueError, match="sgemm"):
             sgemm(a, panels, out, 1)
-    with pytest.raises(TypeError):  # float64 is not silently converted into a temporary output
+    with pytest.raises(TypeError):  # an output is never silently converted into a temporary copy
         sgemm(good_a, panels, np.zeros((4, 32), np.float64), 1)
+    with pytest.raises(TypeError):
+        sgemm(good_a, panels, np.zeros((32, 4), np.float32).T, 1)
 
 
 def test_empty_and_zero_k():
@@ -78,6 +80,19 @@ def test_empty_and_zero_k():
     out = np.full((3, 20), 7, np.float32)
     ops._sgemm()(np.zeros((3, 0), np.float32), ops.pack_panels(torch.randn(20, 0)).numpy(), out, 2)
     assert (out == 0).all()
+
+
+def test_float32_output_whatever_the_default_dtype():
+    w, x = torch.randn(24, 8), torch.randn(3, 8)
+    p = ops.pack_linear(w)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = ops.linear(x, w, p)
+    finally:
+        torch.set_default_dtype(old)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _ref(x, w), atol=_tol(8), rtol=1e-5)
 
 
 def test_cpu_gemm_choice(monkeypatch):
