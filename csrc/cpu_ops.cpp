@@ -14,16 +14,18 @@
 #include <stdexcept>
 #include <string>
 
-#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#include "cpu_features.h"
+#if defined(JV5_AVX2_FMA)
 #include <immintrin.h>
-#define JV5_CPU_OPS 1
 #endif
 
 namespace py = pybind11;
 
 namespace {
 
-#if defined(JV5_CPU_OPS)
+constexpr int64_t kMaxHeadDim = 1024;  // rope's per-row buffer; jv5fast.ops takes the reference above it
+
+#if defined(JV5_AVX2_FMA)
 constexpr int64_t kParallelElems = 1 << 16;  // below this many elements one thread is faster
 
 inline float sum_squares(const float* x, int64_t n) {
@@ -50,15 +52,6 @@ inline void scale_row(const float* h, const float* w, float r, float* y, int64_t
 }
 #endif
 
-bool cpu_ops_available() {
-#if defined(JV5_CPU_OPS)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
@@ -67,7 +60,7 @@ using Arr = py::array_t<float, py::array::c_style>;
 
 // y (T, N) = rms_norm(x + residual); with residual, h (T, N) receives x + residual.
 void rms_norm(Arr x, py::object residual, Arr w, double eps, Arr y, py::object h, int threads) {
-  if (!cpu_ops_available()) throw std::runtime_error("jv5fast._C.rms_norm needs a CPU with AVX2 and FMA");
+  if (!avx2_fma_available()) throw std::runtime_error("jv5fast._C.rms_norm needs a CPU with AVX2 and FMA");
   require(x.ndim() == 2 && y.ndim() == 2 && w.ndim() == 1, "rms_norm: x and y must be (T, N), w (N,)");
   const int64_t T = x.shape(0), N = x.shape(1);
   require(y.shape(0) == T && y.shape(1) == N && w.shape(0) == N, "rms_norm: shapes of x, w and y differ");
@@ -81,7 +74,7 @@ void rms_norm(Arr x, py::object residual, Arr w, double eps, Arr y, py::object h
                 hh.shape(1) == N,
             "rms_norm: residual and h must be (T, N) like x");
   }
-#if defined(JV5_CPU_OPS)
+#if defined(JV5_AVX2_FMA)
   const float* X = x.data();
   const float* W = w.data();
   const float* R = residual.is_none() ? nullptr : res.data();
@@ -110,10 +103,11 @@ void rms_norm(Arr x, py::object residual, Arr w, double eps, Arr y, py::object h
 // y (T, H, D) contiguous = rope(x) for x (T, H, D) with any row/head strides and contiguous D.
 void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array::c_style> pos, py::object norm,
           double eps, Arr y, int threads) {
-  if (!cpu_ops_available()) throw std::runtime_error("jv5fast._C.rope needs a CPU with AVX2 and FMA");
+  if (!avx2_fma_available()) throw std::runtime_error("jv5fast._C.rope needs a CPU with AVX2 and FMA");
   require(x.ndim() == 3 && y.ndim() == 3 && cos.ndim() == 2 && sin.ndim() == 2 && pos.ndim() == 1,
           "rope: x and y must be (T, H, D), cos/sin (P, D), pos (T,)");
   const int64_t T = x.shape(0), Hn = x.shape(1), D = x.shape(2), P = cos.shape(0);
+  require(D <= kMaxHeadDim, "rope: head dim " + std::to_string(D) + " is above " + std::to_string(kMaxHeadDim));
   require(D % 2 == 0 && x.strides(2) == sizeof(float) && x.strides(0) % sizeof(float) == 0 &&
               x.strides(1) % sizeof(float) == 0,
           "rope: the head dim must be even and contiguous");
@@ -130,7 +124,7 @@ void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array
     if (Pp[t] < 0 || Pp[t] >= P)
       throw std::out_of_range("rope: position " + std::to_string(Pp[t]) + " at row " + std::to_string(t) +
                               " is outside the tables' " + std::to_string(P) + " rows");
-#if defined(JV5_CPU_OPS)
+#if defined(JV5_AVX2_FMA)
   const float* X = x.data();
   const int64_t sT = x.strides(0) / sizeof(float), sH = x.strides(1) / sizeof(float);
   const float* C = cos.data();
@@ -144,24 +138,15 @@ void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array
   for (int64_t t = 0; t < T; ++t) {
     const float* c = C + Pp[t] * D;
     const float* s = S + Pp[t] * D;
-    alignas(32) float buf[1024];
+    alignas(32) float buf[kMaxHeadDim];
     for (int64_t hd = 0; hd < Hn; ++hd) {
       const float* in = X + t * sT + hd * sH;
       float* out = Y + (t * Hn + hd) * D;
       const float* xn = in;
       if (NW != nullptr) {
         const float r = 1.0f / std::sqrt(sum_squares(in, D) / float(D) + e);
-        float* tmp = D <= 1024 ? buf : out;  // out is written only after xn is read (below)
-        scale_row(in, NW, r, tmp, D);
-        xn = tmp;
-      }
-      if (xn == out) {  // D > 1024 with a norm: rotate in place through a row copy is not worth it; scalar
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = xn[i], b = xn[i + half];
-          out[i] = a * c[i] + (-b) * s[i];
-          out[i + half] = b * c[i + half] + a * s[i + half];
-        }
-        continue;
+        scale_row(in, NW, r, buf, D);
+        xn = buf;
       }
       int64_t i = 0;
       for (; i + 8 <= half; i += 8) {
@@ -191,5 +176,4 @@ void register_cpu_ops(py::module_& m) {
   m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("pos"), py::arg("norm"), py::arg("eps"),
         py::arg("y").noconvert(), py::arg("threads") = 1,
         "y (T, H, D) = rotate-half RoPE of x (optionally per-head RMSNormed first) at rows pos of cos/sin");
-  m.def("cpu_ops_available", &cpu_ops_available, "Whether rms_norm / rope run here (AVX2 + FMA)");
 }

@@ -1,6 +1,8 @@
 // jv5fast._C: the module's entry point; each csrc/*.cpp registers its functions here.
 #include <pybind11/pybind11.h>
 
+#include "cpu_features.h"
+
 namespace py = pybind11;
 
 void register_hamming(py::module_& m);
@@ -13,4 +15,6 @@ PYBIND11_MODULE(_C, m) {
   register_hamming(m);
   register_sgemm(m);
   register_cpu_ops(m);
+  m.def("avx2_fma_available", &avx2_fma_available,
+        "Whether sgemm, rms_norm and rope run here (built with AVX2/FMA, and the CPU has them)");
 }

@@ -29,9 +29,9 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#include "cpu_features.h"
+#if defined(JV5_AVX2_FMA)
 #include <immintrin.h>
-#define JV5_SGEMM 1
 #endif
 
 namespace py = pybind11;
@@ -41,12 +41,7 @@ namespace {
 constexpr int NR = 16;  // panel width: two 8-float AVX registers
 constexpr int MR = 6;   // rows per micro-tile: 12 accumulators + 2 panel loads + 1 broadcast <= 16 ymm
 
-#if defined(JV5_SGEMM)
-bool cpu_has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
+#if defined(JV5_AVX2_FMA)
 // C[r, :ncols] (+)= A[r, :K] . panel[:K] for r < R (R <= MR); ``accumulate`` adds to C (a later K chunk).
 // ``next`` (or null): K lines of another panel to prefetch into L2, one per k, so they arrive while this
 // tile computes from cache. Accumulators are named variables: an array of __m256 is kept on the stack by
@@ -138,21 +133,13 @@ void sgemm_impl(const float* A, int64_t M, int64_t K, const float* B, int64_t N,
     }
   }
 }
-#endif  // JV5_SGEMM
-
-bool sgemm_available() {
-#if defined(JV5_SGEMM)
-  return cpu_has_avx2_fma();
-#else
-  return false;
-#endif
-}
+#endif  // JV5_AVX2_FMA
 
 // out (M, N) = a (M, K) @ W^T, W given as its panels (P, K, 16). Shapes are checked here: the caller
 // is jv5fast.ops.linear, but a wrong shape must never read or write out of bounds.
 void sgemm(py::array_t<float, py::array::c_style> a, py::array_t<float, py::array::c_style> panels,
            py::array_t<float, py::array::c_style> out, int threads) {
-  if (!sgemm_available()) throw std::runtime_error("jv5fast._C.sgemm needs a CPU with AVX2 and FMA");
+  if (!avx2_fma_available()) throw std::runtime_error("jv5fast._C.sgemm needs a CPU with AVX2 and FMA");
   if (a.ndim() != 2 || panels.ndim() != 3 || out.ndim() != 2)
     throw std::invalid_argument("sgemm: a must be (M, K), panels (P, K, 16), out (M, N)");
   const int64_t M = a.shape(0), K = a.shape(1), P = panels.shape(0), N = out.shape(1);
@@ -166,7 +153,7 @@ void sgemm(py::array_t<float, py::array::c_style> a, py::array_t<float, py::arra
     std::memset(out.mutable_data(), 0, sizeof(float) * M * N);
     return;
   }
-#if defined(JV5_SGEMM)
+#if defined(JV5_AVX2_FMA)
   const float* A = a.data();
   const float* B = panels.data();
   float* C = out.mutable_data();
@@ -180,6 +167,5 @@ void sgemm(py::array_t<float, py::array::c_style> a, py::array_t<float, py::arra
 void register_sgemm(py::module_& m) {
   m.def("sgemm", &sgemm, py::arg("a"), py::arg("panels"), py::arg("out").noconvert(), py::arg("threads") = 1,
         "out (M, N) = a (M, K) @ W^T for float32 C-contiguous arrays, W (N, K) given as panels (ceil(N/16), K, 16) "
-        "(jv5fast.ops.pack_linear). AVX2 + FMA only (see sgemm_available).");
-  m.def("sgemm_available", &sgemm_available, "Whether sgemm runs here (built with AVX2/FMA, CPU has them)");
+        "(jv5fast.ops.pack_linear). AVX2 + FMA only (see avx2_fma_available).");
 }

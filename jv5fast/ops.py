@@ -91,7 +91,8 @@ def rms_norm(x, weight, eps, residual=None):
 
 def rope(x, cos, sin, position_ids, norm_weight=None, eps=1e-6):
     """Rotate-half RoPE on x (T, H, D) at ``position_ids`` (T,), optionally after a per-head RMSNorm."""
-    if _cpu_fused(x, cos, sin, norm_weight) and x.stride(-1) == 1 and position_ids.dtype == torch.int64:
+    if (_cpu_fused(x, cos, sin, norm_weight) and x.stride(-1) == 1 and x.shape[-1] <= 1024
+            and position_ids.dtype == torch.int64):
         return _rope_cpu(x, cos, sin, position_ids, norm_weight, eps)
     return _pick("rope", "rope", rope_ref, x)(x, cos, sin, position_ids, norm_weight, eps)
 
@@ -103,16 +104,17 @@ def rope(x, cos, sin, position_ids, norm_weight=None, eps=1e-6):
 
 
 @functools.cache
-def _cpu_ops():
-    from ._hamming import _C  # imported after torch: one libgomp for both
-    return _C if _C is not None and hasattr(_C, "cpu_ops_available") and _C.cpu_ops_available() else None
+def _cpu_ext():
+    """jv5fast._C where its AVX2/FMA kernels (sgemm, rms_norm, rope) run here, else None."""
+    from ._hamming import _C  # imported after torch (this module's import): one libgomp for both
+    return _C if _C is not None and hasattr(_C, "avx2_fma_available") and _C.avx2_fma_available() else None
 
 
 def _cpu_fused(*tensors) -> bool:
     ts = [t for t in tensors if t is not None]
     return (ts[0].device.type == "cpu" and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
             and not any(t.requires_grad for t in ts)
-            and backend() == "auto" and _cpu_ops() is not None)
+            and backend() == "auto" and _cpu_ext() is not None)
 
 
 def _rms_norm_cpu(x, weight, eps, residual):
@@ -120,18 +122,18 @@ def _rms_norm_cpu(x, weight, eps, residual):
     x2 = x.reshape(-1, shape[-1]).contiguous()
     y = torch.empty_like(x2)
     if residual is None:
-        _cpu_ops().rms_norm(x2.numpy(), None, weight.contiguous().numpy(), eps, y.numpy(), None,
+        _cpu_ext().rms_norm(x2.numpy(), None, weight.contiguous().numpy(), eps, y.numpy(), None,
                             torch.get_num_threads())
         return y.view(shape)
     h = torch.empty_like(x2)
-    _cpu_ops().rms_norm(x2.numpy(), residual.reshape(-1, shape[-1]).contiguous().numpy(),
+    _cpu_ext().rms_norm(x2.numpy(), residual.reshape(-1, shape[-1]).contiguous().numpy(),
                         weight.contiguous().numpy(), eps, y.numpy(), h.numpy(), torch.get_num_threads())
     return y.view(shape), h.view(shape)
 
 
 def _rope_cpu(x, cos, sin, position_ids, norm_weight, eps):
     y = torch.empty(x.shape, dtype=torch.float32)
-    _cpu_ops().rope(x.numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(),
+    _cpu_ext().rope(x.numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(),
                     position_ids.contiguous().numpy(), None if norm_weight is None else norm_weight.contiguous().numpy(),
                     eps, y.numpy(), torch.get_num_threads())
     return y
@@ -180,24 +182,17 @@ class PackedLinear:
         self.kind, self.data, self.out_features = kind, data, out_features
 
 
-@functools.cache
-def _sgemm():
-    """jv5fast._C.sgemm where it runs here (extension built, CPU with AVX2/FMA), else None."""
-    from ._hamming import _C  # torch is imported first (this module's import), so both share one libgomp
-    return _C.sgemm if _C is not None and hasattr(_C, "sgemm") and _C.sgemm_available() else None
-
-
 def cpu_gemm() -> str:
     """The packed CPU GEMM in use: JV5FAST_CPU_GEMM checked (auto = jv5fast's kernel where it runs, else
     oneDNN)."""
     g = os.environ.get("JV5FAST_CPU_GEMM", "auto").strip().lower() or "auto"
     if g not in CPU_GEMMS:
         raise ValueError(f"JV5FAST_CPU_GEMM={g!r} is not valid; choose one of {list(CPU_GEMMS)} (or unset it)")
-    if g == "jv5fast" and _sgemm() is None:
+    if g == "jv5fast" and _cpu_ext() is None:
         raise RuntimeError("JV5FAST_CPU_GEMM=jv5fast, but jv5fast._C.sgemm does not run here (extension not "
                            "built, or built without AVX2/FMA); unset it or choose 'onednn'")
     if g == "auto":
-        g = "jv5fast" if _sgemm() is not None else "onednn"
+        g = "jv5fast" if _cpu_ext() is not None else "onednn"
     return g
 
 
@@ -257,7 +252,7 @@ def linear(x, weight, packed=None):
         if packed.kind == "jv5fast":
             x = x.contiguous()
             out = torch.empty(x.shape[0], packed.out_features, dtype=torch.float32)
-            _sgemm()(x.numpy(), packed.data, out.numpy(), torch.get_num_threads())
+            _cpu_ext().sgemm(x.numpy(), packed.data, out.numpy(), torch.get_num_threads())
             return out
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.data, None, "none", [], "")
     return F.linear(x, weight)

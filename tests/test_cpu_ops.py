@@ -8,7 +8,7 @@ from jv5fast import ops
 from jv5fast.kernels.rmsnorm import rms_norm_ref
 from jv5fast.kernels.rope import rope_ref, rope_tables
 
-pytestmark = pytest.mark.skipif(ops._cpu_ops() is None, reason="jv5fast._C's CPU ops do not run here (extension "
+pytestmark = pytest.mark.skipif(ops._cpu_ext() is None, reason="jv5fast._C's CPU ops do not run here (extension "
                                 "not built, or no AVX2/FMA)")
 
 
@@ -21,8 +21,8 @@ def _inference():
 def _calls(monkeypatch, name):
     """Count calls into the C++ op, so a test knows the fused path (not the reference) ran."""
     calls = []
-    real = getattr(ops._cpu_ops(), name)
-    monkeypatch.setattr(ops, "_cpu_ops", lambda: type("C", (), {name: staticmethod(
+    real = getattr(ops._cpu_ext(), name)
+    monkeypatch.setattr(ops, "_cpu_ext", lambda: type("C", (), {name: staticmethod(
         lambda *a: calls.append(1) or real(*a))})())
     return calls
 
@@ -68,7 +68,7 @@ def test_out_of_range_position_is_an_error_not_a_read():
 
 
 def test_bad_shapes_are_refused():
-    C = ops._cpu_ops()
+    C = ops._cpu_ext()
     x = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="shapes of x, w and y differ"):
         C.rms_norm(x, None, np.zeros(7, np.float32), 1e-6, np.zeros((4, 8), np.float32), None, 1)
@@ -86,6 +86,17 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="must be even and contiguous"):
         C.rope(np.zeros((3, 2, 16), np.float32)[:, :, ::2], cos, cos, np.zeros(3, np.int64), None, 1e-6,
                np.zeros((3, 2, 8), np.float32), 1)
+
+
+def test_head_dim_above_the_buffer_takes_the_reference(monkeypatch):
+    cos, sin = rope_tables(1e4, 1040, 8)
+    x, pos, w = torch.randn(3, 2, 1040), torch.tensor([0, 5, 7]), torch.randn(1040)
+    with pytest.raises(ValueError, match="head dim 1040 is above 1024"):
+        ops._cpu_ext().rope(x.numpy(), cos.numpy(), sin.numpy(), pos.numpy(), w.numpy(), 1e-6,
+                            np.zeros((3, 2, 1040), np.float32), 1)
+    calls = _calls(monkeypatch, "rope")
+    torch.testing.assert_close(ops.rope(x, cos, sin, pos, w, 1e-6), rope_ref(x, cos, sin, pos, w, 1e-6))
+    assert calls == []
 
 
 def test_references_where_the_fused_path_does_not_apply(monkeypatch):

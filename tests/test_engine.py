@@ -344,7 +344,7 @@ def test_cpu_prepacked_linears_match_plain_and_follow_task_switches(ckpt_factory
     from jv5fast import ops
     if gemm == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
-    if gemm == "jv5fast" and ops._sgemm() is None:
+    if gemm == "jv5fast" and ops._cpu_ext() is None:
         pytest.skip("jv5fast._C.sgemm does not run here (no AVX2/FMA, or the extension was not built)")
     ck = ckpt_factory("small", seed=71)
     texts = ["a query about light", "Ünïcödé 東京", "x", "a longer document about the speed of light " * 9]

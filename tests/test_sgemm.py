@@ -11,7 +11,7 @@ import torch
 
 from jv5fast import ops
 
-pytestmark = pytest.mark.skipif(ops._sgemm() is None, reason="jv5fast._C.sgemm does not run here (extension "
+pytestmark = pytest.mark.skipif(ops._cpu_ext() is None, reason="jv5fast._C.sgemm does not run here (extension "
                                 "not built, or no AVX2/FMA)")
 
 
@@ -43,7 +43,7 @@ def test_threads_and_noncontiguous_input():
     want = _ref(x, w)
     for t in (1, 2, 3, 8):  # more threads than cores or work items is fine
         out = torch.empty(40, 2304)
-        ops._sgemm()(x.contiguous().numpy(), p.data, out.numpy(), t)
+        ops._cpu_ext().sgemm(x.contiguous().numpy(), p.data, out.numpy(), t)
         torch.testing.assert_close(out, want, atol=_tol(768), rtol=1e-5)
     torch.testing.assert_close(ops.linear(x, w, p), want, atol=_tol(768), rtol=1e-5)
 
@@ -58,7 +58,7 @@ def test_panels_layout():
 
 
 def test_shape_mismatch_is_refused_not_read_out_of_bounds():
-    sgemm = ops._sgemm()
+    sgemm = ops._cpu_ext().sgemm
     panels = ops.pack_panels(torch.randn(32, 8)).numpy()
     good_a, good_out = np.zeros((4, 8), np.float32), np.zeros((4, 32), np.float32)
     for a, out in [(np.zeros((4, 9), np.float32), good_out),      # K differs from the panels'
@@ -78,7 +78,7 @@ def test_empty_and_zero_k():
     p = ops.pack_linear(w)
     assert ops.linear(torch.randn(0, 5), w, p).shape == (0, 20)
     out = np.full((3, 20), 7, np.float32)
-    ops._sgemm()(np.zeros((3, 0), np.float32), ops.pack_panels(torch.randn(20, 0)).numpy(), out, 2)
+    ops._cpu_ext().sgemm(np.zeros((3, 0), np.float32), ops.pack_panels(torch.randn(20, 0)).numpy(), out, 2)
     assert (out == 0).all()
 
 
