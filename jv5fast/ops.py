@@ -57,6 +57,20 @@ def uses_triton(device) -> bool:
     return b == "triton" or str(device).startswith("cuda")
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET, read when a kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def check_triton_device(x) -> None:
+    """JV5FAST_BACKEND=triton on a CPU tensor is only possible in the interpreter: say so instead of the
+    compiled kernel's "Pointer argument cannot be accessed from Triton" (a CUDA host without the interpreter)."""
+    if not x.is_cuda and not triton_interpreted():
+        raise RuntimeError(f"JV5FAST_BACKEND=triton: the compiled Triton kernels need CUDA tensors, got one on "
+                           f"{x.device}; use a CUDA device, JV5FAST_BACKEND=auto|torch, or set TRITON_INTERPRET=1 "
+                           f"before jv5fast is imported to interpret them on CPU")
+
+
 def _pick(module: str, name: str, ref, x):
     b = backend()
     if b == "torch":
@@ -66,6 +80,7 @@ def _pick(module: str, name: str, ref, x):
         if fn is None:
             raise RuntimeError(f"JV5FAST_BACKEND=triton but jv5fast.kernels.{module}.{name} is unavailable "
                                f"(is triton installed?)")
+        check_triton_device(x)
         return fn
     return fn if (fn is not None and x.is_cuda) else ref
 

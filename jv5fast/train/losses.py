@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.contrastive import info_nce_ref
-from ..ops import backend
+from ..ops import backend, check_triton_device
 
 _EPS = 1e-8   # floor for norms and RKD means: only keeps degenerate inputs finite
 
@@ -97,6 +97,8 @@ def _contrastive_impl(x):
             raise RuntimeError("JV5FAST_BACKEND=triton but Triton is not installed "
                                "(jv5fast.kernels.contrastive)")
         return info_nce_ref
+    if b == "triton":
+        check_triton_device(x)
     return contrastive.info_nce
 
 

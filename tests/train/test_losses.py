@@ -115,15 +115,17 @@ def test_bidirectional_info_nce_vs_loops():
 
 @pytest.mark.parametrize("neg", [None, "shared", "per_query"])
 def test_info_nce_dispatches_to_triton(monkeypatch, neg):
-    """JV5FAST_BACKEND=triton sends info_nce_loss through the fused kernel (the interpreter on CPU)."""
+    """JV5FAST_BACKEND=triton sends info_nce_loss through the fused kernel (the interpreter on a CPU-only host,
+    CUDA tensors on a GPU host: compiled kernels cannot read CPU tensors)."""
     pytest.importorskip("triton")
     from jv5fast.kernels import contrastive
     torch.manual_seed(6)
-    q = _unit(7, 24, dtype=torch.float32).requires_grad_()
-    d = _unit(7, 24, dtype=torch.float32).requires_grad_()
-    hn = {None: None, "shared": _unit(4, 24, dtype=torch.float32),
-          "per_query": _unit(7, 3, 24, dtype=torch.float32)}[neg]
-    tau = torch.tensor(0.03, requires_grad=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU host, else the interpreter
+    q = _unit(7, 24, dtype=torch.float32).to(dev).requires_grad_()
+    d = _unit(7, 24, dtype=torch.float32).to(dev).requires_grad_()
+    hn = {None: None, "shared": _unit(4, 24, dtype=torch.float32).to(dev),
+          "per_query": _unit(7, 3, 24, dtype=torch.float32).to(dev)}[neg]
+    tau = torch.tensor(0.03, device=dev, requires_grad=True)
     calls = []
     real = contrastive.ContrastiveLSEFunction.apply
     monkeypatch.setattr(contrastive.ContrastiveLSEFunction, "apply", lambda *a: calls.append(1) or real(*a))
@@ -138,6 +140,20 @@ def test_info_nce_dispatches_to_triton(monkeypatch, neg):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_forced_triton_on_cpu_tensors_without_interpreter_is_a_clear_error(monkeypatch):
+    """On a CUDA host TRITON_INTERPRET is unset: a forced Triton loss on CPU tensors says why, instead of the
+    compiled kernel's pointer error."""
+    pytest.importorskip("triton")
+    from jv5fast.kernels import contrastive
+    if not contrastive.HAS_TRITON:
+        pytest.skip("the contrastive kernel is unavailable")
+    monkeypatch.setenv("JV5FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, d = _unit(3, 8, dtype=torch.float32), _unit(3, 8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="need CUDA tensors, got one on cpu.*TRITON_INTERPRET=1"):
+        losses.info_nce_loss(q, d, temperature=0.05)
 
 
 # ---- GOR ---------------------------------------------------------------------------------------------------
