@@ -1,6 +1,6 @@
 """One-shot GPU check for jv5fast (H100/H200): kernel correctness, attention TFLOP/s, engine tokens/s.
 
-    python bench/gpu_check.py [results.md] [--only=correctness,attention,engine,latency]
+    python bench/gpu_check.py [results.md] [--only=correctness,profile,ncu,attention,engine,latency,server,train]
 
 1. correctness: every Triton kernel in bf16 and fp16 against its fp32 reference on fresh random data
    (attention forward and dq/dk/dv included), error bounded as in tests (style.md): a small multiple of
@@ -576,6 +576,164 @@ def bench_server(rep, size="full", clients=64, requests=20, budget_s=150):
                 f"({fmt(offline)} tok/s); p50 {fmt(r['p50'])} ms; target >= 0.8")
 
 
+def _stage_ms(fn, iters):
+    """Median ms of fn(), synchronizing the device around each call (host stages end on the host anyway)."""
+    times = []
+    for _ in range(iters):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def weight_bytes(eng) -> int:
+    """Bytes of the weights one forward reads whole (every layer's tensors and the final norm; the token
+    embedding is only gathered): the bandwidth floor of a short batch."""
+    m = eng.model
+    return sum(t.numel() * t.element_size() for layer in m.layers for t in layer.values()) + \
+        m.norm.numel() * m.norm.element_size()
+
+
+def profile_short_batch(rep, size="full", n=8, iters=20, top=8, families=("small", "nano")):
+    """Where one short-batch ``embed`` call's time goes (issue 14): the call split into its stages —
+    tokenize, forward (graph upload + replay, or eager), pool + read-back, and the rest (checks, planning,
+    post-processing) — then torch.profiler's top device kernels and top host ops over a few calls, and the
+    weights' read bandwidth against the forward time. ``JV5FAST_PROFILE_DIR`` keeps a Chrome trace."""
+    import jv5fast
+    from jv5fast import ops
+    from jv5fast.batching import PackedBatch
+    from jv5fast.testing import write_checkpoint
+    from torch.profiler import ProfilerActivity, profile
+    texts = query_batches((n,))[n]
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in families:
+            eng = None
+            try:
+                path = write_checkpoint(os.path.join(tmp, family), family=family, size=size, seed=0)
+                eng = jv5fast.Engine(path, device=DEVICE, dtype=dtype)
+                eng.warmup()
+                prefixed = ["Query: " + t for t in texts]
+                seqs = eng._encode(prefixed)
+                n_tok = sum(len(s) for s in seqs)
+                holder = {}
+
+                def forward():
+                    with eng._lock, eng._on_device():
+                        eng._activate(eng.task)
+                        rows = eng._graphs.run(seqs) if eng._graphs is not None else None
+                        if rows is None:
+                            rows = eng.model.forward(PackedBatch.from_ids(seqs, eng.device), last_only=True)
+                        holder["rows"] = rows
+
+                def post():
+                    one_each = torch.arange(len(seqs) + 1, device=eng.device, dtype=torch.int32)
+                    ops.pool_last(holder["rows"], one_each).float().cpu()
+
+                ms_total = _stage_ms(lambda: eng.embed(texts, prompt_name="query"), iters)
+                ms_tok = _stage_ms(lambda: eng._encode(prefixed), iters)
+                ms_fwd = _stage_ms(forward, iters)
+                ms_post = _stage_ms(post, iters)
+                rest = ms_total - ms_tok - ms_fwd - ms_post
+                gb = weight_bytes(eng) / 1e9
+                label = f"{family} {n} queries ({n_tok} tok)"
+                rep.add("profile", f"{label} embed", f"{fmt(ms_total)} ms",
+                        f"tokenize {fmt(ms_tok)} ms, forward {fmt(ms_fwd)} ms (graphs: {eng.cuda_graphs}), "
+                        f"pool + read-back {fmt(ms_post)} ms, rest {fmt(rest)} ms")
+                rep.add("profile", f"{label} weights", f"{fmt(gb / (ms_fwd / 1e3))} GB/s",
+                        f"{fmt(gb)} GB of weights read per forward in {fmt(ms_fwd)} ms")
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    for _ in range(5):
+                        eng.embed(texts, prompt_name="query")
+                    if DEVICE == "cuda":
+                        torch.cuda.synchronize()
+                trace_dir = os.environ.get("JV5FAST_PROFILE_DIR")
+                if trace_dir:
+                    os.makedirs(trace_dir, exist_ok=True)
+                    prof.export_chrome_trace(os.path.join(trace_dir, f"{family}_{n}q.json"))
+                events = prof.key_averages()
+                dev_key = "self_device_time_total"
+                if DEVICE == "cuda":
+                    kern = sorted((e for e in events if getattr(e, dev_key, 0) > 0), key=lambda e: -getattr(e, dev_key))
+                    total = sum(getattr(e, dev_key) for e in kern) or 1.0
+                    for e in kern[:top]:
+                        rep.add("profile", f"{family} {n}q kernel {e.key[:60]}", f"{fmt(getattr(e, dev_key) / 5e3)} ms/call",
+                                f"{fmt(100 * getattr(e, dev_key) / total)}% of device time, {e.count // 5} launches/call")
+                host = sorted(events, key=lambda e: -e.self_cpu_time_total)
+                for e in host[:top]:
+                    rep.add("profile", f"{family} {n}q host {e.key[:60]}", f"{fmt(e.self_cpu_time_total / 5e3)} ms/call",
+                            f"self CPU time, {e.count // 5} calls/call")
+            except Exception as e:  # noqa: BLE001
+                _fail(rep, "profile", family, e)
+            del eng
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+
+
+NCU_METRICS = ("gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,"
+               "dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,"
+               "launch__grid_size,launch__registers_per_thread,launch__occupancy_limit_registers")
+
+
+def ncu_attention(rep, S=512, timeout_s=240):
+    """``ncu`` on the attention forward at S=512 (d128 causal and d64 bidirectional, 32k tokens): duration,
+    SM and DRAM throughput, achieved occupancy, grid and registers of each kernel launch."""
+    import csv
+    import io
+    import shutil
+    import subprocess
+    ncu = shutil.which("ncu") or next((p for p in ("/usr/local/cuda/bin/ncu",) if os.path.exists(p)), None)
+    if ncu is None:
+        rep.add("profile", f"ncu attention S={S}", "n/a", "ncu is not installed on this machine")
+        return
+    for label, H, Hkv, D, causal in ATTN_SHAPES:
+        B, _ = batch_for(S)
+        code = ("import torch; from jv5fast.kernels.attention import attention_varlen as a\n"
+                f"T={B * S}; q=torch.randn(T,{H},{D},device='cuda',dtype=torch.bfloat16)\n"
+                f"k=torch.randn(T,{Hkv},{D},device='cuda',dtype=torch.bfloat16); v=torch.randn_like(k)\n"
+                f"cu=torch.arange(0,T+1,{S},device='cuda',dtype=torch.int32)\n"
+                f"for _ in range(3): a(q,k,v,cu,{S},causal={causal})\ntorch.cuda.synchronize()\n")
+        try:
+            r = subprocess.run([ncu, "--csv", "--metrics", NCU_METRICS, "-k", "regex:attn|fwd", "-s", "2", "-c", "1",
+                                sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith('"')]
+            if r.returncode != 0 or not lines:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+                rep.add("profile", f"ncu {label} S={S}", "ERROR", f"ncu exit {r.returncode}: {tail[0][:160]}")
+                continue
+            rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+            got = {row["Metric Name"]: f"{row['Metric Value']} {row.get('Metric Unit', '')}".strip() for row in rows}
+            kernel = rows[0].get("Kernel Name", "?")[:50]
+            rep.add("profile", f"ncu {label} S={S}", got.get("gpu__time_duration.sum", "?"),
+                    f"{kernel}: " + ", ".join(f"{k.split('.')[0].split('__')[-1]} {v}" for k, v in got.items()
+                                               if k != "gpu__time_duration.sum"))
+        except Exception as e:  # noqa: BLE001
+            _fail(rep, "profile", f"ncu {label} S={S}", e)
+
+
+def bench_train(rep, size="full", steps=8, batch_size=32, n_examples=512, tol=3e-2):
+    """Training throughput (issue 14): tokens/s of a stage-2 retrieval step on nano, jv5fast's trainer
+    against transformers + PEFT LoRA with the losses written out naively (bench/train_compare.py), same
+    batches from the same start; their loss curves must agree (bf16 autocast on CUDA on both sides)."""
+    from jv5fast.testing import write_checkpoint
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train_compare as tc
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(os.path.join(tmp, "nano"), "nano", size, seed=0)
+        r = tc.compare(path, steps=steps, batch_size=batch_size, n_examples=n_examples, device=DEVICE, lr=1e-4)
+    curve = " ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["jv5fast_loss"], r["peft_loss"]))
+    rep.add("train", f"nano retrieval step, {batch_size} pairs", f"{fmt(r['jv5fast_tokens_per_s'])} tok/s",
+            f"transformers + PEFT {fmt(r['peft_tokens_per_s'])} tok/s, jv5fast {fmt(tc.ratio(r))}×")
+    rep.add("train", f"nano loss curves, {steps} steps", "PASS" if r["max_rel_diff"] <= tol else "FAIL",
+            f"max relative difference {r['max_rel_diff']:.2e} (bound {tol:g}); jv5fast/PEFT: {curve}")
+
+
 def _fail(rep, section, check, e):
     traceback.print_exc()
     rep.add(section, check, "ERROR", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
@@ -583,7 +741,7 @@ def _fail(rep, section, check, e):
 
 def main(argv):
     out_path = next((a for a in argv[1:] if not a.startswith("--")), None)
-    only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,attention,engine,latency,server")
+    only = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--only=")), "correctness,profile,ncu,attention,engine,latency,server,train")
     sections = set(only.split(","))
     rep = Report()
     try:
@@ -607,8 +765,9 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             _fail(rep, "correctness", "hamming_topk large k", e)
         print(f"-- correctness done at {time.time() - t0:.0f} s", flush=True)
-    for name, fn in (("attention", bench_attention), ("engine", bench_engine), ("latency", bench_latency),
-                     ("server", bench_server)):
+    for name, fn in (("profile", profile_short_batch), ("ncu", ncu_attention), ("attention", bench_attention),
+                     ("engine", bench_engine), ("latency", bench_latency), ("server", bench_server),
+                     ("train", bench_train)):
         if name in sections:
             try:
                 fn(rep)

@@ -132,3 +132,49 @@ def test_server_section_on_cpu(monkeypatch):
     assert not any(v[0] in ("ERROR", "skipped") for v in rows.values()), rep.rows
     assert sorted(rows) == ["nano 1-text requests, 4 clients", "nano ready", "nano saturating load, 4 clients x 16 texts"]
     assert "target p50 <= 5 ms" in rows["nano 1-text requests, 4 clients"][1]
+
+
+def test_profile_section_on_cpu(monkeypatch, tmp_path):
+    """The short-batch profile (issue 14) on a tiny nano on CPU: every stage timed, the weight bandwidth
+    derived from the real weight bytes, host ops listed, a Chrome trace kept on request."""
+    gc = _load()
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    monkeypatch.setenv("JV5FAST_PROFILE_DIR", str(tmp_path))
+    rep = gc.Report()
+    gc.profile_short_batch(rep, size="tiny", n=3, iters=2, top=3, families=("nano",))
+    rows = {r[1]: (r[2], r[3]) for r in rep.rows}
+    assert not any(v[0] == "ERROR" for v in rows.values()), rep.rows
+    embed = next(v for k, v in rows.items() if k.endswith(" embed"))
+    assert embed[0].endswith(" ms") and all(s in embed[1] for s in ("tokenize", "forward", "read-back", "rest"))
+    assert sum(1 for k in rows if " host " in k) == 3
+    assert os.path.exists(tmp_path / "nano_3q.json")
+    import jv5fast
+    from jv5fast.testing import write_checkpoint
+    eng = jv5fast.Engine(write_checkpoint(str(tmp_path / "ck"), "nano", "tiny", seed=0), device="cpu")
+    a = eng.model.args
+    per_layer = (a.hidden_size * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim
+                 * a.hidden_size + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size)
+    assert gc.weight_bytes(eng) >= 4 * (a.num_layers * per_layer + a.hidden_size)
+
+
+def test_ncu_section_without_ncu(monkeypatch):
+    gc = _load()
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os.path, "exists", lambda p: False)
+    rep = gc.Report()
+    gc.ncu_attention(rep)
+    assert rep.rows and rep.rows[0][2] == "n/a" and "not installed" in rep.rows[0][3]
+
+
+def test_train_section_on_cpu(monkeypatch):
+    """The training-throughput row on a tiny nano on CPU: both sides measured, loss curves agree."""
+    import pytest
+    pytest.importorskip("peft")
+    gc = _load()
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    rep = gc.Report()
+    gc.bench_train(rep, size="tiny", steps=3, batch_size=4, n_examples=16, tol=1e-5)
+    rows = {r[1]: (r[2], r[3]) for r in rep.rows}
+    assert rows["nano loss curves, 3 steps"][0] == "PASS", rep.rows
+    assert rows["nano retrieval step, 4 pairs"][0].endswith("tok/s") and "PEFT" in rows["nano retrieval step, 4 pairs"][1]
