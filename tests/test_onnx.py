@@ -41,7 +41,7 @@ def exported(ckpt_factory, tmp_path_factory):
 @pytest.mark.parametrize("family", ["small", "nano"])
 def test_onnx_engine_matches_torch_engine(family, exported):
     ck, folder = exported[family]
-    ref = jv5fast.Engine(ck, task="text-matching", max_length=48)
+    ref = jv5fast.Engine(ck, task="text-matching", max_length=48, device="cpu")
     eng = jv5fast.Engine.from_onnx(folder, max_length=48)
     # an export made for truncate_dim=32 serves 32 dims by default, and no more
     assert eng.tasks == ("text-matching",) and eng.dim == 32 and ref.dim == 64
@@ -65,7 +65,7 @@ def test_onnx_engine_matches_torch_engine(family, exported):
 def test_graph_outputs_with_right_and_left_padding(family, exported):
     import onnxruntime as ort
     ck, folder = exported[family]
-    ref = jv5fast.Engine(ck, task="text-matching")
+    ref = jv5fast.Engine(ck, task="text-matching", device="cpu")
     texts = _texts(6, seed=2) + ["x"]
     ids = ref.tokenize(texts)
     want = ref.embed(texts, truncate_dim=32)
@@ -88,7 +88,7 @@ def test_every_task_and_metadata(ckpt_factory, tmp_path):
         folder = str(tmp_path / task)
         meta = jv5fast.export_onnx(ck, folder, task=task)
         texts = _texts(5, seed=3)
-        a = jv5fast.Engine(ck, task=task).embed(texts)
+        a = jv5fast.Engine(ck, task=task, device="cpu").embed(texts)
         b = jv5fast.Engine.from_onnx(folder).embed(texts)
         assert (a * b).sum(1).min() >= COS, task
     proto = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False)
@@ -110,7 +110,7 @@ def test_external_data_and_fp16(ckpt_factory, tmp_path):
         os.path.join(folder, "model.onnx"))
     onnx.checker.check_model(os.path.join(folder, "model.onnx"))
     texts = _texts(6, seed=4)
-    ref = jv5fast.Engine(ck).embed(texts)
+    ref = jv5fast.Engine(ck, device="cpu").embed(texts)
     assert (jv5fast.Engine.from_onnx(folder).embed(texts) * ref).sum(1).min() >= COS
     f16 = str(tmp_path / "f16")
     jv5fast.export_onnx(ck, f16, dtype="float16")
@@ -177,7 +177,7 @@ def test_cli_export_and_embed(ckpt_factory, tmp_path, capsys):
     assert "refusing to overwrite" in capsys.readouterr().err and os.path.exists(ck)
     npy = str(tmp_path / "e.npy")
     assert main(["embed", "--model", out, "--backend", "onnx", "hello", "world", "--output", npy]) == 0
-    want = jv5fast.Engine(ck, task="clustering").embed(["hello", "world"])
+    want = jv5fast.Engine(ck, task="clustering", device="cpu").embed(["hello", "world"])
     assert (np.load(npy) * want).sum(1).min() >= COS
 
 
@@ -199,7 +199,7 @@ def test_export_truncate_dim_is_served_and_int8_reported_once(ckpt_factory, tmp_
     for quant in ([], ["--quantize", "int8"]):
         assert main(["embed", "--model", out, "--backend", "onnx", *quant, "hello", "world", "--output", npy]) == 0
         got = np.load(npy)
-        want = jv5fast.Engine(ck).embed(["hello", "world"], truncate_dim=32)
+        want = jv5fast.Engine(ck, device="cpu").embed(["hello", "world"], truncate_dim=32)
         assert got.shape == (2, 32) and (got * want).sum(1).min() >= (COS if not quant else 0.9)
     capfd.readouterr()
     assert main(["embed", "--model", out, "--backend", "onnx", "--truncate-dim", "48", "x", "--output", npy]) == 2
@@ -228,7 +228,7 @@ def test_onnx_export_never_swaps_the_task(ckpt_factory, tmp_path):
     assert meta["task"] is None
     with pytest.raises(ValueError, match="task 'retrieval' requested"):
         jv5fast.export_onnx(merged, str(tmp_path / "merged2"), task="retrieval")
-    ref = jv5fast.Engine(ck, task="classification").embed(["a b c"])
+    ref = jv5fast.Engine(ck, task="classification", device="cpu").embed(["a b c"])
     assert (jv5fast.Engine.from_onnx(str(tmp_path / "merged")).embed(["a b c"]) * ref).sum() >= COS
 
 
@@ -302,7 +302,7 @@ def test_overwrite_replaces_a_previous_export(ckpt_factory, tmp_path):
     assert not os.path.exists(out / "model_int8.onnx")  # the old folder is gone, not merged into
     assert os.listdir(tmp_path) == ["export"]  # no temporary sibling left
     texts = _texts(4, seed=6)
-    want = jv5fast.Engine(ck, task="clustering").embed(texts)
+    want = jv5fast.Engine(ck, task="clustering", device="cpu").embed(texts)
     assert (jv5fast.Engine.from_onnx(str(out)).embed(texts) * want).sum(1).min() >= COS
 
 

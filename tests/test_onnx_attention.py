@@ -174,8 +174,8 @@ def test_attention_loop_matches_ref_around_chunk_multiples(causal, H, Hkv, D, dt
 @pytest.mark.parametrize("model", list(MODELS))
 def test_export_matches_torch_engine_around_chunk_multiples(model, dtype, exports):
     ck, folder = exports(model, dtype)
-    e32 = jv5fast.Engine(ck)
-    e16 = jv5fast.Engine(ck, dtype="float16") if dtype == "float16" else None
+    e32 = jv5fast.Engine(ck, device="cpu")
+    e16 = jv5fast.Engine(ck, dtype="float16", device="cpu") if dtype == "float16" else None
     sess = _session(folder)
     rng = np.random.default_rng(7)
     batches = [[C - 1], [C], [C + 1], [2 * C + 1, 1, 40], [C - 1, C, 2 * C]]
@@ -203,7 +203,7 @@ def test_export_with_opset_14(ckpt_factory, tmp_path):
     seqs = [_ids(np.random.default_rng(8), n) for n in (C + 3, 5)]
     hidden, _ = _session(str(tmp_path / "o14")).run(None, dict(zip(("input_ids", "attention_mask"),
                                                                    _pad(seqs, "left"))))
-    want = _torch_hidden(jv5fast.Engine(ck), seqs)
+    want = _torch_hidden(jv5fast.Engine(ck, device="cpu"), seqs)
     assert max(np.abs(a - b).max() for a, b in zip(_real_rows(hidden, seqs, "left"), want)) <= 1e-4
 
 
@@ -221,7 +221,7 @@ def _graph_tensors(proto):
 def test_fp16_graph_keeps_rope_frequencies_fp32(model, exports):
     ck, folder = exports(model, "float16")
     proto = onnx.load(os.path.join(folder, "model.onnx"))
-    args = jv5fast.Engine(ck).args
+    args = jv5fast.Engine(ck, device="cpu").args
     exact = (1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))).numpy()
     assert any(t.dtype == np.float32 and t.size == exact.size and np.array_equal(t.ravel(), exact)
                for t in _graph_tensors(proto)), "no fp32 inv_freq with unrounded values in the fp16 graph"
@@ -238,8 +238,8 @@ def test_fp16_export_long_text_error_is_fp16_rounding_only(exports):
     fp16 activations alone."""
     ck, folder = exports("nano", "float16")
     seqs = [_ids(np.random.default_rng(3), 3000)]
-    want = _torch_hidden(jv5fast.Engine(ck), seqs)[0]
-    torch_err = np.abs(_torch_hidden(jv5fast.Engine(ck, dtype="float16"), seqs)[0] - want).max()
+    want = _torch_hidden(jv5fast.Engine(ck, device="cpu"), seqs)[0]
+    torch_err = np.abs(_torch_hidden(jv5fast.Engine(ck, dtype="float16", device="cpu"), seqs)[0] - want).max()
     hidden, _ = _session(folder).run(None, dict(zip(("input_ids", "attention_mask"), _pad(seqs, "right"))))
     err = np.abs(hidden[0].astype(np.float32) - want).max()
     assert err <= 2 * torch_err, f"fp16 graph max error {err:.4f} vs torch fp16 {torch_err:.4f}"
