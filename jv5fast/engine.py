@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import ops
+from . import ops, st_compat
 from .batching import PackedBatch, plan_batches
 from .config import TASKS, load_model_args
 from .devices import check_device
@@ -379,21 +379,10 @@ class Engine:
             res = res[0]
         return torch.from_numpy(np.ascontiguousarray(res)) if convert_to_tensor else res
 
-    def encode_query(self, texts, *, prompt_name=None, prompt=None, **kw):
-        """``embed`` with the query prompt ("Query: ") unless ``prompt``/``prompt_name`` is given; None, as
-        in sentence-transformers, means this method's own prompt (wrappers forward it explicitly)."""
-        if prompt is None and prompt_name is None:
-            prompt_name = "query"
-        return self.embed(texts, prompt_name=prompt_name, prompt=prompt, **kw)
-
-    def encode_document(self, texts, *, prompt_name=None, prompt=None, **kw):
-        """``embed`` with the document prompt ("Document: ") unless ``prompt``/``prompt_name`` is given;
-        None means this method's own prompt."""
-        if prompt is None and prompt_name is None:
-            prompt_name = "document"
-        return self.embed(texts, prompt_name=prompt_name, prompt=prompt, **kw)
-
-    encode = embed  # sentence-transformers spelling
+    # sentence-transformers' surface (SentenceTransformer.encode's keywords, its similarity): jv5fast.st_compat
+    encode, encode_query, encode_document = st_compat.encode, st_compat.encode_query, st_compat.encode_document
+    similarity, similarity_pairwise = st_compat.similarity, st_compat.similarity_pairwise
+    similarity_fn_name = "cosine"
 
     def tokenize(self, texts, *, prompt_name=None, prompt=None):
         """Token ids exactly as ``embed`` would feed them to the model (prefix and truncation applied)."""
