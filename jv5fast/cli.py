@@ -1,13 +1,16 @@
-"""Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) --output OUT.npy|OUT.jsonl``
+"""Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) [--output OUT.npy|OUT.jsonl]``
 ``jv5fast export-onnx --model PATH_OR_ID --out DIR [--task ..] [--dtype ..] [--quantize int8] ...`` and
 ``jv5fast train --stage STAGE --student DIR --output DIR --data FILE.jsonl [--teacher DIR | --teacher-embeddings DIR]``
-and ``jv5fast serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8080] [...]`` (see jv5fast/server.py).
+and ``jv5fast serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8080] [...]`` (see jv5fast/server.py),
+``jv5fast index --input DOCS --output INDEX [--model M]`` (JSON Lines, Parquet, or embed-corpus output ->
+an EmbeddingIndex file with ids, texts and settings) and ``jv5fast search INDEX "query" [-k 10] [--json]``.
 
 Same semantics as ``Engine.embed``. ``--input`` reads one text per line, split on newlines only (one
 trailing carriage return is dropped; form feeds, U+2028 and the like stay inside the text). A .jsonl
 file may instead hold one JSON string, or an object with a "text" field, per line. A blank line is an
 empty text in both formats, so output row i is always input line i. ``.npy`` output holds the (N, D')
-array; ``.jsonl`` one {"index", "embedding"} object per text, in input order.
+array; ``.jsonl`` one {"index", "embedding"} object per text, in input order; without ``--output`` the
+same JSON Lines go to stdout (progress and messages stay on stderr).
 
 Errors a user can cause (bad flags, unreadable or malformed input, a model that does not fit the
 command) print one line on stderr, in CLI words, and exit 2; failures while running exit 1. No
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jv5fast", description="Fast, exact jina-embeddings-v5-text engine: embed "
                                 "texts, export to ONNX, train adapters.", formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"jv5fast {_version()}")
-    sub = p.add_subparsers(dest="cmd", metavar="{embed,export-onnx,train,serve}")
+    sub = p.add_subparsers(dest="cmd", metavar="{embed,index,search,export-onnx,train,serve}")
     task_help = (f"task adapter, one of {', '.join(TASKS)} (default: retrieval, or the one task a merged "
                  f"checkpoint or ONNX export holds)")
 
@@ -283,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "($JV5FAST_CACHE); with --backend onnx the export's model_int8.onnx")
     e.add_argument("--input", default=None, help="file with one text per line (.jsonl: a JSON string or "
                    "{\"text\": ...} per line), or - for stdin")
-    e.add_argument("--output", required=True, help="OUT.npy or OUT.jsonl (its folder must exist)")
+    e.add_argument("--output", default=None, help="OUT.npy or OUT.jsonl (its folder must exist; default: JSON "
+                   "Lines on stdout)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
 
@@ -302,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous jv5fast export")
     _add_train_parser(sub)
     _add_serve_parser(sub)
+    _add_index_parsers(sub, task_help)
     return p
 
 
@@ -319,6 +324,7 @@ def _checked(convert, ok, what):
 
 
 _positive_int = _checked(int, lambda n: n > 0, "a positive integer")
+_nonneg_int = _checked(int, lambda n: n >= 0, "an integer >= 0")
 _nonneg_float = _checked(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0")
 
 
@@ -437,7 +443,8 @@ def main(argv=None):
     if a.cmd is None:
         p.print_help()
         return 0
-    run = {"embed": _embed, "export-onnx": _export, "train": _train, "serve": _serve}[a.cmd]
+    run = {"embed": _embed, "export-onnx": _export, "train": _train, "serve": _serve, "index": _index,
+           "search": _search}[a.cmd]
     try:
         return run(a)
     except CLIError as err:
@@ -454,6 +461,9 @@ def main(argv=None):
         if err.name in ("onnx", "onnxruntime"):
             return _fail(a.cmd, f"{err.name} is not installed; export-onnx and --backend onnx need the onnx "
                                 'extra: pip install "jv5fast[onnx]"', 2)
+        if err.name == "pyarrow":
+            return _fail(a.cmd, 'pyarrow is not installed; Parquet input needs the parquet extra: pip install '
+                                '"jv5fast[parquet]"', 2)
         return _fail(a.cmd, f"{err.name} is not installed ({err})", 1)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as err:
@@ -492,7 +502,8 @@ def _embed(a):
     if bool(a.texts) == bool(a.input):
         raise CLIError("give either TEXT arguments or --input FILE (not both, not neither)")
     _check_quantize(a)
-    _check_output_file(a.output, "--output", (".npy", ".jsonl"))
+    if a.output is not None:
+        _check_output_file(a.output, "--output", (".npy", ".jsonl"))
     _check_model(a.model, "--model", a.backend)
     _check_device(a.device)
     texts = a.texts if a.texts else _read_texts(a.input)
@@ -504,8 +515,14 @@ def _embed(a):
     emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
                     precision=a.precision, normalize=not a.no_normalize, truncate=not a.no_truncate,
                     show_progress_bar=False if a.no_progress else None)
-    _write(a.output, emb)
-    print(f"embedded {len(texts)} texts -> {a.output} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
+    if a.output is None:  # JSON Lines on stdout; everything else (progress, warnings) is on stderr
+        out = sys.stdout
+        for i, row in enumerate(emb):
+            out.write(json.dumps({"index": i, "embedding": row.tolist()}) + "\n")
+        out.flush()
+    else:
+        _write(a.output, emb)
+    print(f"embedded {len(texts)} texts -> {a.output or 'stdout'} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
     return 0
 
 
@@ -588,6 +605,269 @@ def _export(a):
         q = meta["int8"]
         print(f"int8: mean cosine to float {q['cosine_mean']:.4f} (min {q['cosine_min']:.4f}), "
               f"top-10 overlap {q['top10_overlap']:.3f} on {q['texts']} texts", file=sys.stderr)
+    return 0
+
+
+# ---- index and search ---------------------------------------------------------------------------------
+def _add_index_parsers(sub, task_help):
+    i = sub.add_parser("index", help="embed documents into an index file for `jv5fast search`", formatter_class=_Help,
+                       description="Embed documents (with the document prompt) into an EmbeddingIndex file holding "
+                       "their ids, the start of their texts and the settings used. --input: JSON Lines ({\"id\": "
+                       "..., \"text\": ...} per line), a Parquet file or folder of *.parquet with id and text "
+                       "columns, or a `jv5fast embed-corpus` output folder (its vectors are used as they are).")
+    i.add_argument("--input", required=True, help="FILE.jsonl, FILE.parquet, a folder of *.parquet, or an "
+                   "embed-corpus output folder (with manifest.json)")
+    i.add_argument("--output", required=True, help="the index file to write (its folder must exist)")
+    i.add_argument("--model", default=None, help="checkpoint folder (released layout) or hub id; optional for "
+                   "embed-corpus output, where it must agree with the manifest")
+    i.add_argument("--task", default=None, help=task_help)
+    i.add_argument("--truncate-dim", type=_positive_int, default=None, help="Matryoshka dimension (default: the "
+                   "model's dimension)")
+    i.add_argument("--store", default="float32", choices=("float32", "float16", "int8"),
+                   help="precision of the stored vectors used for rescoring")
+    i.add_argument("--id-column", default="id", help="field / column holding each document's id (int or str)")
+    i.add_argument("--text-column", default="text", help="field / column holding each document's text")
+    i.add_argument("--text-chars", type=_nonneg_int, default=1000, help="store the first N characters of each "
+                   "text for display by search (0: none)")
+    i.add_argument("--max-length", type=_positive_int, default=None, help="tokens per text, prompt included "
+                   "(default: the model's max_position_embeddings)")
+    i.add_argument("--max-batch-tokens", type=_positive_int, default=16384, help="token budget of one packed "
+                   "forward pass")
+    i.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    q = sub.add_parser("search", help="search an index file written by `jv5fast index`", formatter_class=_Help,
+                       description="Embed queries with the index's model, task and the query prompt, and print "
+                       "the k best documents (rank, score, id, start of the text) per query.")
+    q.add_argument("index", metavar="INDEX", help="index file written by `jv5fast index`")
+    q.add_argument("queries", nargs="*", help="query texts (or use --input)")
+    q.add_argument("--input", default=None, help="file with one query per line (.jsonl: a JSON string or "
+                   "{\"text\": ...} per line), or - for stdin")
+    q.add_argument("-k", type=_positive_int, default=10, help="results per query")
+    q.add_argument("--rescore", type=_positive_int, default=4, help="shortlist k x N rows by Hamming distance, "
+                   "then rescore them with the float vectors")
+    q.add_argument("--json", action="store_true", help="JSON Lines: one {\"query\", \"results\": [{\"rank\", "
+                   "\"id\", \"score\", \"text\"}]} object per query")
+    q.add_argument("--model", default=None, help="the model to embed queries with (default: the index's); its "
+                   "dimension must match the index")
+    q.add_argument("--task", default=None, help="must agree with the index's task (default: the index's)")
+    q.add_argument("--truncate-dim", type=_positive_int, default=None, help="must agree with the index's "
+                   "dimension (default: the index's)")
+    q.add_argument("--max-length", type=_positive_int, default=None, help="tokens per query, prompt included")
+    q.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two --model values name the same checkpoint: the same folder (after resolving) or the same hub id."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def _model_ref(model: str) -> str:
+    """What the index records: an absolute path for a folder (search may run elsewhere), else the hub id."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
+def _doc_id(v, where: str, id_col: str):
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise CLIError(f"{where}: {id_col!r} must be an int or a str, got {type(v).__name__} {v!r:.50}")
+    if isinstance(v, int) and not -2**63 <= v < 2**63:
+        raise CLIError(f"{where}: id {v} does not fit in int64")
+    return v
+
+
+class _Docs:
+    """Ids and texts gathered from the input, each new id checked against the first one's type and for
+    duplicates, with the line / row that first held it."""
+
+    def __init__(self):
+        self.ids, self.texts, self.where = [], [], {}
+
+    def add(self, doc_id, text, where: str, id_col: str, text_col: str):
+        if self.ids and type(doc_id) is not type(self.ids[0]):
+            raise CLIError(f"{where}: id {doc_id!r:.50} is a {type(doc_id).__name__}, but {self.where[self.ids[0]]} "
+                           f"has a {type(self.ids[0]).__name__} id; use one type")
+        if doc_id in self.where:
+            raise CLIError(f"{where}: duplicate id {doc_id!r:.80} (first at {self.where[doc_id]})")
+        if not isinstance(text, str):
+            raise CLIError(f"{where} (id {doc_id!r:.50}): {text_col!r} must be a string, got "
+                           f"{'null' if text is None else type(text).__name__}")
+        self.where[doc_id] = where
+        self.ids.append(doc_id)
+        self.texts.append(text)
+
+
+def _read_docs_jsonl(path: str, id_col: str, text_col: str) -> _Docs:
+    name, lines = _read_lines(path, "--input")
+    docs = _Docs()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue  # a document needs an id: blank lines are skipped, not empty documents
+        obj = _json_line(name, n, line)
+        where = f"{name} line {n}"
+        if not isinstance(obj, dict):
+            raise CLIError(f"{where}: expected an object with {id_col!r} and {text_col!r}, got {type(obj).__name__}")
+        if id_col not in obj:
+            raise CLIError(f"{where}: no {id_col!r} field (keys: {sorted(obj)[:10]}); pass --id-column")
+        if text_col not in obj:
+            raise CLIError(f"{where} (id {obj[id_col]!r:.50}): no {text_col!r} field (keys: {sorted(obj)[:10]}); "
+                           f"pass --text-column")
+        docs.add(_doc_id(obj[id_col], where, id_col), obj[text_col], where, id_col, text_col)
+    return docs
+
+
+def _read_docs_parquet(files: list, id_col: str, text_col: str) -> _Docs:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    docs = _Docs()
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise CLIError(f"--input {path}: not a readable Parquet file ({e})") from None
+        for col, flag in ((id_col, "--id-column"), (text_col, "--text-column")):
+            if col not in schema.names:
+                raise CLIError(f"--input {path}: no column {col!r} (columns: {schema.names[:20]}); pass {flag}")
+        t_id, t_text = schema.field(id_col).type, schema.field(text_col).type
+        if not (pa.types.is_integer(t_id) or pa.types.is_string(t_id) or pa.types.is_large_string(t_id)):
+            raise CLIError(f"--input {path}: column {id_col!r} is {t_id}; ids must be integers or strings")
+        if not (pa.types.is_string(t_text) or pa.types.is_large_string(t_text)):
+            raise CLIError(f"--input {path}: column {text_col!r} is {t_text}; texts must be strings")
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=[id_col, text_col]):
+            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                where = f"{path} row {row}"
+                if doc_id is None:
+                    raise CLIError(f"{where}: {id_col!r} is null")
+                docs.add(_doc_id(doc_id, where, id_col), text, where, id_col, text_col)
+                row += 1
+    return docs
+
+
+def _index(a):
+    from .index import EmbeddingIndex, _read_corpus_manifest
+    if os.path.isdir(a.output):
+        raise CLIError(f"--output {a.output} is a folder; give the index file's name")
+    parent = os.path.dirname(os.path.abspath(a.output))
+    if not os.path.isdir(parent):
+        raise CLIError(f"--output {a.output}: folder {parent} does not exist")
+    _check_device(a.device)
+    inp = a.input
+    if not os.path.exists(inp):
+        raise CLIError(f"--input not found: {inp}")
+    if os.path.isdir(inp) and os.path.isfile(os.path.join(inp, "manifest.json")):
+        try:
+            settings, _ = _read_corpus_manifest(inp)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(f"--input: {e}") from None
+        for flag, given, recorded in (("--model", a.model, settings["model"]), ("--task", a.task, settings["task"]),
+                                      ("--truncate-dim", a.truncate_dim, settings["dim"])):
+            same = _same_model(given, recorded) if flag == "--model" and given is not None else given == recorded
+            if given is not None and not same:
+                raise CLIError(f"{flag} {given} differs from the embed-corpus output's {flag[2:]} {recorded} "
+                               f"({inp}/manifest.json); leave out {flag}, or embed again")
+        index = EmbeddingIndex.from_parquet(inp, store=a.store)
+        source = f"embed-corpus output {inp}"
+    else:
+        if a.model is None:
+            raise CLIError("--model is required unless --input is an embed-corpus output folder (with manifest.json)")
+        if os.path.isdir(inp):
+            files = sorted(os.path.join(inp, f) for f in os.listdir(inp) if f.endswith(".parquet"))
+            if not files:
+                raise CLIError(f"--input {inp} is a folder without manifest.json or *.parquet files")
+            kind = "parquet"
+        elif inp.endswith(".jsonl"):
+            kind = "jsonl"
+        elif inp.endswith(".parquet"):
+            kind, files = "parquet", [inp]
+        else:
+            raise CLIError(f"--input must be a .jsonl file, a .parquet file, a folder of .parquet files or an "
+                           f"embed-corpus output folder, got {inp!r}")
+        _check_model(a.model, "--model")
+        docs = (_read_docs_jsonl(inp, a.id_column, a.text_column) if kind == "jsonl"
+                else _read_docs_parquet(files, a.id_column, a.text_column))
+        if not docs.ids:
+            raise CLIError(f"--input {inp} holds no documents")
+        from .engine import Engine
+        eng = Engine(a.model, device=a.device, max_length=a.max_length, max_batch_tokens=a.max_batch_tokens,
+                     **({} if a.task is None else {"task": a.task}))
+        emb = eng.encode_document(docs.texts, truncate_dim=a.truncate_dim,
+                                  show_progress_bar=False if a.no_progress else None)
+        settings = {"model": _model_ref(a.model), "task": eng.task, "prompt_name": "document", "prompt": None,
+                    "query_prompt_name": "query", "truncate_dim": a.truncate_dim, "dim": int(emb.shape[1]),
+                    "model_dim": eng.dim, "precision": "float32", "normalize": True,
+                    "id_column": a.id_column, "text_column": a.text_column}
+        index = EmbeddingIndex(emb.shape[1], store=a.store, metadata=settings)
+        index.add(emb, ids=docs.ids, texts=[t[: a.text_chars] for t in docs.texts] if a.text_chars else None)
+        source = inp
+    try:
+        index.save(a.output)  # atomic: a failure leaves any previous file as it was
+    except OSError as e:
+        raise CLIError(f"cannot write --output {a.output}: {e.strerror or e}", code=1) from None
+    print(f"indexed {len(index)} documents from {source} -> {a.output} (dim {index.dim}, store {index.store})",
+          file=sys.stderr)
+    return 0
+
+
+def _search(a):
+    from .index import EmbeddingIndex
+    if bool(a.queries) == bool(a.input):
+        raise CLIError("give either query TEXT arguments or --input FILE (not both, not neither)")
+    if os.path.isdir(a.index):
+        raise CLIError(f"INDEX {a.index} is a folder; give the file written by `jv5fast index`")
+    if not os.path.isfile(a.index):
+        raise CLIError(f"INDEX file not found: {a.index}")
+    _check_device(a.device)
+    queries = a.queries if a.queries else _read_texts(a.input)
+    index = EmbeddingIndex.load(a.index)
+    meta = index.metadata
+    if len(index) == 0:
+        raise CLIError(f"INDEX {a.index} is empty")
+    if a.task is not None and meta.get("task") is not None and a.task != meta["task"]:
+        raise CLIError(f"--task {a.task} differs from the index's task {meta['task']} ({a.index} was built with "
+                       f"it); leave out --task")
+    if a.truncate_dim is not None and a.truncate_dim != index.dim:
+        raise CLIError(f"--truncate-dim {a.truncate_dim} differs from the index's dimension {index.dim} "
+                       f"({a.index}); leave out --truncate-dim")
+    model = a.model or meta.get("model")
+    if not isinstance(model, str):
+        raise CLIError(f"INDEX {a.index} records no model (not written by `jv5fast index`); pass --model")
+    _check_model(model, "--model" if a.model else "the index's model (pass --model to override it)")
+    from .engine import Engine
+    task = a.task if a.task is not None else meta.get("task")
+    eng = Engine(model, device=a.device, max_length=a.max_length, **({} if task is None else {"task": task}))
+    model_dim = meta.get("model_dim")
+    if eng.dim < index.dim or (isinstance(model_dim, int) and eng.dim != model_dim) \
+            or (model_dim is None and meta.get("truncate_dim") is None and eng.dim != index.dim):
+        was = f"{model_dim}-d model" if isinstance(model_dim, int) else f"{index.dim}-d vectors"
+        raise CLIError(f"--model {model} gives {eng.dim}-d embeddings, but {a.index} was built with a {was} "
+                       f"({meta.get('model', 'model not recorded')}); use the index's model")
+    if a.model and isinstance(meta.get("model"), str) and not _same_model(a.model, meta["model"]):
+        print(f"note: --model {a.model} is not the index's model {meta['model']}", file=sys.stderr)
+    prompt_name = meta.get("query_prompt_name", "query")
+    q = eng.embed(queries, prompt_name=prompt_name, truncate_dim=index.dim if index.dim != eng.dim else None,
+                  normalize=meta.get("normalize", True) is not False, show_progress_bar=False)
+    S, I = index.search(q, a.k, rescore_multiplier=a.rescore)
+    ids, texts = index.map_ids(I), index.texts
+    out = sys.stdout
+    for qi, query in enumerate(queries):
+        hits = [(r + 1, ids[qi, r], float(S[qi, r]), None if texts is None else texts[I[qi, r]])
+                for r in range(I.shape[1]) if I[qi, r] >= 0]
+        if a.json:
+            res = [{"rank": rank, "id": doc_id.item() if hasattr(doc_id, "item") else doc_id, "score": score,
+                    **({} if text is None else {"text": text})} for rank, doc_id, score, text in hits]
+            out.write(json.dumps({"query": query, "results": res}, ensure_ascii=False) + "\n")
+            continue
+        if len(queries) > 1:
+            out.write(("\n" if qi else "") + f"query {qi + 1}: {query}\n")
+        for rank, doc_id, score, text in hits:
+            line = f"{rank:>3}  {score:.4f}  {doc_id}"
+            if text is not None:
+                flat = " ".join(text.split())
+                line += "  " + (flat if len(flat) <= 100 else flat[:99] + "…")
+            out.write(line + "\n")
+    out.flush()
     return 0
 
 

@@ -114,3 +114,20 @@ def test_help_shows_zero_defaults():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     text = sub.format_help()
     assert "(default: 0)" in " ".join(text.split())  # --seed, --warmup-steps, --save-every
+
+
+def test_embed_without_output_writes_json_lines_to_stdout(engines, nano_ckpt):
+    """Through the real entry point: stdout holds only the JSON Lines (progress bar, warnings and the summary
+    go to stderr); binary rows are lists of ints."""
+    texts = [f"text number {i} " * (i % 4) for i in range(70)]  # > 64 texts: the progress bar shows
+    base = [sys.executable, "-m", "jv5fast", "embed", "--model", nano_ckpt, "--device", "cpu", "--input", "-",
+            "--max-batch-tokens", "64", "--max-length", "100000"]  # a warning (max_length) on stderr too
+    proc = subprocess.run(base + ["--precision", "binary"], input="\n".join(texts) + "\n", text=True,
+                          capture_output=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["index"] for r in rows] == list(range(70)) and "-> stdout" in proc.stderr
+    assert all(isinstance(v, int) for r in rows for v in r["embedding"])
+    np.testing.assert_array_equal(np.array([r["embedding"] for r in rows]),
+                                  engines["nano"].embed(texts, precision="binary"))
+    assert "max_length" in proc.stderr and "embed: 100%" in proc.stderr  # the warning and the bar: on stderr

@@ -127,13 +127,13 @@ def test_every_flag_has_help_and_choices_are_listed():
     assert TRAIN_STAGES == ("distill",) + TASKS
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subs) == {"embed", "export-onnx", "train", "serve"}
+    assert set(subs) == {"embed", "index", "search", "export-onnx", "train", "serve"}
     for name, sub in subs.items():
         for action in sub._actions:
             assert action.help and action.help.strip(), (name, action.option_strings)
     stage = next(a for a in subs["train"]._actions if "--stage" in a.option_strings)
     assert tuple(stage.choices) == TRAIN_STAGES
-    for name in ("embed", "export-onnx"):
+    for name in ("embed", "export-onnx", "index"):
         task = next(a for a in subs[name]._actions if "--task" in a.option_strings)
         assert all(t in task.help for t in ("retrieval", "text-matching", "clustering", "classification"))
 

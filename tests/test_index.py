@@ -2,6 +2,11 @@
 (byte popcount table + lexsort) and faiss IndexBinaryFlat, on every CPU backend (each C++ popcount
 kernel the CPU can run: AVX-512, AVX2, scalar; and the numpy fallback), over widths that are not
 multiples of 64 bits, ties, N < k and bad input."""
+import itertools
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -610,28 +615,37 @@ def test_float16_store_refuses_values_it_cannot_hold():
 
 
 @pytest.mark.parametrize("store", ["float32", "int8"])
-def test_failed_add_keeps_codes_vectors_and_scales_aligned(store, monkeypatch):
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_failed_add_keeps_codes_vectors_and_scales_aligned(store, with_ids, monkeypatch):
     rng = np.random.default_rng(8)
     x = rng.standard_normal((50, 40)).astype(np.float32)
+    ids = rng.permutation(10**6)[:50] if with_ids else [None] * 50
+    kw = (lambda a, b: {"ids": ids[a:b], "texts": [f"t{i}" for i in range(a, b)]}) if with_ids else \
+        (lambda a, b: {})
     index = EmbeddingIndex(40, store=store)
-    index.add(x[:30])
+    index.add(x[:30], **kw(0, 30))
     want = index.search(x[:5], 3)
 
     def full(*a, **k):
         raise MemoryError("simulated")
-    monkeypatch.setattr(index.binary, "add", full)
+    monkeypatch.setattr(index.binary, "_add_codes", full)  # the codes' append, after vectors and ids
     with pytest.raises(MemoryError):
-        index.add(x[30:])
+        index.add(x[30:], **kw(30, 50))
     monkeypatch.undo()
     assert len(index) == index._vecs.n == 30 and (store != "int8" or index._scales.n == 30)
+    if with_ids:
+        assert len(index.ids) == len(index.texts) == 30
     for got, exp in zip(index.search(x[:5], 3), want):
         np.testing.assert_array_equal(got, exp)
     other = 3.0 * rng.standard_normal((20, 40)).astype(np.float32)
-    index.add(other)  # and the index goes on as if the failed call never happened
+    index.add(other, **kw(30, 50))  # and the index goes on as if the failed call never happened (same ids)
     ref = EmbeddingIndex(40, store=store)
-    ref.add(np.concatenate([x[:30], other]))
+    ref.add(np.concatenate([x[:30], other]), **kw(0, 50))
     for got, exp in zip(index.search(x[:7], 4), ref.search(x[:7], 4)):
         np.testing.assert_array_equal(got, exp)
+    if with_ids:
+        np.testing.assert_array_equal(index.ids, ids)
+        assert list(index.texts) == list(ref.texts)
 
 
 def test_shortlists_are_found_in_query_blocks(monkeypatch):
@@ -652,3 +666,247 @@ def test_shortlists_are_found_in_query_blocks(monkeypatch):
     assert sizes == [1000, 1000, 500]
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# external ids, metadata, texts
+
+
+@pytest.mark.parametrize("kind", ["int64", "str"])
+def test_external_ids_texts_metadata_roundtrip(kind, tmp_path):
+    rng = np.random.default_rng()
+    n, dim = 97, 37
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    raw = rng.choice(10**15, n, replace=False) - 10**14
+    ids = raw if kind == "int64" else [f"id-{v}-é\u2028" for v in raw]  # non-ASCII, odd separators
+    texts = ["" if i % 7 == 0 else f"text {i} ✓ " * (i % 5) for i in range(n)]
+    meta = {"model": "/m", "task": "retrieval", "truncate_dim": None, "nested": {"a": [1, 2.5, None]}}
+    index = EmbeddingIndex(dim, store="int8", metadata=meta)
+    index.add(x[:40], ids=ids[:40], texts=texts[:40])
+    index.add(x[40:], ids=ids[40:], texts=texts[40:])
+    q = rng.standard_normal((5, dim)).astype(np.float32)
+    _S, I = index.search(q, n + 4, rescore_multiplier=2)
+    got = index.map_ids(I)
+    want = [[ids[i] if i >= 0 else (-1 if kind == "int64" else None) for i in row] for row in I]
+    assert got.tolist() == [[v.item() if hasattr(v, "item") else v for v in r] for r in want]
+    assert list(index.ids) == list(ids) and list(index.texts) == texts
+    with pytest.raises(ValueError):
+        index.ids[0] = ids[1]  # read-only
+    index.save(tmp_path / "e.jv5")
+    loaded = EmbeddingIndex.load(tmp_path / "e.jv5")
+    assert loaded.metadata == meta and list(loaded.ids) == list(ids) and list(loaded.texts) == texts
+    for a, b in zip(loaded.search(q, 9), index.search(q, 9)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"duplicate id .*: ids\[0\] is already the id of row 5"):
+        loaded.add(x[:1], ids=[ids[5]], texts=["x"])  # the loaded ids still guard against duplicates
+    h = HammingIndex(40, metadata={"k": 1})
+    h.add(jv5fast.quantize(x[:, :37], "ubinary")[:, :5], ids=ids)
+    h.save(tmp_path / "h.jv5")
+    hl = HammingIndex.load(tmp_path / "h.jv5")
+    assert hl.metadata == {"k": 1} and list(hl.ids) == list(ids)
+    np.testing.assert_array_equal(hl.map_ids(hl.search(hl.codes[:3], 4)[1]), h.map_ids(h.search(h.codes[:3], 4)[1]))
+
+
+def test_ids_all_or_nothing_and_refusals():
+    rng = np.random.default_rng()
+    c = rng.integers(0, 256, (5, 3), dtype=np.uint8)
+    h = HammingIndex(24)
+    h.add(c)
+    with pytest.raises(ValueError, match="holds 5 rows added without ids"):
+        h.add(c, ids=[1, 2, 3, 4, 5])
+    assert h.map_ids(np.array([[4, -1]])).tolist() == [[4, -1]] and h.ids is None
+    h = HammingIndex(24)
+    h.add(c, ids=[10, 11, 12, 13, 14])
+    cases = [
+        ({"ids": None}, "pass ids= with every add"),
+        ({"ids": ["a", "b", "c", "d", "e"]}, "this index's ids are int64; got str"),
+        ({"ids": [20, 21, 12, 23, 24]}, r"duplicate id 12: ids\[2\] is already the id of row 2"),
+        ({"ids": [20, 21, 22, 21, 24]}, r"duplicate id 21: ids\[1\] and ids\[3\]"),
+        ({"ids": [20, 21, 22]}, "ids has 3 entries for 5 rows"),
+        ({"ids": [20, 21, True, 23, 24]}, r"ids\[2\] = True is a bool"),
+        ({"ids": [20, 21, 2.5, 23, 24]}, r"ids\[2\] = 2.5 is a float"),
+        ({"ids": [20, 21, 22, 23, 2**63]}, r"ids\[4\] = 9223372036854775808 does not fit in int64"),
+        ({"ids": "abcde"}, "one id .* per row, got str"),
+        ({"ids": np.zeros((5, 1), np.int64)}, "must be 1-D"),
+        ({"ids": np.arange(5.0) + 30}, "dtype float64"),
+    ]
+    for kw, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            h.add(c, **kw)
+        assert len(h) == 5 and h.ids.tolist() == [10, 11, 12, 13, 14]  # nothing was added
+    with pytest.raises(ValueError, match=r"ids\[1\] = 7 is a int; ids must all be str"):
+        HammingIndex(24).add(c[:2], ids=["a", 7])
+    with pytest.raises(ValueError, match=r"row position 5 is out of range .* \(valid: -1..4\)"):
+        h.map_ids([[0, 5]])
+    e = EmbeddingIndex(8)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    e.add(x, texts=["a", "b", "c"])
+    with pytest.raises(ValueError, match="stores texts; pass texts= with every add"):
+        e.add(x)
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
+        e.add(x, texts=["a", 1, "c"])
+    assert len(e) == 3 and e._vecs.n == 3
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+        EmbeddingIndex(8, metadata=[1])
+    with pytest.raises(ValueError, match="JSON-serializable"):
+        EmbeddingIndex(8, metadata={"x": float("nan")})
+    e.metadata["bad"] = object()  # changed in place after construction: caught by save
+    with pytest.raises(ValueError, match="JSON-serializable"):
+        e.save("/nonexistent/never-written.jv5")
+    e.reset()
+    e.add(x[:1], ids=["z"])  # an emptied index may start over with ids
+    assert e.ids.tolist() == ["z"] and e.texts is None
+
+
+def test_failed_save_leaves_previous_file(tmp_path, monkeypatch):
+    index = HammingIndex(16)
+    index.add(np.arange(6, dtype=np.uint8).reshape(3, 2), ids=["a", "b", "c"])
+    path = tmp_path / "h.jv5"
+    index.save(path)
+    before = path.read_bytes()
+    index.add(np.ones((1, 2), np.uint8), ids=["d"])
+    real = np.ascontiguousarray
+
+    def boom(a, *args, **kw):
+        if a.dtype == np.uint8 and a.shape[1:] == (1,):  # the id bytes: after the header and codes were written
+            raise OSError(28, "No space left on device")
+        return real(a, *args, **kw)
+    monkeypatch.setattr(np, "ascontiguousarray", boom)
+    with pytest.raises(OSError, match="No space left"):
+        index.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["h.jv5"]
+    assert HammingIndex.load(path).ids.tolist() == ["a", "b", "c"]
+
+
+def test_import_jv5fast_loads_neither_faiss_nor_pyarrow():
+    code = ("import sys, jv5fast; jv5fast.HammingIndex; from jv5fast import cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'pyarrow', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------
+# embed-corpus output (manifest.json + Parquet parts), written here with pyarrow as the spec says
+
+
+def write_corpus(folder, parts, precision="float32", dim=None, id_type="int64", settings=None, manifest=None):
+    """An embed-corpus output folder: ``parts`` is a list of (ids, embeddings) with embeddings float (n, dim)
+    (stored as precision says) -> DIR/part-0000i.parquet + DIR/manifest.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder.mkdir(parents=True, exist_ok=True)
+    dim = dim or parts[0][1].shape[1]
+    s = {"model": "/models/nano", "task": "retrieval", "prompt_name": "document", "prompt": None,
+         "truncate_dim": None, "dim": dim, "precision": precision, "normalize": True, "id_column": "id",
+         "text_column": "text"}
+    s.update(settings or {})
+    entries = []
+    for i, (ids, x) in enumerate(parts):
+        if precision in ("float32", "float16"):
+            flat = pa.array(x.astype(precision).reshape(-1), type=pa.float32() if precision == "float32"
+                            else pa.float16())
+            emb = pa.FixedSizeListArray.from_arrays(flat, dim)
+        else:
+            codes = jv5fast.quantize(x, precision)
+            w = codes.shape[1]
+            emb = pa.array([bytes(r) for r in codes.view(np.uint8)], type=pa.binary(w))
+        idarr = pa.array(list(ids), type=pa.int64() if id_type == "int64" else pa.string())
+        table = pa.table({"id": idarr, "embedding": emb}).replace_schema_metadata({b"jv5fast": json.dumps(s)})
+        name = f"part-{i:05d}.parquet"
+        pq.write_table(table, folder / name, row_group_size=17)
+        entries.append({"file": name, "rows": len(ids), "input": f"in-{i}.jsonl"})
+    m = {"format": "jv5fast-embed-corpus", "version": 1, "settings": s, "parts": entries}
+    if manifest:
+        manifest(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+
+def _corpus(rng, sizes=(1, 50, 46), dim=37, str_ids=False):
+    x = rng.standard_normal((sum(sizes), dim)).astype(np.float32)
+    ids = rng.choice(10**12, len(x), replace=False)
+    ids = [f"doc/{v}" for v in ids] if str_ids else ids
+    cuts = np.cumsum((0,) + sizes)
+    return x, ids, [(ids[a:b], x[a:b]) for a, b in itertools.pairwise(cuts)]
+
+
+@pytest.mark.parametrize("precision,str_ids", [("float32", False), ("float16", True), ("ubinary", True),
+                                               ("binary", False)])
+def test_from_parquet_matches_the_vectors(tmp_path, precision, str_ids):
+    rng = np.random.default_rng()
+    x, ids, parts = _corpus(rng, str_ids=str_ids)
+    d = write_corpus(tmp_path / "out", parts, precision, id_type="str" if str_ids else "int64")
+    (d / "part-00099.parquet.tmp").write_bytes(b"a leftover, not listed: ignored")
+    h = HammingIndex.from_parquet(d)
+    assert h.nbits == 40 and h.metadata["precision"] == precision and h.metadata["dim"] == 37
+    np.testing.assert_array_equal(h.codes, np.packbits(x.astype(precision if precision.startswith("f")
+                                                                else np.float32) > 0, axis=1))
+    assert list(h.ids) == list(ids)
+    if precision.startswith("f"):
+        e = EmbeddingIndex.from_parquet(d, store="float32")
+        want = x.astype(precision).astype(np.float32)
+        np.testing.assert_array_equal(e.vectors(), want)
+        q = rng.standard_normal((3, 37)).astype(np.float32)
+        S, _I = e.search(q, 7, rescore_multiplier=20)  # shortlist 140 >= 97 rows: exact
+        ref = want @ q.T
+        for qi in range(3):
+            np.testing.assert_allclose(S[qi], np.sort(ref[:, qi])[::-1][:7], rtol=1e-5)
+        assert e.metadata == h.metadata and list(e.ids) == list(ids)
+    else:
+        with pytest.raises(ValueError, match=f"needs float embeddings, .* precision '{precision}'.*HammingIndex"):
+            EmbeddingIndex.from_parquet(d)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dotdot", r"parts\[1\].file must be a plain file name inside"),
+    ("absolute", r"parts\[1\].file must be a plain file name"),
+    ("subfolder", r"parts\[1\].file must be a plain file name"),
+    ("link-outside", r"parts\[1\].file 'part-00001.parquet' is a link to .*, outside"),
+    ("missing", r"parts\[1\].file 'gone.parquet' does not exist"),
+    ("rows", "part-00001.parquet: holds 50 rows, but manifest.json says 51"),
+    ("dup-id", r"part-00002.parquet rows 0..45: duplicate id 42: ids\[0\] is already the id of row 1"),
+    ("settings", r"part-00000.parquet: its settings differ from manifest.json's \(dim: 37 vs 36"),
+    ("format", "'format' must be 'jv5fast-embed-corpus'"),
+    ("task-type", "settings.task must be str, got 7"),
+    ("precision", "settings.precision must be one of"),
+    ("listed-twice", "is listed twice"),
+])
+def test_from_parquet_refuses_bad_folders(tmp_path, case, match):
+    rng = np.random.default_rng()
+    _x, _ids, parts = _corpus(rng)
+    if case == "dup-id":
+        parts[1][0][0] = parts[2][0][0] = 42
+
+    def edit(m):
+        p = m["parts"][1]
+        if case == "dotdot":
+            p["file"] = "../part-00001.parquet"
+        elif case == "absolute":
+            p["file"] = str(tmp_path / "out" / "part-00001.parquet")
+        elif case == "subfolder":
+            p["file"] = "sub/part-00001.parquet"
+        elif case == "missing":
+            p["file"] = "gone.parquet"
+        elif case == "rows":
+            p["rows"] = 51
+        elif case == "settings":
+            m["settings"]["dim"] = 36
+        elif case == "format":
+            m["format"] = "something-else"
+        elif case == "task-type":
+            m["settings"]["task"] = 7
+        elif case == "precision":
+            m["settings"]["precision"] = "int4"
+        elif case == "listed-twice":
+            m["parts"][2]["file"] = p["file"]
+    d = write_corpus(tmp_path / "out", parts, manifest=edit)
+    if case == "link-outside":
+        outside = tmp_path / "elsewhere.parquet"
+        (d / "part-00001.parquet").rename(outside)
+        (d / "part-00001.parquet").symlink_to(outside)
+    for cls in (HammingIndex, EmbeddingIndex):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            cls.from_parquet(d)

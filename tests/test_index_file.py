@@ -15,7 +15,7 @@ from jv5fast.index import EmbeddingIndex, HammingIndex, IndexFileError
 MAGIC = b"JV5FIDX\x00"
 
 
-def craft(path, header, payload=b"", version=1, hlen=None):
+def craft(path, header, payload=b"", version=2, hlen=None):
     """A file in the index format: magic, version, header length, the header (a dict -> JSON, or raw
     bytes), the payload, and a valid CRC-32 of everything before it."""
     hb = header if isinstance(header, bytes) else json.dumps(header).encode()
@@ -24,20 +24,21 @@ def craft(path, header, payload=b"", version=1, hlen=None):
     return path
 
 
-def hamming_header(n=3, nbits=16, **over):
-    h = {"nbits": nbits, "kind": "HammingIndex",
+def hamming_header(n=3, nbits=16, version=2, **over):
+    h = {"nbits": nbits, **({"metadata": {}, "ids": None} if version >= 2 else {}), "kind": "HammingIndex",
          "arrays": [{"name": "codes", "dtype": "|u1", "shape": [n, nbits // 8]}]}
     h.update(over)
     return h
 
 
-def embedding_header(n=3, dim=12, store="int8", **over):
+def embedding_header(n=3, dim=12, store="int8", version=2, **over):
     arrays = [{"name": "codes", "dtype": "|u1", "shape": [n, (dim + 7) // 8]},
               {"name": "vectors", "dtype": {"float32": "<f4", "float16": "<f2", "int8": "|i1"}[store],
                "shape": [n, dim]}]
     if store == "int8":
         arrays.append({"name": "scales", "dtype": "<f4", "shape": [n, 1]})
-    h = {"dim": dim, "store": store, "kind": "EmbeddingIndex", "arrays": arrays}
+    h = {"dim": dim, "store": store, **({"metadata": {}, "ids": None, "texts": False} if version >= 2 else {}),
+         "kind": "EmbeddingIndex", "arrays": arrays}
     h.update(over)
     return h
 
@@ -295,3 +296,96 @@ def test_every_saved_index_loads(tmp_path):
         index.add(rng.integers(0, 256, (7, nbits // 8), dtype=np.uint8))
         index.save(tmp_path / "h.jv5")
         np.testing.assert_array_equal(HammingIndex.load(tmp_path / "h.jv5").codes, index.codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# format 2: metadata, external ids, texts (and format 1 files still load)
+
+
+def strings_payload(strings):
+    data = [s.encode("utf-8") if isinstance(s, str) else s for s in strings]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in data])]).astype("<i8")
+    return offsets.tobytes(), b"".join(data), len(data) + 1, sum(map(len, data))
+
+
+def v2_with_ids(tmp_path, ids, texts=None, offsets=None, mutate=None, base=None):
+    """An EmbeddingIndex file (float32, n=3, dim=12) with str ids (and texts), crafted with a valid CRC."""
+    h = embedding_header(store="float32", ids="str", texts=texts is not None)
+    off, blob, n_off, n_blob = strings_payload(ids)
+    if offsets is not None:
+        off = np.asarray(offsets, "<i8").tobytes()
+    h["arrays"] += [{"name": "id_offsets", "dtype": "<i8", "shape": [n_off, 1]},
+                    {"name": "id_bytes", "dtype": "|u1", "shape": [n_blob, 1]}]
+    payload = (base or embedding_payload(store="float32")) + off + blob
+    if texts is not None:
+        toff, tblob, t_off, t_blob = strings_payload(texts)
+        h["arrays"] += [{"name": "text_offsets", "dtype": "<i8", "shape": [t_off, 1]},
+                        {"name": "text_bytes", "dtype": "|u1", "shape": [t_blob, 1]}]
+        payload += toff + tblob
+    if mutate:
+        mutate(h)
+    return craft(tmp_path / "v2.jv5", h, payload)
+
+
+def test_v2_crafted_reproduces_save_and_v1_still_loads(tmp_path):
+    rng = np.random.default_rng()
+    index = EmbeddingIndex(12, store="float32")
+    payload = embedding_payload(store="float32")
+    codes = np.frombuffer(payload[:6], np.uint8).reshape(3, 2)
+    vecs = np.frombuffer(payload[6:], "<f4").reshape(3, 12)
+    index.add(vecs, ids=["a", "bé", "c"], texts=["x", "", "zz"])
+    assert (index.binary.codes == codes).all()
+    index.save(tmp_path / "saved.jv5")
+    crafted = v2_with_ids(tmp_path, ["a", "bé", "c"], texts=["x", "", "zz"], base=payload)
+    assert crafted.read_bytes() == (tmp_path / "saved.jv5").read_bytes()
+    # format 1 (no metadata / ids / texts fields): loads with none of them
+    codes = rng.integers(0, 256, (5, 3), dtype=np.uint8)
+    old = craft(tmp_path / "v1.jv5", hamming_header(n=5, nbits=24, version=1), codes.tobytes(), version=1)
+    loaded = HammingIndex.load(old)
+    assert loaded.ids is None and loaded.metadata == {} and (loaded.codes == codes).all()
+    old = craft(tmp_path / "v1e.jv5", embedding_header(version=1), embedding_payload(), version=1)
+    assert len(EmbeddingIndex.load(old)) == 3 and EmbeddingIndex.load(old).texts is None
+    # a format 1 header with format 2 fields, or the reverse, is refused
+    expect_refused(craft(tmp_path / "mix.jv5", hamming_header(n=5, nbits=24), codes.tobytes(), version=1),
+                   HammingIndex, r"unexpected \['ids', 'metadata'\]")
+    expect_refused(craft(tmp_path / "mix2.jv5", hamming_header(n=5, nbits=24, version=1), codes.tobytes()),
+                   HammingIndex, r"missing \['ids', 'metadata'\]")
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"offsets": [0, 1, 0, 3]}, r"'id_offsets' decreases at row 2 \(1 -> 0\)"),
+    ({"offsets": [1, 1, 2, 3]}, r"'id_offsets' must run from 0 to 3 \(the length of 'id_bytes'\), got 1..3"),
+    ({"offsets": [0, 1, 2, 2]}, "must run from 0 to 3"),
+    ({"offsets": [0, 1, 2, 2**62]}, "must run from 0 to 3"),
+    ({"offsets": [0, -5, 2, 3]}, "decreases at row 1"),
+    ({"ids": [b"a", b"\xff", b"c"]}, "'id_bytes' row 1 is not valid UTF-8"),
+    ({"ids": ["a", "é", "c"], "offsets": [0, 1, 2, 4]}, "'id_bytes' row 1 is not valid UTF-8"),  # splits a char
+    ({"ids": ["a", "b", "a"]}, r"id 'a' appears twice \(rows 0 and 2\)"),
+    ({"texts": ["x", b"\xc3", "z"]}, "'text_bytes' row 1 is not valid UTF-8"),
+    ({"mutate": lambda h: h.update(ids="int32")}, "'ids' must be null, 'int64' or 'str', got 'int32'"),
+    ({"mutate": lambda h: h.update(ids=True)}, "'ids' must be null"),
+    ({"mutate": lambda h: h.update(metadata=[1])}, "'metadata' must be a JSON object"),
+    ({"mutate": lambda h: h.update(texts=1)}, "'texts' must be true or false"),
+    ({"mutate": lambda h: h.update(texts=True)}, r"holds exactly .*'text_offsets', 'text_bytes'\]"),
+    ({"mutate": lambda h: h.update(ids=None)}, r"holds exactly \['codes', 'vectors'\], in that order"),
+    ({"mutate": lambda h: h["arrays"][2].update(shape=[3, 1])}, "offsets need one more than the 3 rows"),
+    ({"mutate": lambda h: h["arrays"][3].update(shape=[10**12, 1])}, "truncated: the header describes"),
+    ({"mutate": lambda h: h["arrays"][2].update(dtype="<i4")}, "stores id_offsets as '<i8'"),
+])
+def test_v2_ids_and_texts_are_checked(tmp_path, kw, match):
+    kw = {"ids": ["a", "b", "c"], **kw}
+    err = expect_refused(v2_with_ids(tmp_path, **kw), EmbeddingIndex, match)
+    assert isinstance(err, ValueError)
+
+
+def test_int_ids_rows_and_duplicates(tmp_path):
+    h = hamming_header(ids="int64")
+    h["arrays"].append({"name": "ids", "dtype": "<i8", "shape": [3, 1]})
+    codes = bytes(6)
+    ok = craft(tmp_path / "ok.jv5", h, codes + np.array([5, -9, 2**62], "<i8").tobytes())
+    assert HammingIndex.load(ok).ids.tolist() == [5, -9, 2**62]
+    dup = craft(tmp_path / "dup.jv5", h, codes + np.array([5, -9, 5], "<i8").tobytes())
+    expect_refused(dup, HammingIndex, r"id 5 appears twice \(rows 0 and 2\)")
+    h["arrays"][1]["shape"] = [2, 1]
+    expect_refused(craft(tmp_path / "rows.jv5", h, codes + bytes(16)), HammingIndex,
+                   "'ids' has 2 rows, but 'codes' has 3")
