@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jv5fast", description="Fast, exact jina-embeddings-v5-text engine: embed "
                                 "texts, export to ONNX, train adapters.", formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"jv5fast {_version()}")
-    sub = p.add_subparsers(dest="cmd", metavar="{embed,index,search,export-onnx,train,serve}")
+    sub = p.add_subparsers(dest="cmd", metavar="{embed,index,search,embed-corpus,export-onnx,train,serve}")
     task_help = (f"task adapter, one of {', '.join(TASKS)} (default: retrieval, or the one task a merged "
                  f"checkpoint or ONNX export holds)")
 
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_serve_parser(sub)
     _add_index_parsers(sub, task_help)
+    from .distributed import cli as corpus_cli  # the parser only: Ray is imported when the command runs
+    corpus_cli.add_parser(sub)
     return p
 
 
@@ -443,6 +445,9 @@ def main(argv=None):
     if a.cmd is None:
         p.print_help()
         return 0
+    if a.cmd == "embed-corpus":  # reports its own errors and exit status (jv5fast/distributed/cli.py)
+        from .distributed import cli as corpus_cli
+        return corpus_cli.run(a)
     run = {"embed": _embed, "export-onnx": _export, "train": _train, "serve": _serve, "index": _index,
            "search": _search}[a.cmd]
     try:
