@@ -15,6 +15,7 @@ calibrated on the returned batch as ST's ``encode`` does. Nothing here imports s
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch
 from .postprocess import quantize
 
 log = logging.getLogger("jv5fast")
+_NAMED_TEXTS = re.compile(r"texts\[([0-9, ]+)\]")
 
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")  # ST's five plus jv5fast's float16
 _DOCUMENT_PROMPTS = ("document", "passage", "corpus")  # encode_document's default: the first one present
@@ -65,6 +67,11 @@ def encode(engine, inputs=None, prompt_name=None, prompt=None, batch_size=None, 
     single = isinstance(inputs, str)
     items = engine._check_texts(inputs)
     k = engine._check_truncate_dim(truncate_dim)
+    if precision in ("int8", "uint8") and len(items) == 1:  # before any work, as the message says
+        _to_precision(np.zeros((1, k), np.float32), precision)
+    if prompt is not None and prompt_name is not None:
+        log.warning("encode: both prompt=%r and prompt_name=%r were given; the prompt is used (as in "
+                    "sentence-transformers)", prompt, prompt_name)
     slice_after = False  # ST's normalize_embeddings=False: the model's unit vector at full width, then sliced
     if normalize is None:
         normalize = True
@@ -85,42 +92,67 @@ def encode(engine, inputs=None, prompt_name=None, prompt=None, batch_size=None, 
 
 
 def encode_query(engine, inputs=None, prompt_name=None, prompt=None, *args, **kw):
-    """``encode`` with the query prompt ("Query: ") unless ``prompt``/``prompt_name`` is given; None, as in
-    sentence-transformers, means this method's own prompt."""
-    if prompt is None and prompt_name is None:
-        prompt_name = "query"
+    """``encode`` with the query prompt ("Query: "; a model without one gets its default prompt, as in
+    sentence-transformers) unless ``prompt``/``prompt_name`` is given; None means this method's own prompt."""
+    if prompt is None and prompt_name is None:  # as sentence-transformers: else the model's default prompt
+        prompt_name = "query" if "query" in engine.prompts else None
     return encode(engine, inputs, prompt_name, prompt, *args, **kw)
 
 
 def encode_document(engine, inputs=None, prompt_name=None, prompt=None, *args, **kw):
     """``encode`` with the document prompt ("Document: "; as in sentence-transformers the first of
-    document / passage / corpus the model has) unless ``prompt``/``prompt_name`` is given."""
-    if prompt is None and prompt_name is None:
-        prompt_name = next((p for p in _DOCUMENT_PROMPTS if p in engine.prompts), "document")
+    document / passage / corpus the model has, else its default prompt) unless ``prompt``/``prompt_name``
+    is given."""
+    if prompt is None and prompt_name is None:  # as sentence-transformers: else the model's default prompt
+        prompt_name = next((p for p in _DOCUMENT_PROMPTS if p in engine.prompts), None)
     return encode(engine, inputs, prompt_name, prompt, *args, **kw)
 
 
+SIMILARITY_FNS = ("cosine", "dot", "euclidean", "manhattan")  # sentence-transformers' SimilarityFunction values
+
+
+def _similarity_fn(engine) -> str:
+    name = getattr(engine, "similarity_fn_name", "cosine")
+    name = getattr(name, "value", name)  # sentence_transformers.SimilarityFunction is a str enum
+    if name not in SIMILARITY_FNS:
+        raise ValueError(f"similarity_fn_name={name!r} is not valid; choose one of {list(SIMILARITY_FNS)}")
+    return name
+
+
 def similarity(engine, embeddings1, embeddings2) -> torch.Tensor:
-    """Cosine similarity of every row of ``embeddings1`` with every row of ``embeddings2``: an (n1, n2) float
-    tensor, as ``SentenceTransformer.similarity`` with ``similarity_fn_name="cosine"`` (a 1-D input is one row)."""
+    """Similarity of every row of ``embeddings1`` with every row of ``embeddings2``: an (n1, n2) float tensor, as
+    ``SentenceTransformer.similarity``, by ``engine.similarity_fn_name`` ("cosine" by default; "dot",
+    "euclidean" and "manhattan" as in sentence-transformers, the distances negated). A 1-D input is one row."""
+    fn = _similarity_fn(engine)
     a, b = _float_rows(embeddings1, "embeddings1"), _float_rows(embeddings2, "embeddings2")
     a, b = (x.unsqueeze(0) if x.dim() == 1 else x for x in (a, b))
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"similarity needs (n, dim) or (dim,) embeddings of one width; got shapes "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     dtype = torch.promote_types(a.dtype, b.dtype)
-    return torch.nn.functional.normalize(a.to(dtype), dim=-1) @ torch.nn.functional.normalize(b.to(dtype), dim=-1).T
+    a, b = a.to(dtype), b.to(dtype)
+    if fn == "cosine":
+        return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+    if fn == "dot":
+        return a @ b.T
+    return -torch.cdist(a, b, p=2.0 if fn == "euclidean" else 1.0)
 
 
 def similarity_pairwise(engine, embeddings1, embeddings2) -> torch.Tensor:
-    """Cosine similarity of ``embeddings1[i]`` with ``embeddings2[i]``: an (n,) float tensor
-    (``SentenceTransformer.similarity_pairwise``)."""
+    """Similarity of ``embeddings1[i]`` with ``embeddings2[i]``: an (n,) float tensor
+    (``SentenceTransformer.similarity_pairwise``), by ``engine.similarity_fn_name``."""
+    fn = _similarity_fn(engine)
     a, b = _float_rows(embeddings1, "embeddings1"), _float_rows(embeddings2, "embeddings2")
     if a.shape != b.shape or a.dim() not in (1, 2):
         raise ValueError(f"similarity_pairwise needs two (n, dim) (or (dim,)) embeddings of the same shape; got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     dtype = torch.promote_types(a.dtype, b.dtype)
-    return (torch.nn.functional.normalize(a.to(dtype), dim=-1) * torch.nn.functional.normalize(b.to(dtype), dim=-1)).sum(-1)
+    a, b = a.to(dtype), b.to(dtype)
+    if fn == "cosine":
+        return (torch.nn.functional.normalize(a, dim=-1) * torch.nn.functional.normalize(b, dim=-1)).sum(-1)
+    if fn == "dot":
+        return (a * b).sum(-1)
+    return -(a - b).abs().pow(2).sum(-1).sqrt() if fn == "euclidean" else -(a - b).abs().sum(-1)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -177,6 +209,10 @@ def _embed_capped(engine, items, batch_size, show_progress_bar, kw):
                 # a text-level error names its index within the chunk: check the whole input for the real one
                 engine._encode([engine._prefix(kw["prompt_name"], kw["prompt"]) + t for t in items], kw["truncate"])
                 raise
+            except FloatingPointError as e:  # "non-finite embedding for texts[2, 5] ...": chunk positions
+                raise FloatingPointError(_NAMED_TEXTS.sub(
+                    lambda m: "texts[" + ", ".join(str(chunk[int(i)]) for i in m.group(1).split(",")) + "]",
+                    str(e), count=1)) from None
             if out is None:
                 out = np.empty((n, part.shape[1]), dtype=np.float32)
             out[chunk] = part

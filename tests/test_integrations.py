@@ -185,3 +185,39 @@ def test_llama_index_from_path_and_bad_arguments(nano, nano_ckpt):
         JV5FastEmbedding(nano, engine_kwargs={"dtype": "float32"})
     with pytest.raises(ValueError, match="embed_batch_size"):
         JV5FastEmbedding(nano, embed_batch_size=0)   # BaseEmbedding's own check (pydantic, gt=0)
+
+
+def test_single_str_is_refused_where_a_list_is_expected(nano):
+    from jv5fast.integrations.langchain import JV5FastEmbeddings
+    from jv5fast.integrations.llama_index import JV5FastEmbedding
+    lc = JV5FastEmbeddings(nano)
+    with pytest.raises(TypeError, match=r"embed_documents takes a list of str, got one str \('abc'\)"):
+        lc.embed_documents("abc")
+    with pytest.raises(TypeError, match="embed_documents takes a list of str"):
+        asyncio.run(lc.aembed_documents("abc"))
+    li = JV5FastEmbedding(nano)
+    with pytest.raises(TypeError, match="a query must be a str"):
+        li.get_query_embedding(["a", "b"])
+
+
+def test_pickle_serialise_and_copy_rebuild_the_same_embedder(nano, nano_ckpt):
+    """Pipelines pickle or serialise the embed model (LlamaIndex workers, LangChain caches): the copy loads the
+    same engine again from the recorded path and options and gives the same vectors."""
+    import copy
+    import pickle
+    from jv5fast.integrations.langchain import JV5FastEmbeddings
+    from jv5fast.integrations.llama_index import JV5FastEmbedding
+    texts = fresh_texts(3, seed=21)
+    for src in (nano, nano_ckpt):
+        li = JV5FastEmbedding(src, dimensions=32, embed_batch_size=2)
+        want = li.get_text_embedding_batch(texts)
+        for other in (pickle.loads(pickle.dumps(li)), JV5FastEmbedding.from_dict(li.to_dict()),
+                      JV5FastEmbedding.from_json(li.to_json())):
+            assert other.dimensions == 32 and other.embed_batch_size == 2 and other.engine is not li.engine
+            np.testing.assert_allclose(other.get_text_embedding_batch(texts), want, rtol=0, atol=1e-6)
+        assert copy.deepcopy(li).engine is li.engine
+        lc = JV5FastEmbeddings(src, dimensions=32)
+        again = pickle.loads(pickle.dumps(lc))
+        np.testing.assert_allclose(again.embed_documents(texts), lc.embed_documents(texts), rtol=0, atol=1e-6)
+    assert JV5FastEmbedding(nano).engine_kwargs == {"device": "cpu", "max_length": nano.max_length,
+                                                    "max_batch_tokens": nano.max_batch_tokens, "dtype": "float32"}

@@ -263,7 +263,8 @@ def test_model_meta_from_checkpoint(nano_ckpt, nano_engine):
         assert meta.embed_dim == [32, 64] and meta.max_tokens == 8192
         assert meta.similarity_fn_name == mteb.models.model_meta.ScoringFunction.COSINE
         assert (meta.license, meta.open_weights, meta.modalities) == ("cc-by-nc-4.0", True, ["text"])
-        assert meta.revision == "no_revision_available" and meta.experiment_kwargs is None
+        assert meta.revision == model_meta(nano_ckpt).revision and meta.experiment_kwargs is None
+        assert meta.revision.startswith("local-")
         assert "eng-Latn" in meta.languages and len(meta.languages) == 15
     short = model_meta(nano_ckpt, max_length=128, truncate_dim=64)
     assert (short.max_tokens, short.embed_dim, short.experiment_kwargs) == (128, 64, {"embed_dim": 64,
@@ -331,3 +332,21 @@ def test_import_jv5fast_does_not_import_mteb():
     code = ("import sys, jv5fast, jv5fast.integrations; jv5fast.Engine; "
             "bad = [m for m in sys.modules if m == 'mteb' or m.startswith('mteb.')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_local_checkpoints_and_compute_settings_never_share_a_cache_entry(ckpt_factory, nano_ckpt, tmp_path):
+    """mteb reuses cached scores by (name, revision, experiment_kwargs): two local checkpoints of one family, or
+    one checkpoint in bf16 / ONNX, must not collide with an fp32 torch run of another."""
+    import shutil
+    other = ckpt_factory("nano", seed=5)
+    assert model_meta(other).name == model_meta(nano_ckpt).name
+    assert model_meta(other).revision != model_meta(nano_ckpt).revision
+    copy = shutil.copytree(nano_ckpt, str(tmp_path / "copy"))
+    os.utime(os.path.join(copy, "model.safetensors"), ns=(1, 1))  # same bytes, rewritten: a new revision
+    assert model_meta(copy).revision != model_meta(nano_ckpt).revision
+    assert model_meta(nano_ckpt, dtype="bfloat16").experiment_kwargs == {"dtype": "bfloat16"}
+    assert model_meta(nano_ckpt, device="cpu").experiment_kwargs is None
+    assert model_meta(nano_ckpt, backend="onnx").experiment_kwargs == {"backend": "onnx"}
+    with pytest.raises(TypeError, match=r"unknown Engine option\(s\) \['devcie'\]"):
+        model_meta(nano_ckpt, devcie="cpu")
+    assert model_meta(nano_ckpt, truncate_dim=np.int64(32)).embed_dim == 32

@@ -233,3 +233,54 @@ def test_bad_similarity_and_missing_input(nano):
         nano.similarity(nano.encode(["a", "b"]), nano.encode(["c"], truncate_dim=32))
     with pytest.raises(ValueError, match=r"same shape; got \(2, 64\) and \(3, 64\)"):
         nano.similarity_pairwise(nano.encode(["a", "b"]), nano.encode(["c", "d", "e"]))
+
+
+def test_similarity_functions_follow_similarity_fn_name(nano, monkeypatch):
+    """Setting similarity_fn_name (as ST users do) changes the function, as in sentence-transformers."""
+    from sentence_transformers import util
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(4, 16, generator=g), torch.randn(6, 16, generator=g)
+    want = {"dot": (util.dot_score, util.pairwise_dot_score), "euclidean": (util.euclidean_sim,
+            util.pairwise_euclidean_sim), "manhattan": (util.manhattan_sim, util.pairwise_manhattan_sim),
+            "cosine": (util.cos_sim, util.pairwise_cos_sim)}
+    for name, (full, pair) in want.items():
+        monkeypatch.setattr(nano, "similarity_fn_name", name, raising=False)
+        torch.testing.assert_close(nano.similarity(a, b), full(a, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nano.similarity_pairwise(a, b[:4]), pair(a, b[:4]), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(nano, "similarity_fn_name", "jaccard", raising=False)
+    with pytest.raises(ValueError, match=r"similarity_fn_name='jaccard' is not valid; choose one of \['cosine'"):
+        nano.similarity(a, b)
+
+
+def test_query_and_document_prompts_fall_back_to_the_default_prompt(ckpt_factory, tmp_path):
+    """A model without a "query" (or any document-like) prompt: sentence-transformers uses its default prompt."""
+    import shutil
+    path = shutil.copytree(ckpt_factory("nano"), str(tmp_path / "ck"))
+    with open(os.path.join(path, "config_sentence_transformers.json"), "w") as f:
+        json.dump({"prompts": {"passage": "Passage: ", "other": "Other: "}, "default_prompt_name": "other"}, f)
+    eng = jv5fast.Engine(path, device="cpu")
+    texts = fresh_texts(3, seed=11)
+    np.testing.assert_allclose(eng.encode_query(texts), eng.embed(texts, prompt="Other: "), atol=1e-6)
+    np.testing.assert_allclose(eng.encode_document(texts), eng.embed(texts, prompt="Passage: "), atol=1e-6)
+    with open(os.path.join(path, "config_sentence_transformers.json"), "w") as f:
+        json.dump({"prompts": {"other": "Other: "}, "default_prompt_name": "other"}, f)
+    eng = jv5fast.Engine(path, device="cpu")
+    np.testing.assert_allclose(eng.encode_document(texts), eng.embed(texts, prompt="Other: "), atol=1e-6)
+
+
+def test_non_finite_error_in_a_capped_batch_names_the_global_index(nano, monkeypatch):
+    """A NaN vector (a stand-in for a low-precision overflow) is named by its index in the caller's list, also
+    when batch_size splits the input into longest-first chunks."""
+    texts = fresh_texts(6, seed=12)
+    poison = nano.tokenize(texts[5])
+    real = nano._run
+
+    def run(idx, ids, out, k, normalize):
+        real(idx, ids, out, k, normalize)
+        for i in idx:
+            if ids[i] == poison:
+                out[i] = float("nan")
+    monkeypatch.setattr(nano, "_run", run)
+    for kw in ({}, {"batch_size": 2}, {"batch_size": 4}):
+        with pytest.raises(FloatingPointError, match=r"non-finite embedding for texts\[5\]"):
+            nano.encode(texts, **kw)

@@ -11,7 +11,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
 
 from ..engine import Engine
-from . import engine_from
+from . import check_texts, engine_from, engine_spec
 
 __all__ = ["JV5FastEmbeddings"]
 
@@ -29,6 +29,8 @@ class JV5FastEmbeddings(Embeddings):
             engine_kwargs["task"] = task  # load with that adapter active
         self.engine = engine_from(model, "JV5FastEmbeddings", **engine_kwargs)
         self.task, self.dimensions, self.batch_size = task, dimensions, batch_size
+        # how to load the engine again after pickling (an Engine holds locks and tensors; it is not pickled)
+        self._source = (self.engine.path, engine_kwargs if not isinstance(model, Engine) else engine_spec(self.engine))
         # check task, dimensions and batch_size now, not at the first document (an empty call computes nothing)
         self.embed_documents([])
 
@@ -38,7 +40,7 @@ class JV5FastEmbeddings(Embeddings):
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """One vector (list of float) per text, with the document prompt."""
-        return self.engine.encode_document(list(texts), **self._kw()).tolist()
+        return self.engine.encode_document(check_texts(texts, "embed_documents"), **self._kw()).tolist()
 
     def embed_query(self, text: str) -> list[float]:
         """The vector of ``text`` with the query prompt."""
@@ -53,6 +55,17 @@ class JV5FastEmbeddings(Embeddings):
     async def aembed_query(self, text: str) -> list[float]:
         """``embed_query`` in a worker thread: the event loop keeps running meanwhile."""
         return await run_in_executor(None, self.embed_query, text)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("engine")
+        return state
+
+    def __setstate__(self, state):
+        """Unpickled (e.g. in another process): load the engine again from its path and options."""
+        self.__dict__.update(state)
+        path, kwargs = self._source
+        self.engine = Engine(path, **kwargs)
 
     def __repr__(self):
         return f"JV5FastEmbeddings({self.engine!r}, task={self.task!r}, dimensions={self.dimensions!r})"

@@ -16,7 +16,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
 from ..engine import Engine
-from . import engine_from
+from . import check_texts, engine_from, engine_spec
 
 __all__ = ["JV5FastEmbedding"]
 
@@ -31,16 +31,24 @@ class JV5FastEmbedding(BaseEmbedding):
 
     task: str | None = Field(default=None, description="jina v5 adapter (None: the engine's own task)")
     dimensions: int | None = Field(default=None, description="Matryoshka truncate_dim (None: full width)")
-    _engine: Engine = PrivateAttr()
+    engine_kwargs: dict = Field(default_factory=dict, description="Engine options that load model_name again "
+                                "(after pickling or from_dict / from_json)")
+    _engine: Engine | None = PrivateAttr(default=None)
 
-    def __init__(self, model: Any, *, task: str | None = None, dimensions: int | None = None,
+    def __init__(self, model: Any = None, *, task: str | None = None, dimensions: int | None = None,
                  embed_batch_size: int = 64, engine_kwargs: dict | None = None, **kwargs: Any) -> None:
         engine_kwargs = dict(engine_kwargs or {})
+        if model is None:  # from_dict / from_json: the serialised model_name and engine_kwargs
+            model = kwargs.get("model_name")
+            if model is None or model == "unknown":
+                raise TypeError("JV5FastEmbedding needs model: a jv5fast.Engine or a checkpoint path")
         if task is not None and not isinstance(model, Engine):
             engine_kwargs["task"] = task  # load with that adapter active
         engine = engine_from(model, "JV5FastEmbedding", **engine_kwargs)
-        kwargs.setdefault("model_name", str(engine.path))
-        super().__init__(task=task, dimensions=dimensions, embed_batch_size=embed_batch_size, **kwargs)
+        kwargs["model_name"] = str(engine.path)
+        spec = engine_spec(engine) if isinstance(model, Engine) else engine_kwargs
+        super().__init__(task=task, dimensions=dimensions, embed_batch_size=embed_batch_size, engine_kwargs=spec,
+                         **kwargs)
         self._engine = engine
         self._get_text_embeddings([])  # check task and dimensions now (an empty call computes nothing)
 
@@ -50,19 +58,39 @@ class JV5FastEmbedding(BaseEmbedding):
 
     @property
     def engine(self) -> Engine:
+        """The engine; after unpickling (LlamaIndex drops unpicklable private attributes) it is loaded again
+        from ``model_name`` and ``engine_kwargs``."""
+        if getattr(self, "_engine", None) is None:  # unpickled: the attribute itself may be gone
+            self._engine = Engine(self.model_name, **self.engine_kwargs)
         return self._engine
+
+    def __getstate__(self):
+        """Pickle the options without the engine (it holds locks and tensors); ``engine`` loads it again."""
+        engine, self._engine = self._engine, None
+        try:
+            return super().__getstate__()
+        finally:
+            self._engine = engine
+
+    def __deepcopy__(self, memo=None):
+        """A copy of the options sharing this engine (an Engine holds locks and is thread-safe: never copied)."""
+        return self.model_copy()
 
     def _kw(self):
         return {"task": self.task, "truncate_dim": self.dimensions, "show_progress_bar": False}
 
     def _get_query_embedding(self, query: str) -> Embedding:
-        return self._engine.encode_query(query, **self._kw()).tolist()
+        if not isinstance(query, str):
+            raise TypeError(f"a query must be a str, got {type(query).__name__}")
+        return self.engine.encode_query(query, **self._kw()).tolist()
 
     def _get_text_embedding(self, text: str) -> Embedding:
-        return self._engine.encode_document(text, **self._kw()).tolist()
+        if not isinstance(text, str):
+            raise TypeError(f"a text must be a str, got {type(text).__name__}; use get_text_embedding_batch for lists")
+        return self.engine.encode_document(text, **self._kw()).tolist()
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self._engine.encode_document(list(texts), **self._kw()).tolist()
+        return self.engine.encode_document(check_texts(texts, "get_text_embedding_batch"), **self._kw()).tolist()
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         return await asyncio.get_running_loop().run_in_executor(None, self._get_query_embedding, query)

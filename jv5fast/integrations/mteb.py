@@ -9,12 +9,15 @@ Importing this module imports mteb; ``import jv5fast`` never does.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import os
 import re
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
@@ -159,12 +162,60 @@ def _hub_revision(folder: str):
     return sha if os.path.basename(parent) == "snapshots" and _SNAPSHOT.match(sha) else None
 
 
+def _local_revision(folder: str) -> str:
+    """A revision for a plain folder: a digest of every file's relative path, size and mtime, so that two
+    checkpoints (or one retrained in place) never share mteb's result cache; a copy with the same files gets a
+    new revision, which costs a re-run, never a wrong score. Reads no file contents."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            h.update(f"{os.path.relpath(path, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "replace"))
+    return "local-" + h.hexdigest()[:16]
+
+
+_ENGINE_OPTIONS = frozenset(inspect.signature(Engine.__init__).parameters) - {"self", "model_name_or_path"}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _compute_kwargs(model, engine_kwargs) -> dict:
+    """What changes the vectors beyond the checkpoint and truncate_dim: the compute dtype (bf16 on CUDA by
+    default), the ONNX backend and int8; recorded so that such runs are cached apart from fp32 torch runs."""
+    if isinstance(model, Engine):
+        out = {"dtype": _dtype_name(model.dtype)} if model.dtype != torch.float32 else {}
+        if model.backend != "torch":
+            out["backend"] = model.backend
+        return out
+    dtype = engine_kwargs.get("dtype")
+    if dtype is None and engine_kwargs.get("backend", "torch") == "torch" and engine_kwargs.get("quantize") is None:
+        device = str(engine_kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = "bfloat16" if device.startswith("cuda") else None
+    out = {"dtype": _dtype_name(dtype)} if dtype is not None and _dtype_name(dtype) != "float32" else {}
+    for key in ("backend", "quantize", "onnx_quantize"):
+        if engine_kwargs.get(key) not in (None, "torch"):
+            out[key] = engine_kwargs[key]
+    return out
+
+
 def model_meta(model, *, truncate_dim=None, name=None, revision=None, **engine_kwargs) -> ModelMeta:
     """``mteb.ModelMeta`` for an ``Engine`` or a checkpoint path / hub id (read from its config.json; no weights
     are loaded). Its ``loader`` builds a ``JV5FastEncoder``, so ``meta.load_model()`` and
     ``mteb.evaluate(meta, tasks)`` work. ``name`` defaults to ``jv5fast/jina-embeddings-v5-text-<size>[-<task>]``;
-    ``revision`` to the hub snapshot's commit (mteb's ``"no_revision_available"`` for a plain folder). ``truncate_dim`` and a non-default
-    ``max_length`` go into ``experiment_kwargs``, so their results are cached apart."""
+    ``revision`` to the hub snapshot's commit, or for a plain folder a digest of its files' names, sizes and
+    mtimes (so two local checkpoints never share a cached score). ``truncate_dim``, a non-default ``max_length``
+    and a compute setting other than fp32 torch (``dtype``, ``backend``, ``quantize``) go into
+    ``experiment_kwargs``, so their results are cached apart."""
+    unknown = sorted(set(engine_kwargs) - _ENGINE_OPTIONS)
+    if unknown:
+        raise TypeError(f"model_meta: unknown Engine option(s) {unknown}; valid: {sorted(_ENGINE_OPTIONS)}")
     if isinstance(model, Engine):
         if engine_kwargs:
             raise ValueError(f"model_meta: {sorted(engine_kwargs)} configure a new Engine, but an existing Engine "
@@ -181,8 +232,10 @@ def model_meta(model, *, truncate_dim=None, name=None, revision=None, **engine_k
         args = load_model_args(folder)
         max_length = engine_kwargs.get("max_length") or args.max_position_embeddings
         merged = None if list_adapter_tasks(folder) else merged_task_from_name(os.fspath(model))
-        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
-                                         or not 1 <= truncate_dim <= args.hidden_size):
+        if truncate_dim is not None and (isinstance(truncate_dim, bool)
+                                         or not isinstance(truncate_dim, (int, np.integer))):
+            raise TypeError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
+        if truncate_dim is not None and not 1 <= truncate_dim <= args.hidden_size:
             raise ValueError(f"truncate_dim={truncate_dim!r} is out of range 1..{args.hidden_size}; the Matryoshka "
                              f"dims are {[d for d in MATRYOSHKA_DIMS if d <= args.hidden_size]}")
         frameworks = ["ONNX"] if engine_kwargs.get("backend") == "onnx" else ["PyTorch", "safetensors"]
@@ -192,14 +245,16 @@ def model_meta(model, *, truncate_dim=None, name=None, revision=None, **engine_k
     n_params = sum(int(np.prod(s)) for s in shapes.values())  # base weights, as mteb counts (adapters excluded)
     experiment = {}
     if truncate_dim is not None:
+        truncate_dim = int(truncate_dim)
         experiment["embed_dim"] = truncate_dim  # mteb's own key: load_model(embed_dim=...) passes it back
     if max_length != args.max_position_embeddings:
         experiment["max_length"] = max_length
+    experiment.update(_compute_kwargs(model, engine_kwargs))
     return ModelMeta(
         loader=_loader(model, truncate_dim, engine_kwargs),
         name=name or f"jv5fast/jina-embeddings-v5-text-{size}" + (f"-{merged}" if merged else ""),
         # mteb's own placeholder when unknown: with None its result cache warns and reuses the newest revision folder
-        revision=revision or _hub_revision(folder) or NO_REVISION,
+        revision=revision or _hub_revision(folder) or _local_revision(folder),
         release_date=None,
         languages=list(NANO_LANGUAGES) if size == "nano" else None,
         n_parameters=n_params,
@@ -232,6 +287,9 @@ def _loader(source, truncate_dim, engine_kwargs):
         if isinstance(source, Engine):
             if kwargs.get("max_length", source.max_length) == source.max_length:
                 kwargs.pop("max_length", None)
+            for key, value in _compute_kwargs(source, {}).items():  # experiment_kwargs coming back
+                if kwargs.get(key) == value:
+                    kwargs.pop(key)
             if device is not None or kwargs:
                 given = sorted(kwargs) + (["device"] if device is not None else [])
                 raise ValueError(f"this ModelMeta wraps an already-built Engine; {given} cannot change it (build the "
