@@ -14,7 +14,13 @@ same JSON Lines go to stdout (progress and messages stay on stderr).
 
 Errors a user can cause (bad flags, unreadable or malformed input, a model that does not fit the
 command) print one line on stderr, in CLI words, and exit 2; failures while running exit 1. No
-traceback unless JV5FAST_DEBUG=1.
+traceback unless JV5FAST_DEBUG=1. When the reader of stdout goes away (``jv5fast search ... | head -1``)
+the command stops quietly with exit status 141 (128 + SIGPIPE), what a shell reports for ``cat`` or
+``grep`` in the same place, so ``set -o pipefail`` scripts see the same status as with those tools.
+
+No command overwrites its input: ``embed --output`` refuses the ``--input`` file, and ``index --output``
+refuses the input file, anything inside an input folder, and any existing file that is not a jv5fast
+index (an earlier index, or an empty file, is replaced atomically).
 """
 from __future__ import annotations
 
@@ -140,6 +146,16 @@ def _check_output_file(path: str, flag: str, endings):
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CLIError(f"{flag} {path}: folder {parent} does not exist")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` name one file: the same path after resolving links, or the same inode (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def _check_device(device):
@@ -452,6 +468,8 @@ def main(argv=None):
            "search": _search}[a.cmd]
     try:
         return run(a)
+    except BrokenPipeError:  # stdout's reader is gone (| head): stop quietly, as cat and grep do
+        return _stdout_gone()
     except CLIError as err:
         return _fail(a.cmd, str(err), err.code)
     except KeyboardInterrupt:
@@ -479,6 +497,20 @@ def main(argv=None):
         if os.environ.get("JV5FAST_DEBUG"):
             raise
         return _fail(a.cmd, f"{cli_words(str(err)) or type(err).__name__}", 1)
+
+
+def _stdout_gone() -> int:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered does not fail
+    again and print 'Exception ignored ... BrokenPipeError'; -> 141, the shell's status for SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # stdout is not a file descriptor (tests capture it)
+        pass
+    return 141
 
 
 def _fail(cmd, msg, code):
@@ -509,6 +541,9 @@ def _embed(a):
     _check_quantize(a)
     if a.output is not None:
         _check_output_file(a.output, "--output", (".npy", ".jsonl"))
+        if a.input not in (None, "-") and _same_file(a.output, a.input):
+            raise CLIError(f"--output {a.output} is the --input file {a.input}; writing the embeddings there "
+                           f"would replace the texts: give another --output")
     _check_model(a.model, "--model", a.backend)
     _check_device(a.device)
     texts = a.texts if a.texts else _read_texts(a.input)
@@ -622,7 +657,9 @@ def _add_index_parsers(sub, task_help):
                        "columns, or a `jv5fast embed-corpus` output folder (its vectors are used as they are).")
     i.add_argument("--input", required=True, help="FILE.jsonl, FILE.parquet, a folder of *.parquet, or an "
                    "embed-corpus output folder (with manifest.json)")
-    i.add_argument("--output", required=True, help="the index file to write (its folder must exist)")
+    i.add_argument("--output", required=True, help="the index file to write (its folder must exist); an existing "
+                   "file there is replaced only if it is a jv5fast index, and never the input or a file inside "
+                   "an input folder")
     i.add_argument("--model", default=None, help="checkpoint folder (released layout) or hub id; optional for "
                    "embed-corpus output, where it must agree with the manifest")
     i.add_argument("--task", default=None, help=task_help)
@@ -630,14 +667,18 @@ def _add_index_parsers(sub, task_help):
                    "model's dimension)")
     i.add_argument("--store", default="float32", choices=("float32", "float16", "int8"),
                    help="precision of the stored vectors used for rescoring")
-    i.add_argument("--id-column", default="id", help="field / column holding each document's id (int or str)")
-    i.add_argument("--text-column", default="text", help="field / column holding each document's text")
-    i.add_argument("--text-chars", type=_nonneg_int, default=1000, help="store the first N characters of each "
-                   "text for display by search (0: none)")
+    # The next five shape the embedding of documents; embed-corpus output is already embedded, so giving
+    # one with it is refused (their defaults live in _INDEX_DEFAULTS, so an explicit value can be told).
+    i.add_argument("--id-column", default=None, help="field / column holding each document's id (int or str, "
+                   "not -1; default: id)")
+    i.add_argument("--text-column", default=None, help="field / column holding each document's text (default: "
+                   "text)")
+    i.add_argument("--text-chars", type=_nonneg_int, default=None, help="store the first N characters of each "
+                   "text for display by search (0: none; default: 1000)")
     i.add_argument("--max-length", type=_positive_int, default=None, help="tokens per text, prompt included "
                    "(default: the model's max_position_embeddings)")
-    i.add_argument("--max-batch-tokens", type=_positive_int, default=16384, help="token budget of one packed "
-                   "forward pass")
+    i.add_argument("--max-batch-tokens", type=_positive_int, default=None, help="token budget of one packed "
+                   "forward pass (default: 16384)")
     i.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -648,7 +689,7 @@ def _add_index_parsers(sub, task_help):
     q.add_argument("queries", nargs="*", help="query texts (or use --input)")
     q.add_argument("--input", default=None, help="file with one query per line (.jsonl: a JSON string or "
                    "{\"text\": ...} per line), or - for stdin")
-    q.add_argument("-k", type=_positive_int, default=10, help="results per query")
+    q.add_argument("-k", type=_positive_int, default=10, help="results per query (at most the index's size)")
     q.add_argument("--rescore", type=_positive_int, default=4, help="shortlist k x N rows by Hamming distance, "
                    "then rescore them with the float vectors")
     q.add_argument("--json", action="store_true", help="JSON Lines: one {\"query\", \"results\": [{\"rank\", "
@@ -660,6 +701,17 @@ def _add_index_parsers(sub, task_help):
                    "dimension (default: the index's)")
     q.add_argument("--max-length", type=_positive_int, default=None, help="tokens per query, prompt included")
     q.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+_INDEX_DEFAULTS = {"id_column": "id", "text_column": "text", "text_chars": 1000, "max_length": None,
+                   "max_batch_tokens": 16384}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins escaped pairs, so any left is a lone one
+
+
+def _lone_surrogate(s: str):
+    """The position of the first lone surrogate in ``s`` (not valid Unicode, cannot be written as UTF-8), or None."""
+    m = _SURROGATE.search(s)
+    return None if m is None else m.start()
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -674,20 +726,74 @@ def _model_ref(model: str) -> str:
     return os.path.abspath(model) if os.path.isdir(model) else model
 
 
+def _folder_model_dim(model: str):
+    """The hidden size in a checkpoint folder's config.json (what search compares), or None when ``model``
+    is not a local folder or its config cannot be read (search then compares what it can)."""
+    if not os.path.isdir(model):
+        return None
+    from .config import load_model_args
+    try:
+        return load_model_args(model).hidden_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_index_output(out: str, inp: str):
+    """Refuse an --output that would destroy what jv5fast did not write: the --input itself, a file inside
+    an input folder, or an existing file that is not a jv5fast index (an earlier index, or an empty file,
+    may be replaced; the save is atomic). Called before the work and again just before the save."""
+    from .index import _MAGIC
+    if os.path.isdir(out):
+        raise CLIError(f"--output {out} is a folder; give the index file's name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise CLIError(f"--output {out}: folder {parent} does not exist")
+    if _same_file(out, inp):
+        raise CLIError(f"--output {out} is the --input {inp}; writing the index there would replace the documents: "
+                       f"give another --output")
+    real_in = os.path.realpath(inp)
+    if os.path.isdir(real_in) and os.path.commonpath([os.path.realpath(out), real_in]) == real_in:
+        raise CLIError(f"--output {out} is inside the --input folder {inp}; the index must not replace or join "
+                       f"what it is built from: give a path outside that folder")
+    if not os.path.lexists(out):
+        return
+    if not os.path.isfile(out):
+        raise CLIError(f"--output {out} exists and is not a regular file (a device, pipe or broken link); give "
+                       f"another --output")
+    try:
+        with open(out, "rb") as f:
+            head = f.read(len(_MAGIC))
+    except OSError as e:
+        raise CLIError(f"cannot read --output {out} to check that it is a jv5fast index: {e.strerror or e}") \
+            from None
+    if head and head != _MAGIC:
+        raise CLIError(f"--output {out} exists and is not a jv5fast index file (it does not start with "
+                       f"{_MAGIC!r}); index replaces only an earlier index: give another --output, or remove "
+                       f"the file yourself")
+
+
 def _doc_id(v, where: str, id_col: str):
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise CLIError(f"{where}: {id_col!r} must be an int or a str, got {type(v).__name__} {v!r:.50}")
     if isinstance(v, int) and not -2**63 <= v < 2**63:
         raise CLIError(f"{where}: id {v} does not fit in int64")
+    if isinstance(v, int) and v == -1:
+        raise CLIError(f"{where}: id -1 is reserved (search reports -1 for 'no result', as faiss does); use any "
+                       f"other integer id")
+    if isinstance(v, str) and (j := _lone_surrogate(v)) is not None:
+        raise CLIError(f"{where}: id {v!r:.50} holds a lone surrogate at character {j} (not valid Unicode; it "
+                       f"cannot be stored as UTF-8)")
     return v
 
 
 class _Docs:
     """Ids and texts gathered from the input, each new id checked against the first one's type and for
-    duplicates, with the line / row that first held it."""
+    duplicates, with the line / row that first held it; the stored start of each text (``text_chars``
+    characters) is checked for what cannot be stored, before anything is embedded."""
 
-    def __init__(self):
+    def __init__(self, text_chars: int):
         self.ids, self.texts, self.where = [], [], {}
+        self.text_chars = text_chars
 
     def add(self, doc_id, text, where: str, id_col: str, text_col: str):
         if self.ids and type(doc_id) is not type(self.ids[0]):
@@ -698,14 +804,18 @@ class _Docs:
         if not isinstance(text, str):
             raise CLIError(f"{where} (id {doc_id!r:.50}): {text_col!r} must be a string, got "
                            f"{'null' if text is None else type(text).__name__}")
+        if self.text_chars and (j := _lone_surrogate(text[: self.text_chars])) is not None:
+            raise CLIError(f"{where} (id {doc_id!r:.50}): {text_col!r} holds a lone surrogate at character {j} "
+                           f"(not valid Unicode), which cannot be stored for display; fix the text, or pass "
+                           f"--text-chars {j} or 0")
         self.where[doc_id] = where
         self.ids.append(doc_id)
         self.texts.append(text)
 
 
-def _read_docs_jsonl(path: str, id_col: str, text_col: str) -> _Docs:
+def _read_docs_jsonl(path: str, id_col: str, text_col: str, text_chars: int) -> _Docs:
     name, lines = _read_lines(path, "--input")
-    docs = _Docs()
+    docs = _Docs(text_chars)
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue  # a document needs an id: blank lines are skipped, not empty documents
@@ -722,10 +832,23 @@ def _read_docs_jsonl(path: str, id_col: str, text_col: str) -> _Docs:
     return docs
 
 
-def _read_docs_parquet(files: list, id_col: str, text_col: str) -> _Docs:
+def _column_values(col, path: str, row: int, name: str) -> list:
+    """An Arrow column -> Python values; a string that is not valid UTF-8 is named by file, row and column."""
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        for j in range(len(col)):
+            try:
+                col[j].as_py()
+            except UnicodeDecodeError as e:
+                raise CLIError(f"{path} row {row + j}: column {name!r} is not valid UTF-8 ({e.reason})") from None
+        raise
+
+
+def _read_docs_parquet(files: list, id_col: str, text_col: str, text_chars: int) -> _Docs:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    docs = _Docs()
+    docs = _Docs(text_chars)
     for path in files:
         try:
             schema = pq.read_schema(path)
@@ -741,7 +864,9 @@ def _read_docs_parquet(files: list, id_col: str, text_col: str) -> _Docs:
             raise CLIError(f"--input {path}: column {text_col!r} is {t_text}; texts must be strings")
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=[id_col, text_col]):
-            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            ids = _column_values(batch.column(0), path, row, id_col)
+            texts = _column_values(batch.column(1), path, row, text_col)
+            for doc_id, text in zip(ids, texts):
                 where = f"{path} row {row}"
                 if doc_id is None:
                     raise CLIError(f"{where}: {id_col!r} is null")
@@ -750,33 +875,56 @@ def _read_docs_parquet(files: list, id_col: str, text_col: str) -> _Docs:
     return docs
 
 
-def _index(a):
+def _index_from_corpus(a, inp: str):
+    """An EmbeddingIndex over embed-corpus output (no embedding done), its settings checked against the
+    flags given, and its model recorded as search will need it."""
     from .index import EmbeddingIndex, _read_corpus_manifest
-    if os.path.isdir(a.output):
-        raise CLIError(f"--output {a.output} is a folder; give the index file's name")
-    parent = os.path.dirname(os.path.abspath(a.output))
-    if not os.path.isdir(parent):
-        raise CLIError(f"--output {a.output}: folder {parent} does not exist")
-    _check_device(a.device)
+    given = [f"--{k.replace('_', '-')}" for k in _INDEX_DEFAULTS if getattr(a, k) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to embed-corpus output "
+                       f"({inp}): its vectors are already embedded and it holds ids but no texts; leave "
+                       f"{'it' if len(given) == 1 else 'them'} out")
+    try:
+        settings, _ = _read_corpus_manifest(inp)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--input: {e}") from None
+    for flag, given, recorded in (("--model", a.model, settings["model"]), ("--task", a.task, settings["task"]),
+                                  ("--truncate-dim", a.truncate_dim, settings["dim"])):
+        same = _same_model(given, recorded) if flag == "--model" and given is not None else given == recorded
+        if given is not None and not same:
+            raise CLIError(f"{flag} {given} differs from the embed-corpus output's {flag[2:]} {recorded} "
+                           f"({inp}/manifest.json); leave out {flag}, or embed again")
+    # The manifest records the model as it was passed; a folder that resolves from here is made absolute,
+    # so search finds the same checkpoint from any directory, and its width is recorded for search to compare.
+    model = _model_ref(a.model if a.model is not None else settings["model"])
+    model_dim = _folder_model_dim(model)
+    if model_dim is not None and (settings["dim"] > model_dim or
+                                  (settings["truncate_dim"] is None and settings["dim"] != model_dim)):
+        raise CLIError(f"{inp}/manifest.json: its model {model} is a {model_dim}-d model, but the vectors are "
+                       f"{settings['dim']}-d (truncate_dim {settings['truncate_dim']}); pass the --model they were "
+                       f"embedded with")
+    index = EmbeddingIndex.from_parquet(inp, store=a.store)
+    index.metadata = {**index.metadata, "model": model, **({} if model_dim is None else {"model_dim": model_dim})}
+    return index
+
+
+def _index(a):
+    from .index import EmbeddingIndex
     inp = a.input
     if not os.path.exists(inp):
         raise CLIError(f"--input not found: {inp}")
+    _check_index_output(a.output, inp)
+    _check_device(a.device)
     if os.path.isdir(inp) and os.path.isfile(os.path.join(inp, "manifest.json")):
-        try:
-            settings, _ = _read_corpus_manifest(inp)
-        except (ValueError, FileNotFoundError) as e:
-            raise CLIError(f"--input: {e}") from None
-        for flag, given, recorded in (("--model", a.model, settings["model"]), ("--task", a.task, settings["task"]),
-                                      ("--truncate-dim", a.truncate_dim, settings["dim"])):
-            same = _same_model(given, recorded) if flag == "--model" and given is not None else given == recorded
-            if given is not None and not same:
-                raise CLIError(f"{flag} {given} differs from the embed-corpus output's {flag[2:]} {recorded} "
-                               f"({inp}/manifest.json); leave out {flag}, or embed again")
-        index = EmbeddingIndex.from_parquet(inp, store=a.store)
+        index = _index_from_corpus(a, inp)
         source = f"embed-corpus output {inp}"
     else:
+        o = {k: _INDEX_DEFAULTS[k] if getattr(a, k) is None else getattr(a, k) for k in _INDEX_DEFAULTS}
         if a.model is None:
             raise CLIError("--model is required unless --input is an embed-corpus output folder (with manifest.json)")
+        if o["id_column"] == o["text_column"]:
+            raise CLIError(f"--id-column and --text-column are both {o['id_column']!r}; a document's id and its "
+                           f"text must come from different fields")
         if os.path.isdir(inp):
             files = sorted(os.path.join(inp, f) for f in os.listdir(inp) if f.endswith(".parquet"))
             if not files:
@@ -790,22 +938,24 @@ def _index(a):
             raise CLIError(f"--input must be a .jsonl file, a .parquet file, a folder of .parquet files or an "
                            f"embed-corpus output folder, got {inp!r}")
         _check_model(a.model, "--model")
-        docs = (_read_docs_jsonl(inp, a.id_column, a.text_column) if kind == "jsonl"
-                else _read_docs_parquet(files, a.id_column, a.text_column))
+        cols = (o["id_column"], o["text_column"], o["text_chars"])
+        docs = _read_docs_jsonl(inp, *cols) if kind == "jsonl" else _read_docs_parquet(files, *cols)
         if not docs.ids:
             raise CLIError(f"--input {inp} holds no documents")
         from .engine import Engine
-        eng = Engine(a.model, device=a.device, max_length=a.max_length, max_batch_tokens=a.max_batch_tokens,
+        eng = Engine(a.model, device=a.device, max_length=o["max_length"], max_batch_tokens=o["max_batch_tokens"],
                      **({} if a.task is None else {"task": a.task}))
         emb = eng.encode_document(docs.texts, truncate_dim=a.truncate_dim,
                                   show_progress_bar=False if a.no_progress else None)
         settings = {"model": _model_ref(a.model), "task": eng.task, "prompt_name": "document", "prompt": None,
                     "query_prompt_name": "query", "truncate_dim": a.truncate_dim, "dim": int(emb.shape[1]),
                     "model_dim": eng.dim, "precision": "float32", "normalize": True,
-                    "id_column": a.id_column, "text_column": a.text_column}
+                    "id_column": o["id_column"], "text_column": o["text_column"]}
         index = EmbeddingIndex(emb.shape[1], store=a.store, metadata=settings)
-        index.add(emb, ids=docs.ids, texts=[t[: a.text_chars] for t in docs.texts] if a.text_chars else None)
+        chars = o["text_chars"]
+        index.add(emb, ids=docs.ids, texts=[t[:chars] for t in docs.texts] if chars else None)
         source = inp
+    _check_index_output(a.output, inp)  # again: a file may have appeared there while the documents were embedded
     try:
         index.save(a.output)  # atomic: a failure leaves any previous file as it was
     except OSError as e:
@@ -813,6 +963,30 @@ def _index(a):
     print(f"indexed {len(index)} documents from {source} -> {a.output} (dim {index.dim}, store {index.store})",
           file=sys.stderr)
     return 0
+
+
+def _search_engine(a, model: str, meta: dict):
+    """The Engine that embeds the queries. A recorded task that is not one of TASKS (embed-corpus writes
+    "merged" for a merged checkpoint whose task is not recorded by name) is that checkpoint's only task:
+    the engine is built without task=. A recorded task the model cannot serve is reported as the index's,
+    not as a flag the user gave."""
+    from .engine import Engine
+    recorded = meta.get("task")
+    only = isinstance(recorded, str) and recorded not in TASKS
+    if a.task is not None and recorded is not None and a.task != recorded:
+        why = (f"the only task of the merged checkpoint it was built with (recorded as {recorded!r})" if only
+               else f"the index's task {recorded}")
+        raise CLIError(f"--task {a.task} differs from {why} ({a.index} was built with it); leave out --task")
+    task = a.task if a.task is not None else None if only else recorded
+    try:
+        return Engine(model, device=a.device, max_length=a.max_length, **({} if task is None else {"task": task}))
+    except ValueError as e:
+        msg = str(e)
+        if a.task is None and task is not None and msg.startswith((f"task {task!r} requested", f"unknown task {task!r}")):
+            raise CLIError(f"the index's task {task} ({a.index} was built with it) cannot be used with {model}: "
+                           f"{msg.split('; pass task=None')[0]}; search with the model the index was built "
+                           f"with") from None
+        raise
 
 
 def _search(a):
@@ -825,13 +999,16 @@ def _search(a):
         raise CLIError(f"INDEX file not found: {a.index}")
     _check_device(a.device)
     queries = a.queries if a.queries else _read_texts(a.input)
+    for i, query in enumerate(queries):  # each query is printed back: check them all before any output
+        if (j := _lone_surrogate(query)) is not None:
+            where = (f"query argument {i + 1}" if a.queries else
+                     f"{'<stdin>' if a.input == '-' else a.input} line {i + 1}")
+            raise CLIError(f"{where} holds a lone surrogate at character {j} (not valid Unicode: a non-UTF-8 "
+                           f"argument, or a JSON escape such as \\ud800 without its pair); fix the query")
     index = EmbeddingIndex.load(a.index)
     meta = index.metadata
     if len(index) == 0:
         raise CLIError(f"INDEX {a.index} is empty")
-    if a.task is not None and meta.get("task") is not None and a.task != meta["task"]:
-        raise CLIError(f"--task {a.task} differs from the index's task {meta['task']} ({a.index} was built with "
-                       f"it); leave out --task")
     if a.truncate_dim is not None and a.truncate_dim != index.dim:
         raise CLIError(f"--truncate-dim {a.truncate_dim} differs from the index's dimension {index.dim} "
                        f"({a.index}); leave out --truncate-dim")
@@ -839,9 +1016,7 @@ def _search(a):
     if not isinstance(model, str):
         raise CLIError(f"INDEX {a.index} records no model (not written by `jv5fast index`); pass --model")
     _check_model(model, "--model" if a.model else "the index's model (pass --model to override it)")
-    from .engine import Engine
-    task = a.task if a.task is not None else meta.get("task")
-    eng = Engine(model, device=a.device, max_length=a.max_length, **({} if task is None else {"task": task}))
+    eng = _search_engine(a, model, meta)
     model_dim = meta.get("model_dim")
     if eng.dim < index.dim or (isinstance(model_dim, int) and eng.dim != model_dim) \
             or (model_dim is None and meta.get("truncate_dim") is None and eng.dim != index.dim):
@@ -853,7 +1028,8 @@ def _search(a):
     prompt_name = meta.get("query_prompt_name", "query")
     q = eng.embed(queries, prompt_name=prompt_name, truncate_dim=index.dim if index.dim != eng.dim else None,
                   normalize=meta.get("normalize", True) is not False, show_progress_bar=False)
-    S, I = index.search(q, a.k, rescore_multiplier=a.rescore)
+    # Results past len(index) are padding: k is capped there, so -k 2000000000 allocates nothing large.
+    S, I = index.search(q, min(a.k, len(index)), rescore_multiplier=a.rescore)
     ids, texts = index.map_ids(I), index.texts
     out = sys.stdout
     for qi, query in enumerate(queries):

@@ -12,9 +12,12 @@ sentence-transformers' ``semantic_search_faiss`` does: shortlist ``k * rescore_m
 distance, then re-rank the shortlist by dot product with the float query.
 
 Both may carry external ids (all int64 or all str, row-aligned with the codes; ``search`` still returns
-faiss-style row positions, ``map_ids`` turns them into ids), a JSON ``metadata`` dict (the settings the
-vectors were made with) and, for ``EmbeddingIndex``, the texts for display. ``to_faiss`` / ``from_faiss``
-convert to and from faiss indexes, ``from_parquet`` reads a ``jv5fast embed-corpus`` output folder.
+faiss-style row positions, ``map_ids`` turns them into ids; the int id -1 is refused, as it is faiss's "no
+result" and ``map_ids``' padding), a JSON ``metadata`` dict (the settings the vectors were made with) and,
+for ``EmbeddingIndex``, the texts for display. ``HammingIndex.to_faiss`` / ``HammingIndex.from_faiss``
+convert to and from faiss binary indexes, ``EmbeddingIndex.to_faiss`` to a faiss float index
+(EmbeddingIndex has no from_faiss: to go back, ``add`` the vectors of the faiss index); ``from_parquet``
+(both kinds) reads a ``jv5fast embed-corpus`` output folder.
 
 Both save to one file: magic, format version, a JSON header naming each array, the raw little-endian
 arrays and a CRC-32 of everything before it (version 2 adds metadata, ids and texts; version 1 files
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 import zlib
 
 import numpy as np
@@ -45,6 +49,9 @@ _MAX_BITS = 1 << 24  # nbits / dim: far above any embedding width, and it keeps 
 _MAX_HEADER_BYTES = 1 << 20
 _MAX_METADATA_BYTES = 256 << 10  # metadata lives in the header, which is bounded above
 _RESCORE_BUDGET_BYTES = 64 << 20  # EmbeddingIndex.search: its float32 (queries, shortlist, dim) block
+_MAX_MANIFEST_BYTES = 64 << 20  # embed-corpus manifest.json: a few hundred bytes per part
+_RESERVED_ID = ("is reserved: map_ids() returns -1 for 'no result' (faiss's padding), so a row with id -1 "
+                "could not be told from one; use any other int64 id")
 
 
 class IndexFileError(ValueError):
@@ -154,6 +161,9 @@ def _as_ids(ids, n: int):
     if len(ids) != n:
         raise ValueError(f"ids has {len(ids)} entries for {n} rows; give exactly one id per row")
     if isinstance(ids, np.ndarray):
+        if (ids == -1).any():
+            j = int(np.argmax(ids == -1))
+            raise ValueError(f"ids[{j}] = -1 {_RESERVED_ID}")
         return "int64", ids
     if n == 0:
         return None
@@ -170,6 +180,8 @@ def _as_ids(ids, n: int):
             raise ValueError(f"ids[{j}] = {x!r:.80} is a {type(x).__name__}; ids must all be {want}")
         elif not -2**63 <= x < 2**63:
             raise ValueError(f"ids[{j}] = {x} does not fit in int64")
+        elif x == -1:
+            raise ValueError(f"ids[{j}] = -1 {_RESERVED_ID}")
     return ("int64", np.array(ids, dtype=np.int64)) if first_int else ("str", ids)
 
 
@@ -308,9 +320,13 @@ def _save(path, kind: str, meta: dict, arrays: dict):
         raise ValueError(f"the index header would be {len(hb)} bytes, over the {_MAX_HEADER_BYTES}-byte limit "
                          "(is metadata very large?)")
     head = _MAGIC + struct.pack("<II", _VERSION, len(hb)) + hb
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    path = os.fspath(path)
+    # A new file beside the target, created exclusively (O_EXCL): no existing file is ever truncated, and the
+    # error path below removes only this file, which save() created.
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             crc = zlib.crc32(head)
             f.write(head)
             for a in arrays.values():
@@ -319,11 +335,25 @@ def _save(path, kind: str, meta: dict, arrays: dict):
                     crc = zlib.crc32(flat[i : i + (1 << 26)], crc)
                 f.write(flat.data)
             f.write(struct.pack("<I", crc))
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes it 0600; give it the mode open() would have
         os.replace(tmp, path)  # never leave a half-written file under the real name
     except BaseException:
-        if os.path.exists(tmp):  # a failed save leaves the previous file and no temporary one
+        try:  # a failed save leaves the previous file and no temporary one
             os.remove(tmp)
+        except FileNotFoundError:
+            pass
         raise
+
+
+def _new_file_mode(path: str) -> int:
+    """The mode an index file gets: an existing file's (its permissions survive a re-save), else what
+    open() would create under the process umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _strings_arrays(prefix: str, strings) -> dict:
@@ -434,6 +464,10 @@ def _parse_header(path: str, hb: bytes, kind: str, version: int = _VERSION):
                                  f"{header['metadata']!r:.100}")
         if header["ids"] not in (None, "int64", "str") or isinstance(header["ids"], bool):
             raise IndexFileError(f"{path}: header field 'ids' must be null, 'int64' or 'str', got {header['ids']!r:.100}")
+        try:
+            _check_metadata(header["metadata"])  # what the constructor would refuse, named as a file error
+        except (TypeError, ValueError) as e:
+            raise IndexFileError(f"{path}: header field 'metadata': {e}") from None
         meta.update(metadata=header["metadata"], ids=header["ids"])
         if header["ids"] == "int64":
             expect.append(("ids", _DTYPE_STR["int64"], 1, "n"))
@@ -559,6 +593,9 @@ def _load(path, kind: str):
                                  "in a saved index); they would skew every Hamming distance")
     if meta["ids"] == "int64":
         ids = arrays.pop("ids")[:, 0]
+        if (ids == -1).any():
+            raise IndexFileError(f"{path}: array 'ids' row {int(np.argmax(ids == -1))} holds the id -1, which "
+                                 f"{_RESERVED_ID}; add() never stores it")
         _check_unique(path, ids)
         meta["ids_values"] = ids
     elif meta["ids"] == "str":
@@ -644,9 +681,10 @@ class HammingIndex:
 
     def _check_ids(self, ids, n: int):
         """Validate ``ids`` for n new rows against this index (all or nothing, one type, no duplicates)
-        -> (kind, values) to store, or None."""
+        -> (kind, values) to store, or None. Only rows fix whether an index has ids: an empty add (or an
+        index emptied by reset) leaves the next add free to give ids or not."""
         if ids is None:
-            if self._ids is not None and n:
+            if self._ids is not None and n and self.ntotal:
                 raise ValueError(f"this index has external ids ({self._ids.kind}); pass ids= with every add() "
                                  f"(got none for these {n} rows)")
             return None
@@ -654,7 +692,7 @@ class HammingIndex:
         if self._ids is None and self.ntotal:
             raise ValueError(f"this index holds {self.ntotal} rows added without ids (positional ids "
                              f"0..{self.ntotal - 1}); ids must be given with every add() or with none")
-        if checked is None:  # zero rows: nothing to store
+        if checked is None or not n:  # zero rows: nothing to store, and nothing to lock the index into
             return None
         kind, values = checked
         if self._ids is not None and self.ntotal:
@@ -693,8 +731,10 @@ class HammingIndex:
 
     def _add(self, codes: np.ndarray, checked_ids) -> None:
         n0 = self.ntotal
+        if not n0 and codes.shape[0]:
+            self._ids = None  # the first rows decide (an empty loaded index may carry an id kind)
         if checked_ids is not None:
-            if self._ids is None or not n0:
+            if self._ids is None:
                 self._ids = _Ids(checked_ids[0])
             self._ids.extend(checked_ids[1])
         try:
@@ -950,7 +990,7 @@ class EmbeddingIndex:
         n = x.shape[0]
         checked_ids = self.binary._check_ids(ids, n)
         if texts is None:
-            if self._texts is not None and n:
+            if self._texts is not None and n and self.ntotal:
                 raise ValueError(f"this index stores texts; pass texts= with every add() (got none for these "
                                  f"{n} rows)")
         else:
@@ -987,9 +1027,10 @@ class EmbeddingIndex:
             if self.store == "int8":
                 self._scales.n = n0
             raise
-        if texts is not None:
-            if self._texts is None or not n0:
-                self._texts = []
+        if not n0 and n:  # the first rows decide whether the index stores texts
+            self._texts = [] if texts is not None else None
+            self._texts_array = None
+        if texts is not None and n:
             self._texts.extend(texts)
             self._texts_array = None
 
@@ -1140,9 +1181,21 @@ def _read_corpus_manifest(folder):
         raise FileNotFoundError(f"embed-corpus output folder not found: {folder}")
     if not os.path.isfile(mpath):
         raise FileNotFoundError(f"{folder} is not an embed-corpus output folder: it has no manifest.json")
+    root = os.path.realpath(folder)
+    real = os.path.realpath(mpath)
+    if os.path.commonpath([real, root]) != root:  # as for the parts: nothing outside the folder is read
+        raise ValueError(f"{mpath} is a link to {real}, outside {folder}; an embed-corpus output folder holds "
+                         "its own manifest")
     try:
-        with open(mpath, "rb") as f:
-            m = json.loads(f.read().decode("utf-8"), object_pairs_hook=_header_object, parse_constant=_reject_constant)
+        with open(real, "rb") as f:
+            raw = f.read(_MAX_MANIFEST_BYTES + 1)  # bounded whatever the file claims to be
+    except OSError as e:
+        raise OSError(f"cannot read {mpath}: {e.strerror or e}") from None
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise ValueError(f"{mpath} is over the {_MAX_MANIFEST_BYTES >> 20} MiB limit of a manifest (embed-corpus "
+                         "writes a few hundred bytes per part): not an embed-corpus manifest")
+    try:
+        m = json.loads(raw.decode("utf-8"), object_pairs_hook=_header_object, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != "jv5fast-embed-corpus":
@@ -1166,7 +1219,7 @@ def _read_corpus_manifest(folder):
                          f"{settings['precision']!r:.50}")
     if not isinstance(parts, list):
         raise ValueError(f"{mpath}: 'parts' must be a list, got {parts!r:.100}")  # noqa: TRY004
-    root, out, seen = os.path.realpath(folder), [], set()
+    out, seen = [], set()
     for i, part in enumerate(parts):
         if not isinstance(part, dict):
             raise ValueError(f"{mpath}: parts[{i}] must be an object, got {part!r:.100}")  # noqa: TRY004

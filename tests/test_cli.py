@@ -131,3 +131,32 @@ def test_embed_without_output_writes_json_lines_to_stdout(engines, nano_ckpt):
     np.testing.assert_array_equal(np.array([r["embedding"] for r in rows]),
                                   engines["nano"].embed(texts, precision="binary"))
     assert "max_length" in proc.stderr and "embed: 100%" in proc.stderr  # the warning and the bar: on stderr
+
+
+def test_embed_output_is_never_the_input(nano_ckpt, tmp_path, capsys):
+    import os
+    inp = tmp_path / "texts.jsonl"
+    inp.write_text('"a"\n"b"\n', encoding="utf-8")
+    os.link(inp, tmp_path / "same.jsonl")
+    for out in (inp, tmp_path / "same.jsonl", tmp_path / "." / "texts.jsonl"):
+        capsys.readouterr()
+        assert main(["embed", "--model", nano_ckpt, "--input", str(inp), "--output", str(out)]) == 2
+        assert f"--output {out} is the --input file" in capsys.readouterr().err
+    assert inp.read_text(encoding="utf-8") == '"a"\n"b"\n'
+
+
+def test_closed_stdout_stops_quietly_with_141(nano_ckpt):
+    """`jv5fast embed ... | head -1`: the reader goes away; no '[Errno 32] Broken pipe', no 'Exception
+    ignored' at exit, status 141 (128 + SIGPIPE, what the shell reports for cat or grep there)."""
+    texts = "".join(f"text {i}\n" for i in range(400))  # ~300 KB of JSON Lines: far past a pipe buffer
+    proc = subprocess.Popen([sys.executable, "-m", "jv5fast", "embed", "--model", nano_ckpt, "--device", "cpu",
+                             "--input", "-", "--no-progress"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdin.write(texts.encode())
+    proc.stdin.close()
+    first = proc.stdout.readline()
+    proc.stdout.close()  # like head -1
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert json.loads(first)["index"] == 0
+    assert "Broken pipe" not in err and "Exception ignored" not in err and "Traceback" not in err, err

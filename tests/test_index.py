@@ -910,3 +910,111 @@ def test_from_parquet_refuses_bad_folders(tmp_path, case, match):
     for cls in (HammingIndex, EmbeddingIndex):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             cls.from_parquet(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# review fixes: reserved id -1, empty adds, exclusive temp file, manifest bounds, docstring
+
+
+def test_id_minus_one_is_refused_other_negative_ids_are_kept(tmp_path):
+    """-1 is faiss's (and map_ids') 'no result': a row with id -1 could not be told from padding."""
+    c = np.arange(6, dtype=np.uint8).reshape(3, 2)
+    for ids in ([4, -1, 7], np.array([4, -1, 7]), np.array([4, -1, 7], np.int32)):
+        h = HammingIndex(16)
+        with pytest.raises(ValueError, match=r"ids\[1\] = -1 is reserved: map_ids\(\) returns -1 for 'no result'"):
+            h.add(c, ids=ids)
+        assert len(h) == 0 and h.ids is None
+    e = EmbeddingIndex(8)
+    with pytest.raises(ValueError, match=r"ids\[0\] = -1 is reserved"):
+        e.add(np.ones((1, 8), np.float32), ids=[-1])
+    h = HammingIndex(16)
+    h.add(c, ids=[-2, -(2**63), 0])
+    I = np.array([[0, 1, 2, -1]])
+    assert h.map_ids(I).tolist() == [[-2, -(2**63), 0, -1]]
+
+
+@pytest.mark.parametrize("empty", [{"ids": np.array([], np.int64)}, {"ids": []}, {"texts": []},
+                                   {"ids": np.array([], np.int64), "texts": []}])
+def test_empty_add_does_not_lock_ids_or_texts(empty, tmp_path):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    e = EmbeddingIndex(8)
+    e.add(x[:0], **empty)
+    e.add(x[:2])  # no rows yet: free to add without ids or texts
+    assert len(e) == 2 and e.ids is None and e.texts is None
+    e.add(x[2:])
+    h = HammingIndex(16)
+    h.add(np.zeros((0, 2), np.uint8), ids=np.array([], np.int64))
+    h.add(np.ones((3, 2), np.uint8))
+    assert h.ids is None and len(h) == 3
+    # an empty index saved with ids does not lock the loaded one either
+    z = EmbeddingIndex(8)
+    z.add(x[:1], ids=["a"], texts=["t"])
+    z.reset()
+    z.add(x[:0], ids=[], texts=[])
+    z.save(tmp_path / "z.jv5")
+    loaded = EmbeddingIndex.load(tmp_path / "z.jv5")
+    loaded.add(x[:2])
+    assert loaded.ids is None and len(loaded) == 2
+    # and an index that has rows keeps its rule
+    w = EmbeddingIndex(8)
+    w.add(x[:1], ids=[1], texts=["t"])
+    w.add(x[:0])  # nothing to add: fine either way
+    with pytest.raises(ValueError, match="pass ids= with every add"):
+        w.add(x[1:2])
+
+
+def test_save_creates_its_temp_file_exclusively(tmp_path):
+    """save() never truncates or deletes a file it did not create (the old temp name was path.tmp<pid>)."""
+    import os
+    index = HammingIndex(16)
+    index.add(np.ones((2, 2), np.uint8))
+    path = tmp_path / "h.jv5"
+    squatter = tmp_path / f"h.jv5.tmp{os.getpid()}"
+    squatter.write_bytes(b"someone else's file")
+    index.save(path)
+    assert squatter.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jv5", squatter.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it, not mkstemp's 0600
+    os.chmod(path, 0o640)
+    index.save(path)  # a re-save keeps the file's permissions
+    assert os.stat(path).st_mode & 0o777 == 0o640 and len(HammingIndex.load(path)) == 2
+    with pytest.raises(FileNotFoundError):
+        index.save(tmp_path / "no-such-folder" / "h.jv5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jv5", squatter.name]
+
+
+@pytest.mark.parametrize("case", ["link-outside", "too-big"])
+def test_from_parquet_manifest_is_bounded_and_inside_the_folder(tmp_path, case, monkeypatch):
+    import jv5fast.index as index_mod
+    rng = np.random.default_rng()
+    _x, _ids, parts = _corpus(rng)
+    d = write_corpus(tmp_path / "out", parts)
+    if case == "link-outside":
+        outside = tmp_path / "elsewhere.json"
+        (d / "manifest.json").rename(outside)
+        (d / "manifest.json").symlink_to(outside)
+        match = r"manifest.json is a link to .*elsewhere.json, outside"
+    else:
+        size = (d / "manifest.json").stat().st_size
+        monkeypatch.setattr(index_mod, "_MAX_MANIFEST_BYTES", size - 1)
+        match = "manifest.json is over the .* limit of a manifest"
+    for cls in (HammingIndex, EmbeddingIndex):
+        with pytest.raises(ValueError, match=match):
+            cls.from_parquet(d)
+    if case == "too-big":
+        monkeypatch.setattr(index_mod, "_MAX_MANIFEST_BYTES", size)
+        assert len(HammingIndex.from_parquet(d)) == 97
+
+
+def test_module_docstring_names_only_methods_that_exist():
+    import re
+
+    import jv5fast.index as index_mod
+    doc = index_mod.__doc__
+    for cls, name in re.findall(r"``(HammingIndex|EmbeddingIndex)\.(\w+)``", doc):
+        assert hasattr(getattr(index_mod, cls), name), f"{cls}.{name}"
+    assert not hasattr(EmbeddingIndex, "from_faiss") and "EmbeddingIndex has no from_faiss" in doc
+    assert "``from_faiss``" not in doc and "``to_faiss``" not in doc  # each named with its class, not 'both'

@@ -389,3 +389,22 @@ def test_int_ids_rows_and_duplicates(tmp_path):
     h["arrays"][1]["shape"] = [2, 1]
     expect_refused(craft(tmp_path / "rows.jv5", h, codes + bytes(16)), HammingIndex,
                    "'ids' has 2 rows, but 'codes' has 3")
+
+
+def test_oversized_metadata_is_a_file_error_naming_file_and_field(tmp_path):
+    """A header within its 1 MiB bound may carry metadata over the 256 KiB that save() allows: refused as
+    IndexFileError naming the file and the field, not as the constructor's plain ValueError."""
+    big = {"x": "a" * (300 << 10)}
+    for cls, header, payload in ((HammingIndex, hamming_header(metadata=big), bytes(6)),
+                                 (EmbeddingIndex, embedding_header(metadata=big), embedding_payload())):
+        path = craft(tmp_path / f"{cls.__name__}.jv5", header, payload)
+        with pytest.raises(IndexFileError, match=r"header field 'metadata': metadata is \d+ bytes as JSON, over") as e:
+            cls.load(path)
+        assert str(path) in str(e.value)
+
+
+def test_int_id_minus_one_in_a_file_is_refused(tmp_path):
+    h = hamming_header(ids="int64")
+    h["arrays"].append({"name": "ids", "dtype": "<i8", "shape": [3, 1]})
+    bad = craft(tmp_path / "m1.jv5", h, bytes(6) + np.array([5, -1, 2], "<i8").tobytes())
+    expect_refused(bad, HammingIndex, r"array 'ids' row 1 holds the id -1, which is reserved")

@@ -170,3 +170,220 @@ def test_parquet_documents_and_their_errors(engines, nano_ckpt, tmp_path, capsys
     assert main(["index", "--model", nano_ckpt, "--input", str(tmp_path / "dup.parquet"), "--output", str(out)]) == 2
     assert "no column 'id' (columns: ['doc_id', 't']); pass --id-column" in capsys.readouterr().err
     assert len(EmbeddingIndex.load(out)) == 23  # every failed run left the earlier index as it was
+
+
+# ----------------------------------------------------------------------------------------------
+# review fixes
+
+
+def _err(capsys, args, code=2):
+    capsys.readouterr()
+    assert main(args) == code, args
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    return captured
+
+
+def _docs_file(tmp_path, rng, n=5, name="d.jsonl"):
+    f = tmp_path / name
+    f.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(_docs(rng, n))))
+    return f
+
+
+def test_index_output_never_replaces_the_input_or_a_foreign_file(nano_ckpt, tmp_path, capsys):
+    import os
+    rng = np.random.default_rng()
+    docs = _docs_file(tmp_path, rng)
+    before = docs.read_bytes()
+    corpus = write_corpus(tmp_path / "corpus", [([1, 2], rng.standard_normal((2, 64)).astype(np.float32))],
+                          settings={"model": nano_ckpt})
+    manifest = (corpus / "manifest.json").read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    os.link(docs, tmp_path / "hardlink.jsonl")
+    (tmp_path / "link.idx").symlink_to(docs)
+    cases = [
+        (docs, docs, "is the --input"),
+        (docs, tmp_path / "hardlink.jsonl", "is the --input"),
+        (docs, tmp_path / "link.idx", "is the --input"),
+        (corpus, corpus / "manifest.json", "is inside the --input folder"),
+        (corpus, corpus / "index.idx", "is inside the --input folder"),
+        (docs, notes, "exists and is not a jv5fast index file"),
+    ]
+    for inp, out, needle in cases:
+        model = [] if inp == corpus else ["--model", nano_ckpt]
+        err = _err(capsys, ["index", *model, "--input", inp, "--output", out, "--device", "cpu"]).err
+        assert needle in err and str(out) in err, err
+    assert docs.read_bytes() == before and (corpus / "manifest.json").read_bytes() == manifest
+    assert notes.read_text() == "my notes" and not (corpus / "index.idx").exists()
+    # an earlier index is replaced (atomically), and so is an empty file
+    idx = tmp_path / "d.idx"
+    for _ in range(2):
+        assert main(["index", "--model", nano_ckpt, "--input", docs, "--output", idx, "--device", "cpu"]) == 0
+    empty = tmp_path / "empty.idx"
+    empty.touch()
+    assert main(["index", "--input", corpus, "--output", empty]) == 0
+    assert len(EmbeddingIndex.load(idx)) == 5 and len(EmbeddingIndex.load(empty)) == 2
+
+
+def test_embed_corpus_model_is_made_absolute_and_its_dim_recorded(nano_ckpt, tmp_path, capsys, monkeypatch):
+    """A manifest may name the model relative to where embed-corpus ran: resolved at index time (when it
+    resolves from there), with the model's width, so search from elsewhere uses the same checkpoint."""
+    import os
+    rng = np.random.default_rng()
+    docs = _docs(rng, 12)
+    import jv5fast
+    eng = jv5fast.Engine(nano_ckpt, device="cpu")
+    vecs = eng.encode_document(docs, truncate_dim=32)
+    monkeypatch.chdir(os.path.dirname(nano_ckpt))
+    rel = os.path.basename(nano_ckpt)
+    d = write_corpus(tmp_path / "corpus", [(np.arange(12), vecs)], settings={"model": rel, "truncate_dim": 32})
+    out = tmp_path / "c.idx"
+    assert main(["index", "--input", d, "--output", out]) == 0
+    meta = EmbeddingIndex.load(out).metadata
+    assert meta["model"] == os.path.abspath(nano_ckpt) and meta["model_dim"] == eng.dim and meta["dim"] == 32
+    monkeypatch.chdir(tmp_path)
+    rows = _search_json(capsys, out, "cat and dog", "-k", 3, "--rescore", 4)
+    want_i, _ = _brute(eng, docs, ["cat and dog"], 3, truncate_dim=32)
+    assert [h["id"] for h in rows[0]["results"]] == want_i[0].tolist()
+
+
+def test_merged_checkpoint_task_and_task_errors_are_worded_for_the_index(ckpt_factory, nano_ckpt, tmp_path, capsys):
+    """embed-corpus records task 'merged' for a merged checkpoint whose task it cannot name: search builds the
+    engine without a task. A recorded task the model cannot serve is the index's, not a --task flag."""
+    import jv5fast
+    merged = ckpt_factory("nano", seed=43, merged_task="classification")
+    eng = jv5fast.Engine(merged, device="cpu")
+    assert eng.task is None
+    rng = np.random.default_rng()
+    docs = _docs(rng, 10)
+    d = write_corpus(tmp_path / "corpus", [(np.arange(10), eng.encode_document(docs))],
+                     settings={"model": merged, "task": "merged"})
+    out = tmp_path / "m.idx"
+    assert main(["index", "--input", d, "--output", out]) == 0
+    rows = _search_json(capsys, out, "rain at night", "-k", 3, "--rescore", 4)
+    want_i, _ = _brute(eng, docs, ["rain at night"], 3)
+    assert [h["id"] for h in rows[0]["results"]] == want_i[0].tolist()
+    err = _err(capsys, ["search", out, "q", "--task", "retrieval", "--device", "cpu"]).err
+    assert "--task retrieval differs from the only task of the merged checkpoint" in err
+    # an index built with a task (clustering) searched with a merged model: no "leave out --task" (none given)
+    inp = _docs_file(tmp_path, rng)
+    idx = tmp_path / "c.idx"
+    assert main(["index", "--model", nano_ckpt, "--input", inp, "--output", idx, "--task", "clustering",
+                 "--device", "cpu"]) == 0
+    err = _err(capsys, ["search", idx, "q", "--model", merged, "--device", "cpu"]).err
+    assert "the index's task clustering" in err and "cannot be used with" in err and "--task" not in err, err
+
+
+def test_id_column_equal_to_text_column_is_refused(nano_ckpt, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "t.parquet")
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    for name, extra in (("t.parquet", ["--id-column", "text", "--text-column", "text"]),
+                        ("t.jsonl", ["--id-column", "text"])):
+        err = _err(capsys, ["index", "--model", nano_ckpt, "--input", tmp_path / name, "--output",
+                            tmp_path / "o.idx", *extra]).err
+        assert "--id-column and --text-column are both 'text'" in err, err
+    assert not (tmp_path / "o.idx").exists()
+
+
+def _no_engine(monkeypatch):
+    import jv5fast.engine
+
+    def refuse(*a, **k):
+        raise AssertionError("the documents were embedded before the input was checked")
+    monkeypatch.setattr(jv5fast.engine, "Engine", refuse)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "c\\ud800", "text": "z"}\n',
+     "line 3: id 'c\\ud800' holds a lone surrogate at character 1"),
+    ('{"id": 1, "text": "x"}\n\n{"id": 2, "text": "ok \\udc80 no"}\n',
+     "line 3 (id 2): 'text' holds a lone surrogate at character 3"),
+    ('{"id": 1, "text": "x"}\n{"id": -1, "text": "y"}\n', "line 2: id -1 is reserved"),
+])
+def test_bad_ids_and_texts_are_named_by_line_before_embedding(nano_ckpt, tmp_path, capsys, monkeypatch,
+                                                              content, needle):
+    f = tmp_path / "docs.jsonl"
+    f.write_text(content, encoding="utf-8")
+    _no_engine(monkeypatch)
+    err = _err(capsys, ["index", "--model", nano_ckpt, "--input", f, "--output", tmp_path / "o.idx"]).err
+    assert f"{f} {needle}" in err, err
+
+
+def test_surrogate_past_the_stored_text_is_embedded(nano_ckpt, tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"id": 1, "text": "abc \\ud800"}\n{"id": 2, "text": "x"}\n', encoding="utf-8")
+    assert main(["index", "--model", nano_ckpt, "--input", f, "--output", tmp_path / "o.idx", "--text-chars", "3",
+                 "--device", "cpu"]) == 0
+    assert list(EmbeddingIndex.load(tmp_path / "o.idx").texts) == ["abc", "x"]
+
+
+def test_parquet_invalid_utf8_is_named_by_row(nano_ckpt, tmp_path, capsys, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = b"okfine\xed\xa0\x80x"
+    offsets = np.array([0, 2, 6, 10], np.int32)
+    texts = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": texts}), tmp_path / "bad.parquet")
+    _no_engine(monkeypatch)
+    err = _err(capsys, ["index", "--model", nano_ckpt, "--input", tmp_path / "bad.parquet", "--output",
+                        tmp_path / "o.idx"]).err
+    assert f"{tmp_path / 'bad.parquet'} row 2: column 'text' is not valid UTF-8" in err, err
+
+
+def test_k_is_capped_at_the_index_size(nano_ckpt, tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng()
+    out = tmp_path / "d.idx"
+    assert main(["index", "--model", nano_ckpt, "--input", _docs_file(tmp_path, rng, n=2), "--output", out,
+                 "--device", "cpu"]) == 0
+    seen = []
+    real = EmbeddingIndex.search
+
+    def spy(self, q, k, **kw):
+        seen.append(k)
+        return real(self, q, min(k, len(self)), **kw)  # never the (Q, 2e9) arrays, fix or not
+    monkeypatch.setattr(EmbeddingIndex, "search", spy)
+    rows = _search_json(capsys, out, "q", "-k", 2_000_000_000)
+    assert seen == [2] and len(rows[0]["results"]) == 2
+
+
+def test_query_with_a_lone_surrogate_is_named_before_any_output(nano_ckpt, tmp_path, capsys):
+    rng = np.random.default_rng()
+    out = tmp_path / "d.idx"
+    assert main(["index", "--model", nano_ckpt, "--input", _docs_file(tmp_path, rng), "--output", out,
+                 "--device", "cpu"]) == 0
+    qf = tmp_path / "q.jsonl"
+    qf.write_text('"fine"\n"also fine"\n"bad \\ud800"\n', encoding="utf-8")
+    got = _err(capsys, ["search", out, "--input", qf, "--json", "--device", "cpu"])
+    assert f"{qf} line 3 holds a lone surrogate at character 4" in got.err and got.out == "", got
+    got = _err(capsys, ["search", out, "ok", "caf\udce9", "--device", "cpu"])
+    assert "query argument 2 holds a lone surrogate at character 3" in got.err and got.out == "", got
+
+
+def test_broken_stdout_stops_quietly_with_141(nano_ckpt, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+    rng = np.random.default_rng()
+    out = tmp_path / "d.idx"
+    assert main(["index", "--model", nano_ckpt, "--input", _docs_file(tmp_path, rng), "--output", out,
+                 "--device", "cpu"]) == 0
+
+    class Gone(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", Gone())
+    capsys.readouterr()
+    assert main(["search", out, "q", "--device", "cpu"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flag,value", [("--id-column", "key"), ("--text-column", "body"), ("--text-chars", "5"),
+                                        ("--max-length", "16"), ("--max-batch-tokens", "512")])
+def test_embedding_flags_are_refused_with_embed_corpus_output(tmp_path, capsys, flag, value):
+    rng = np.random.default_rng()
+    d = write_corpus(tmp_path / "corpus", [([1, 2], rng.standard_normal((2, 16)).astype(np.float32))])
+    err = _err(capsys, ["index", "--input", d, "--output", tmp_path / "o.idx", flag, value]).err
+    assert f"{flag} does not apply to embed-corpus output" in err and "leave it out" in err, err
+    assert not (tmp_path / "o.idx").exists()
