@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -493,8 +494,14 @@ class Trainer:
                     src, dst = os.path.join(c.student, name), os.path.join(c.output, name)
                     if name.startswith("trainer_state_") or os.path.exists(dst):
                         continue
-                    tmp = f"{dst}.tmp{os.getpid()}"  # a copy cut short (disk full) never passes for done
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, tmp)
-                    os.replace(tmp, dst)
+                    # a copy cut short (disk full) never passes for done; the staging folder is created here
+                    # (exclusively), so a failure removes only what this run wrote
+                    stage = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=c.output)
+                    try:
+                        tmp = os.path.join(stage, name)
+                        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, tmp)
+                        os.replace(tmp, dst)
+                    finally:
+                        shutil.rmtree(stage, ignore_errors=True)
             m.save_adapter(c.output, c.stage)
         m.save_projection(c.output)
