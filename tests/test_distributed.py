@@ -125,7 +125,12 @@ def test_glob_jsonl_parquet_skip_matches_engine(mixed, mixed_run, engine, nano_c
     assert m["settings"] == {"model": os.path.abspath(nano_ckpt), "task": "retrieval", "prompt_name": "document",
                              "prompt": "Document: ", "truncate_dim": None, "dim": 64, "precision": "float32",
                              "normalize": True, "id_column": "id", "text_column": "text"}
+    assert {k: m["engine"][k] for k in ("device", "dtype", "max_length")} == {"device": "cpu", "dtype": "float32",
+                                                                              "max_length": None}
     assert {p["input"] for p in m["parts"]} == {str(d / n) for n in ("a.jsonl", "b.jsonl", "c.parquet")}
+    from jv5fast.distributed.corpus import ids_digest
+    for p in m["parts"]:  # each part records its unit's ids: a resumed run checks them against its plan
+        assert p["ids_sha256"] == ids_digest(pq.read_table(os.path.join(out, p["file"])).column("id").to_pylist())
     assert sorted(os.listdir(out)) == sorted([p["file"] for p in m["parts"]] + ["manifest.json", "errors.jsonl",
                                                                                  ".jv5fast-embed-corpus.lock"])
     t = pq.read_table(os.path.join(out, m["parts"][0]["file"]))

@@ -105,6 +105,7 @@ def run(args) -> int:
     if args.address and (args.num_cpus or args.object_store_mb):
         return _fail("--num-cpus and --object-store-mb size a local Ray; a cluster (--address) has its own", 2)
     started = False
+    embedding = False  # set once run_corpus asks for Ray: from then on an error is a failure (1), not a flag (2)
     try:
         try:
             import ray
@@ -121,7 +122,8 @@ def run(args) -> int:
                       progress=not args.no_progress)
 
         def connect():
-            nonlocal started
+            nonlocal started, embedding
+            embedding = True
             if ray.is_initialized():
                 return
             quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
@@ -137,7 +139,7 @@ def run(args) -> int:
     except CorpusError as e:  # already in CLI words
         if debug:
             raise
-        return _fail(" ".join(str(e).split()), 2)
+        return _fail(_cap(" ".join(str(e).split())), 2)
     except KeyboardInterrupt:
         print(f"jv5fast embed-corpus: interrupted; committed parts are listed in {args.output}/manifest.json: "
               f"rerun the same command to finish", file=sys.stderr)
@@ -145,11 +147,13 @@ def run(args) -> int:
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if debug:
             raise
-        return _fail(_cli_words(str(e)), 2)
+        if embedding:  # a worker's error (Ray's may subclass ValueError): a failure while running
+            return _fail(_cap(" ".join(str(e).split()) or type(e).__name__), 1)
+        return _fail(_cap(_cli_words(str(e))), 2)
     except Exception as e:  # Ray wraps worker failures in its own exception types
         if debug:
             raise
-        return _fail(f"{' '.join(str(e).split())[:2000] or type(e).__name__}", 1)
+        return _fail(_cap(" ".join(str(e).split()) or type(e).__name__), 1)
     finally:
         if started:
             import ray
@@ -165,6 +169,15 @@ def run(args) -> int:
         print(f"nothing to embed: {args.output} is complete ({stats['rows']} rows in {stats['parts']} "
               f"parts{skipped})", file=sys.stderr)
     return 0
+
+
+MAX_MESSAGE = 2000  # characters of an error shown (a Ray worker's carries its whole traceback)
+
+
+def _cap(msg):
+    if len(msg) <= MAX_MESSAGE:
+        return msg
+    return msg[:MAX_MESSAGE] + f" ... ({len(msg) - MAX_MESSAGE} more characters; JV5FAST_DEBUG=1 shows all)"
 
 
 def _cli_words(msg):

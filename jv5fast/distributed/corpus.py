@@ -5,14 +5,17 @@ sha256, its rows, the bad ones (null or non-string text, missing id, an id alrea
 earlier input) and its units (blocks of ``rows_per_part`` rows, or lines of a JSON Lines file). Units not
 yet in the manifest stream through Ray Data: a reader task per unit, then the ``EmbedWorker`` actor pool.
 The driver gathers each unit's rows by id and commits it: temp file, fsync, rename, then the manifest
-(temp + os.replace). A killed driver loses at most the units in flight; a rerun recomputes the plan,
-checks every input against its recorded sha256, and does only what the manifest lacks. Trade-off: the
-driver holds every id once (duplicate detection across files), about 100 bytes per row.
+(temp + os.replace). A killed driver loses at most the units in flight; a rerun treats the folder as
+untrusted (every manifest field, every listed part's footer), refuses any recorded input whose sha256
+changed once a part exists, checks each committed unit's row count and id digest against the new plan,
+and does only what the manifest lacks. Trade-off: the driver holds every id once (duplicate detection
+across files): about 110 bytes per row with int64 ids, 130 with 12-character string ids (tracemalloc).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import glob
 import hashlib
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 import time
 
@@ -30,15 +34,28 @@ LOCK = ".jv5fast-embed-corpus.lock"
 INPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _TEMP = re.compile(r"^\.(part-\d{5,}\.parquet|manifest\.json|errors\.jsonl)\.tmp-\d+$")  # ours, from a dead run
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
+MAX_LINE_BYTES = 64 << 20  # a longer JSON Lines line is refused (never read whole into memory)
+MAX_MANIFEST_BYTES = 64 << 20  # a few hundred bytes per part
+_ROW_BITS = 40  # Planner.seen packs (input index, line/row) into one int: 2**40 rows per input
 # The flag that sets each setting (refusal messages name it).
 SETTING_FLAGS = {"model": "--model", "task": "--task", "prompt_name": "--prompt-name", "prompt": "--prompt-name",
                  "truncate_dim": "--truncate-dim", "dim": "--truncate-dim", "precision": "--precision",
-                 "normalize": "normalize", "id_column": "--id-column", "text_column": "--text-column"}
+                 "normalize": "normalize", "id_column": "--id-column", "text_column": "--text-column",
+                 "device": "--num-gpus-per-worker", "dtype": "--dtype", "max_length": "--max-length"}
 
 
 def _show(v):
     return "(unset)" if v is None else repr(v)
+
+
+def ids_digest(ids) -> str:
+    """sha256 of a unit's ids in order (its JSON): recorded per part, compared with the plan on resume."""
+    h = hashlib.sha256()
+    for lo in range(0, len(ids), 4096):
+        h.update(json.dumps(ids[lo:lo + 4096], separators=(",", ":")).encode("ascii"))
+    return h.hexdigest()
 
 
 class CorpusError(ValueError):
@@ -46,35 +63,48 @@ class CorpusError(ValueError):
 
 
 # ---- inputs --------------------------------------------------------------------------------------------
-def find_inputs(spec: str, output: str) -> list:
+def _inside(path, folder_real) -> bool:
+    """Whether ``path`` (or the file a link there points to) lies in the real folder ``folder_real``."""
+    here = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    return any(p == folder_real or p.startswith(folder_real + os.sep) for p in (here, os.path.realpath(path)))
+
+
+def find_inputs(spec: str, output: str, log=None) -> list:
     """Absolute paths of the input files: ``spec`` is a file, a folder (its .parquet / .jsonl files, not
-    recursive) or a glob (``**`` recursive). Sorted; files under ``output`` are refused."""
+    recursive) or a glob (``**`` recursive). Sorted. Files a folder or glob matches inside ``output`` (links
+    resolved) are left out, so the command that wrote the folder can be rerun to resume; a single input file
+    inside it is refused."""
     known = " or ".join(INPUT_FORMATS)
+    out_real = os.path.realpath(output)
     if os.path.isdir(spec):
         files = [os.path.join(spec, n) for n in os.listdir(spec)
                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in INPUT_FORMATS
                  and os.path.isfile(os.path.join(spec, n))]
-        if not files:
-            raise CorpusError(f"--input {spec}: the folder holds no {known} files")
+        if _inside(os.path.join(spec, "x"), out_real):
+            raise CorpusError(f"--input {spec} lies inside --output {output}; keep inputs out of the output folder")
     elif glob.has_magic(spec):
         files = [f for f in glob.glob(spec, recursive=True) if os.path.isfile(f)]
-        if not files:
-            raise CorpusError(f"--input {spec}: the pattern matches no files")
-        other = [f for f in files if os.path.splitext(f)[1].lower() not in INPUT_FORMATS]
-        if other:
-            raise CorpusError(f"--input {spec} matches {other[0]}, which is not {known}; narrow the pattern")
     elif os.path.isfile(spec):
         if os.path.splitext(spec)[1].lower() not in INPUT_FORMATS:
             raise CorpusError(f"--input {spec}: expected a {known} file, a folder or a glob")
+        if _inside(spec, out_real):
+            raise CorpusError(f"--input {spec} lies inside --output {output}; keep inputs out of the output folder")
         files = [spec]
     else:
         raise CorpusError(f"--input {spec}: no such file or folder")
-    files = sorted({os.path.abspath(f) for f in files})
-    out = os.path.abspath(output) + os.sep
-    inside = [f for f in files if f.startswith(out)]
+    inside = [f for f in files if _inside(f, out_real)]
     if inside:
-        raise CorpusError(f"--input {inside[0]} lies inside --output {output}; keep inputs out of the output folder")
-    return files
+        files = [f for f in files if f not in set(inside)]
+        if log is not None:
+            log(f"--input {spec}: leaving out {len(inside)} file(s) inside --output {output}")
+    if not files:
+        where = " outside --output" if inside else ""
+        raise CorpusError(f"--input {spec}: the folder holds no {known} files{where}" if os.path.isdir(spec)
+                          else f"--input {spec}: the pattern matches no files{where}")
+    other = [f for f in files if os.path.splitext(f)[1].lower() not in INPUT_FORMATS]
+    if other:
+        raise CorpusError(f"--input {spec} matches {other[0]}, which is not {known}; narrow the pattern")
+    return sorted({os.path.abspath(f) for f in files})
 
 
 @dataclasses.dataclass
@@ -107,14 +137,33 @@ class InputPlan:
                 "sha256": self.sha256, "rows": self.rows}
 
 
+def _encodes(s: str) -> bool:
+    """Whether ``s`` is valid Unicode (JSON's \\ud800 escapes give lone surrogates, which Arrow refuses)."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Planner:
     """Scans inputs in order, validating rows and removing duplicate ids (the first occurrence wins)."""
 
     def __init__(self, id_column, text_column, rows_per_part, id_type=None):
         self.id_column, self.text_column, self.rows_per_part = id_column, text_column, rows_per_part
         self.id_type = id_type  # "int64" | "string", fixed by the first good id (or the manifest)
-        self.seen = {}  # id -> "FILE line N" of its first occurrence
+        self.paths = []  # inputs scanned so far, in order
+        # id -> input index << _ROW_BITS | its line (JSON Lines, 1-based) or row (Parquet): one int per row,
+        # decoded only to name the first occurrence of a duplicate
+        self.seen = {}
         self.errors = []  # {"file", "line"|"row", "id", "reason"}
+
+    def _first(self, packed):
+        path = self.paths[packed >> _ROW_BITS]
+        kind = "line" if INPUT_FORMATS[os.path.splitext(path)[1].lower()] == "jsonl" else "row"
+        return f"{path} {kind} {packed & ((1 << _ROW_BITS) - 1)}"
 
     def _id_reason(self, v, missing):
         if missing:
@@ -126,6 +175,8 @@ class Planner:
             return f"id is {type(v).__name__} ({v!r:.40}); ids must be integers or strings"
         if kind == "int64" and not _INT64[0] <= v <= _INT64[1]:
             return f"id {v} does not fit in int64"
+        if kind == "string" and not _encodes(v):
+            return "id is not valid Unicode (a lone surrogate such as \\ud800)"
         if self.id_type is None:
             self.id_type = kind
         if kind != self.id_type:
@@ -143,12 +194,14 @@ class Planner:
                 reason = "text is null"
             elif not isinstance(text, str):
                 reason = f"text is {type(text).__name__} ({text!r:.40}), expected a string"
+            elif not _encodes(text):
+                reason = "text is not valid Unicode (a lone surrogate such as \\ud800)"
         if reason is None:
             first = self.seen.get(ident)
             if first is not None:
-                reason = f"duplicate id (first seen in {first})"
+                reason = f"duplicate id (first seen in {self._first(first)})"
             else:
-                self.seen[ident] = f"{path} {where[0]} {where[1]}"
+                self.seen[ident] = (len(self.paths) - 1) << _ROW_BITS | where[1]
                 return True
         self.errors.append({"file": path, where[0]: where[1], "id": None if missing_id else ident, "reason": reason})
         return False
@@ -156,6 +209,7 @@ class Planner:
     def scan(self, path) -> InputPlan:
         fmt = INPUT_FORMATS[os.path.splitext(path)[1].lower()]
         st = os.stat(path)
+        self.paths.append(path)
         scan = self._scan_jsonl if fmt == "jsonl" else self._scan_parquet
         sha, rows, units = scan(path)
         st2 = os.stat(path)
@@ -169,8 +223,13 @@ class Planner:
     def _scan_jsonl(self, path):
         h = hashlib.sha256()
         units, unit, offset, n = [], None, 0, 0
+        limit = MAX_LINE_BYTES
         with open(path, "rb") as f:
-            for n, raw in enumerate(f):
+            for n, raw in enumerate(iter(lambda: f.readline(limit + 1), b"")):
+                if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                    raise CorpusError(f"{path} line {n + 1} is longer than {limit >> 20} MiB ({limit} bytes); "
+                                      f"embed-corpus refuses such lines (a text that long would be cut at the "
+                                      f"model's max length anyway); split or shorten it")
                 h.update(raw)
                 if n % self.rows_per_part == 0:
                     unit = self._new_unit(path, n, offset)
@@ -196,8 +255,9 @@ class Planner:
         except UnicodeDecodeError as e:
             self.errors.append({"file": path, "line": n + 1, "id": None, "reason": f"not valid UTF-8 ({e.reason})"})
             return None, False
-        except (json.JSONDecodeError, RecursionError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        except (ValueError, RecursionError) as e:  # also an integer over Python's 4300-digit limit
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" \
+                if isinstance(e, RecursionError) else str(e).split(";")[0][:200]
             self.errors.append({"file": path, "line": n + 1, "id": None, "reason": f"not valid JSON ({msg})"})
             return None, False
         if not isinstance(obj, dict):
@@ -340,88 +400,285 @@ def _atomic_write(folder, name, write):
     _fsync_dir(folder)
 
 
-class Output:
-    """The output folder: lock, manifest, committed parts."""
+def _is_int(v, lo=None):
+    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
 
-    def __init__(self, folder, settings, engine, rows_per_part):
+
+def validate_manifest(m, path):
+    """Check every field of a manifest read from disk (untrusted: edited, truncated, or not ours); a
+    CorpusError names the field, what it must be and what it holds."""
+    def bad(field, want, got):
+        raise CorpusError(f"{path}: {field} must be {want}, got {got!r:.120}; the manifest was edited or not "
+                          f"written by jv5fast: restore it, or give another --output folder")
+
+    if not isinstance(m, dict):
+        bad("the manifest", "a JSON object", m)
+    if m.get("format") != FORMAT:
+        raise CorpusError(f"{path} is not an embed-corpus manifest (format {m.get('format')!r:.60}, expected "
+                          f"{FORMAT!r}); give another --output folder")
+    if m.get("version") != VERSION or isinstance(m.get("version"), bool):
+        raise CorpusError(f"{path} is version {m.get('version')!r:.40}; this jv5fast writes version {VERSION}")
+    missing = [k for k in ("settings", "engine", "rows_per_part", "id_type", "inputs", "parts", "errors",
+                           "error_rows", "complete") if k not in m]
+    if missing:
+        bad(f"field {missing[0]!r}", "present", "nothing")
+    for key in ("settings", "engine"):
+        if not isinstance(m[key], dict):
+            bad(f"field {key!r}", "a JSON object", m[key])
+    if "device" not in m["engine"]:  # 99d0ca0 recorded neither the device nor the parts' id digests
+        raise CorpusError(f"{path} was written by an earlier jv5fast, which did not record the compute device, "
+                          f"dtype and each part's ids; its parts cannot be checked. Give another --output folder")
+    ck = m["engine"].get("checkpoint")
+    if ck is not None and not (isinstance(ck, list) and all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and _is_int(e[1], 0) and _is_int(e[2])
+            for e in ck)):
+        bad("field 'engine.checkpoint'", "a list of [file name, size, mtime_ns]", ck)
+    if not _is_int(m["rows_per_part"], 1):
+        bad("field 'rows_per_part'", "a positive integer", m["rows_per_part"])
+    if m["id_type"] not in (None, "int64", "string"):
+        bad("field 'id_type'", "null, 'int64' or 'string'", m["id_type"])
+    if m["errors"] not in (None, ERRORS):
+        bad("field 'errors'", f"null or {ERRORS!r}", m["errors"])
+    if not _is_int(m["error_rows"], 0):
+        bad("field 'error_rows'", "an integer >= 0", m["error_rows"])
+    if not isinstance(m["complete"], bool):
+        bad("field 'complete'", "true or false", m["complete"])
+    if not isinstance(m["inputs"], list):
+        bad("field 'inputs'", "a list", m["inputs"])
+    rows_of = {}
+    for i, r in enumerate(m["inputs"]):
+        f = f"field 'inputs[{i}]"
+        if not isinstance(r, dict):
+            bad(f + "'", "a JSON object", r)
+        if not isinstance(r.get("path"), str) or not os.path.isabs(r["path"]) or "\0" in r["path"]:
+            bad(f + ".path'", "an absolute file path", r.get("path"))
+        if r["path"] in rows_of:
+            bad(f + ".path'", "listed once", r["path"])
+        if r.get("format") not in ("parquet", "jsonl"):
+            bad(f + ".format'", "'parquet' or 'jsonl'", r.get("format"))
+        for k in ("size", "rows"):
+            if not _is_int(r.get(k), 0):
+                bad(f + f".{k}'", "an integer >= 0", r.get(k))
+        if not _is_int(r.get("mtime_ns")):
+            bad(f + ".mtime_ns'", "an integer", r.get("mtime_ns"))
+        if not isinstance(r.get("sha256"), str) or not _SHA256.match(r["sha256"]):
+            bad(f + ".sha256'", "64 lowercase hex digits", r.get("sha256"))
+        rows_of[r["path"]] = r["rows"]
+    if not isinstance(m["parts"], list):
+        bad("field 'parts'", "a list", m["parts"])
+    names, keys = set(), set()
+    for i, p in enumerate(m["parts"]):
+        f = f"field 'parts[{i}]"
+        if not isinstance(p, dict):
+            bad(f + "'", "a JSON object", p)
+        name = p.get("file")
+        if not isinstance(name, str) or not _PART.match(name):
+            bad(f + ".file'", "a part name like part-00000.parquet (no folders)", name)
+        if name in names:
+            bad(f + ".file'", "listed once", name)
+        names.add(name)
+        if p.get("input") not in rows_of:
+            bad(f + ".input'", "one of the paths in 'inputs'", p.get("input"))
+        start, stop = p.get("start"), p.get("stop")
+        if not _is_int(start, 0):
+            bad(f + ".start'", "an integer >= 0", start)
+        if not _is_int(stop, start + 1) or stop > rows_of[p["input"]]:
+            bad(f + ".stop'", f"an integer in {start + 1}..{rows_of[p['input']]} (the input's rows)", stop)
+        if not _is_int(p.get("rows"), 0) or p["rows"] > stop - start:
+            bad(f + ".rows'", f"an integer in 0..{stop - start}", p.get("rows"))
+        if not isinstance(p.get("ids_sha256"), str) or not _SHA256.match(p["ids_sha256"]):
+            bad(f + ".ids_sha256'", "64 lowercase hex digits", p.get("ids_sha256"))
+        if (p["input"], start, stop) in keys:
+            bad(f + "'", "the only part of its unit", f"{p['input']} rows {start}..{stop} again")
+        keys.add((p["input"], start, stop))
+    return m
+
+
+class Output:
+    """The output folder: lock, manifest, committed parts. Everything read from it is checked: the
+    manifest field by field, each listed part's footer (it must be a regular file whose metadata carries
+    this run's settings, engine and unit). A listed part that is missing, or that jv5fast wrote but that no
+    longer matches its entry, is dropped from the manifest and its unit redone; one that jv5fast cannot
+    prove it wrote (not Parquet, no or other settings, a link) is refused and never deleted."""
+
+    def __init__(self, folder, settings, engine, rows_per_part, log=None):
         self.folder, self.settings, self.engine = folder, settings, engine
+        self.log = log or (lambda msg: None)
         self.settings_json = json.dumps(settings)
+        self.engine_json = json.dumps(engine)
         parent = os.path.dirname(os.path.abspath(folder))
-        if os.path.exists(folder) and not os.path.isdir(folder):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
             raise CorpusError(f"--output {folder} is a file; give a folder")
         if not os.path.isdir(parent):
             raise CorpusError(f"--output {folder}: folder {parent} does not exist")
         os.makedirs(folder, exist_ok=True)
-        self._lock = open(os.path.join(folder, LOCK), "a+")
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise CorpusError(f"--output {folder}: another embed-corpus run is writing there; wait for it or "
-                              f"stop it") from None
         path = os.path.join(folder, MANIFEST)
-        if os.path.exists(path):
-            self.manifest = self._read_manifest(path)
-            self._check_settings(rows_per_part)
-        else:
-            others = [n for n in os.listdir(folder) if n != LOCK and not _TEMP.match(n)]
-            if others:
-                raise CorpusError(f"--output {folder} is not empty ({others[0]}, ...) and holds no {MANIFEST}; give "
-                                  f"an empty or new folder")
-            self.manifest = {"format": FORMAT, "version": VERSION, "settings": settings, "parts": [],
-                             "engine": engine, "rows_per_part": rows_per_part, "id_type": None, "inputs": [],
-                             "errors": None, "error_rows": 0, "complete": False}
-        self.cleanup()
+        self._check_fresh(path)  # before the lock file exists: an unrelated folder is left as it was
+        lock = os.path.join(folder, LOCK)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        created = False
+        try:
+            try:
+                fd = os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+            except FileExistsError:
+                fd = os.open(lock, flags)
+        except OSError as e:
+            if e.errno == errno.ELOOP or os.path.islink(lock):
+                raise CorpusError(f"--output {folder}: {LOCK} is a symbolic link; embed-corpus makes its own "
+                                  f"lock file there: remove the link") from None
+            raise CorpusError(f"--output {folder}: cannot open {lock} ({e.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorpusError(f"--output {folder}: {LOCK} is not a regular file; remove it")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CorpusError(f"--output {folder}: another embed-corpus run is writing there; wait for it or "
+                                  f"stop it") from None
+            self._lock = fd
+            if os.path.exists(path):
+                self.manifest = validate_manifest(self._read_manifest(path), path)
+                self._check_settings(rows_per_part)
+                self._check_parts()
+            else:
+                self._check_fresh(path)  # again, under the lock
+                self.manifest = {"format": FORMAT, "version": VERSION, "settings": settings, "parts": [],
+                                 "engine": engine, "rows_per_part": rows_per_part, "id_type": None, "inputs": [],
+                                 "errors": None, "error_rows": 0, "complete": False}
+            self.cleanup()
+        except BaseException:
+            if created:  # ours from this run only
+                with contextlib.suppress(OSError):
+                    os.remove(lock)
+            os.close(fd)
+            self._lock = None
+            raise
+
+    def _check_fresh(self, manifest_path):
+        if os.path.lexists(manifest_path):
+            return
+        others = [n for n in os.listdir(self.folder) if n != LOCK and not _TEMP.match(n)]
+        if others:
+            raise CorpusError(f"--output {self.folder} is not empty ({min(others)}, ...) and holds no "
+                              f"{MANIFEST}; give an empty or new folder")
 
     def close(self):
-        self._lock.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _read_manifest(self, path):
         try:
-            with open(path, encoding="utf-8") as f:
-                m = json.load(f)
-        except (OSError, ValueError) as e:
+            if os.path.islink(path) or not os.path.isfile(path):
+                raise CorpusError(f"{path} is not a regular file (a link?); embed-corpus writes its own manifest: "
+                                  f"give another --output folder")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise CorpusError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not an embed-corpus manifest")
+            return json.loads(raw.decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            if isinstance(e, CorpusError):
+                raise
             raise CorpusError(f"{path} cannot be read ({e}); it was not written by this version of jv5fast") \
                 from None
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise CorpusError(f"{path} is not an embed-corpus manifest (format {m.get('format')!r}, expected "
-                              f"{FORMAT!r}); give another --output folder")
-        if m.get("version") != VERSION:
-            raise CorpusError(f"{path} is version {m.get('version')!r}; this jv5fast writes version {VERSION}")
-        return m
 
     def _check_settings(self, rows_per_part):
-        old = dict(self.manifest["settings"], **(self.manifest.get("engine") or {}))
-        new = dict(self.settings, **self.engine)
-        for key, val in new.items():
+        old_engine = dict(self.manifest["engine"])
+        new_engine = dict(self.engine)
+        old_ck, new_ck = old_engine.pop("checkpoint", None), new_engine.pop("checkpoint", None)
+        old = dict(self.manifest["settings"], **old_engine)
+        new = dict(self.settings, **new_engine)
+        for key in list(new) + [k for k in old if k not in new]:
+            if key in ("device", "dtype"):
+                continue
+            val = new.get(key)
             if old.get(key) != val:
                 flag = SETTING_FLAGS.get(key, "--" + key.replace("_", "-"))
                 what = flag if key.replace("_", "-") == flag.lstrip("-") else f"{key} (from {flag})"
                 raise CorpusError(f"--output {self.folder} was written with {what} {_show(old.get(key))}, this run "
                                   f"asks for {_show(val)}; rerun with the same settings to resume, or give another "
                                   f"--output folder")
+        was, now = (old.get("device"), old.get("dtype")), (new.get("device"), new.get("dtype"))
+        if was != now:
+            raise CorpusError(f"--output {self.folder} was embedded on {_show(was[0])} in {_show(was[1])}, this run "
+                              f"would compute on {_show(now[0])} in {_show(now[1])} (from --num-gpus-per-worker and "
+                              f"--dtype); its parts would mix two compute dtypes. Rerun with the same "
+                              f"--num-gpus-per-worker and --dtype to resume, or give another --output folder")
+        if old_ck != new_ck:
+            old_files = {e[0]: e[1:] for e in old_ck or []}
+            new_files = {e[0]: e[1:] for e in new_ck or []}
+            name = min(n for n in set(old_files) | set(new_files) if old_files.get(n) != new_files.get(n))
+            how = ("is new" if name not in old_files else "is gone" if name not in new_files else
+                   f"changed (size {old_files[name][0]} -> {new_files[name][0]}, mtime_ns {old_files[name][1]} -> "
+                   f"{new_files[name][1]})")
+            raise CorpusError(f"--output {self.folder} was written with the checkpoint of --model "
+                              f"{self.settings['model']}, whose file {name} {how} since; its parts would mix two "
+                              f"sets of weights. Restore the checkpoint, or give another --output folder")
         if rows_per_part is not None and rows_per_part != self.manifest["rows_per_part"]:
             raise CorpusError(f"--output {self.folder} was written with --rows-per-part "
                               f"{self.manifest['rows_per_part']}, this run asks for {rows_per_part}; leave it out "
                               f"to resume")
 
+    def _part_meta(self, path):
+        """(schema metadata, rows) of a part's footer, or a reason it is not a readable Parquet file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            with pq.ParquetFile(path) as pf:
+                return pf.schema_arrow.metadata or {}, pf.metadata.num_rows
+        except (pa.ArrowException, OSError) as e:  # not Parquet, truncated
+            return None, f"it is not a readable Parquet file ({' '.join(str(e).split())[:200]})"
+
+    def _check_parts(self):
+        """Each listed part: a regular file here, written by jv5fast with these settings, engine and unit."""
+        keep = []
+        for p in self.manifest["parts"]:
+            path = os.path.join(self.folder, p["file"])
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                self.log(f"{path} is listed in {MANIFEST} but missing; embedding its rows again "
+                         f"({p['input']} rows {p['start']}..{p['stop']})")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                raise CorpusError(f"{path} is listed in {MANIFEST} but is {kind}; embed-corpus writes its parts "
+                                  f"as plain files. Move it out of {self.folder} and rerun to embed its rows again")
+            meta, rows = self._part_meta(path)
+            if meta is None or meta.get(b"jv5fast") != self.settings_json.encode() or b"jv5fast.unit" not in meta:
+                why = rows if meta is None else "its metadata does not carry this folder's settings"
+                raise CorpusError(f"{path} is listed in {MANIFEST}, but {why}: not a part jv5fast wrote here, so it "
+                                  f"is left alone. Move it out of {self.folder} and rerun to embed its rows again")
+            want = json.dumps({"input": p["input"], "start": p["start"], "stop": p["stop"],
+                               "ids_sha256": p["ids_sha256"]})
+            if meta[b"jv5fast.unit"] != want.encode() or meta.get(b"jv5fast.engine") != self.engine_json.encode() \
+                    or rows != p["rows"]:
+                # our own file (these settings), but not the part the manifest lists: cleanup() removes it
+                self.log(f"{path} does not match its entry in {MANIFEST} (unit, engine or rows); embedding "
+                         f"{p['input']} rows {p['start']}..{p['stop']} again")
+                continue
+            keep.append(p)
+        if len(keep) != len(self.manifest["parts"]):
+            self.manifest["parts"] = keep
+            self.manifest["complete"] = False
+
     def cleanup(self):
         """Remove our own leftovers of an interrupted run (we hold the lock, so no writer is alive): temp files
         by name, and unlisted part files that carry these settings in their metadata (renamed, but the
         manifest update did not happen)."""
-        import pyarrow.parquet as pq
         listed = {p["file"] for p in self.manifest["parts"]}
         for name in os.listdir(self.folder):
             path = os.path.join(self.folder, name)
             if _TEMP.match(name):
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            elif _PART.match(name) and name not in listed:
-                try:
-                    meta = pq.read_schema(path).metadata or {}
-                except Exception:  # not a Parquet file we wrote: leave it alone
-                    continue
-                if meta.get(b"jv5fast") == self.settings_json.encode() and b"jv5fast.unit" in meta:
+                if os.path.isfile(path) and not os.path.islink(path):
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+            elif _PART.match(name) and name not in listed and os.path.isfile(path) and not os.path.islink(path):
+                meta, _ = self._part_meta(path)
+                if meta is not None and meta.get(b"jv5fast") == self.settings_json.encode() \
+                        and b"jv5fast.unit" in meta:
                     os.remove(path)
 
     def committed(self) -> dict:
@@ -437,18 +694,25 @@ class Output:
         _atomic_write(self.folder, MANIFEST, lambda f: f.write(data))
 
     def write_errors(self, errors):
-        data = b"".join((json.dumps(e) + "\n").encode("utf-8") for e in errors)
-        _atomic_write(self.folder, ERRORS, lambda f: f.write(data))
+        def write(f):  # line by line: never the whole file in memory
+            for e in errors:
+                f.write((json.dumps(e) + "\n").encode("utf-8"))
+        _atomic_write(self.folder, ERRORS, write)
 
     def commit(self, unit: Unit, table):
         """Write ``table`` (id, embedding; the unit's rows in input order) as the next part, then record it."""
         import pyarrow.parquet as pq
+        if table.num_rows != len(unit.ids):
+            raise RuntimeError(f"{unit.input} rows {unit.start}..{unit.stop}: {table.num_rows} rows to commit, "
+                               f"the plan has {len(unit.ids)}")
         name = self.next_part_name()
-        unit_json = json.dumps({"input": unit.input, "start": unit.start, "stop": unit.stop})
-        table = table.replace_schema_metadata({b"jv5fast": self.settings_json.encode(), b"jv5fast.unit": unit_json})
+        digest = ids_digest(unit.ids)
+        unit_json = json.dumps({"input": unit.input, "start": unit.start, "stop": unit.stop, "ids_sha256": digest})
+        table = table.replace_schema_metadata({b"jv5fast": self.settings_json.encode(), b"jv5fast.unit": unit_json,
+                                               b"jv5fast.engine": self.engine_json.encode()})
         _atomic_write(self.folder, name, lambda f: pq.write_table(table, f))
         self.manifest["parts"].append({"file": name, "rows": table.num_rows, "input": unit.input,
-                                       "start": unit.start, "stop": unit.stop})
+                                       "start": unit.start, "stop": unit.stop, "ids_sha256": digest})
         self.write_manifest()
 
 
@@ -476,6 +740,34 @@ def part_table(unit: Unit, slices, settings):
     return pa.table({"id": t.column("id").take(order).combine_chunks(), "embedding": emb})
 
 
+def resolve_engine(engine_kwargs, num_gpus_per_worker, checkpoint_folder):
+    """(engine_kwargs for the actors, the manifest's ``engine`` record): the device and compute dtype made
+    explicit (Engine would pick bfloat16 on CUDA, float32 on CPU, so a resumed run with other GPUs would mix
+    them), plus a fingerprint of the checkpoint's files."""
+    import torch
+
+    from ..engine import _resolve_dtype
+    from .dataset import checkpoint_fingerprint
+    kw = dict(engine_kwargs or {})
+    if "device" not in kw or kw["device"] is None:
+        kw["device"] = "cuda" if num_gpus_per_worker else "cpu"
+    device = torch.device(kw["device"]) if isinstance(kw["device"], str) else kw["device"]
+    if not isinstance(device, torch.device):
+        raise TypeError(f"engine_kwargs device must be a str or torch.device, got {kw['device']!r}")
+    dtype = str(_resolve_dtype(kw.get("dtype"), device)).removeprefix("torch.")
+    kw["dtype"] = dtype
+    record = {"device": device.type, "dtype": dtype, "max_length": kw.get("max_length")}
+    for k in ("backend", "quantize", "onnx_quantize"):  # other choices that change the vectors
+        if kw.get(k) is not None:
+            record[k] = kw[k]
+    try:
+        json.dumps(record)
+    except TypeError:
+        raise ValueError(f"engine_kwargs {record} must be plain values (str, int)") from None
+    record["checkpoint"] = checkpoint_fingerprint(checkpoint_folder)
+    return kw, record
+
+
 def run_corpus(*, model, input, output, text_column="text", id_column="id", task="retrieval",
                prompt_name="document", truncate_dim=None, precision="float32", concurrency=1, num_gpus_per_worker=0.0,
                cpus_per_worker=None, batch_size=256, rows_per_part=None, on_error="fail", engine_kwargs=None,
@@ -484,19 +776,20 @@ def run_corpus(*, model, input, output, text_column="text", id_column="id", task
     mistakes surface before a cluster is joined); without it, this process must already be connected
     (``ray.init``). Returns a summary dict. Raises CorpusError (bad arguments, input or folder), RuntimeError (a failure
     while running; what was committed stays and a rerun resumes), KeyboardInterrupt."""
-    from .dataset import resolve_settings
+    from .dataset import _check_positive, resolve_settings_and_folder
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if on_error not in ("fail", "skip"):
         raise CorpusError(f"--on-error must be 'fail' or 'skip', got {on_error!r}")
     if rows_per_part is not None and (isinstance(rows_per_part, bool) or not isinstance(rows_per_part, int)
                                       or rows_per_part <= 0):
         raise CorpusError(f"--rows-per-part must be a positive integer, got {rows_per_part!r}")
-    settings = resolve_settings(model, task=task, prompt_name=prompt_name, truncate_dim=truncate_dim,
-                                precision=precision, text_column=text_column, id_column=id_column)
-    engine_kwargs = dict(engine_kwargs or {})
-    engine = {k: engine_kwargs.get(k) for k in ("dtype", "max_length")}
-    files = find_inputs(input, output)
-    out = Output(output, settings, engine, rows_per_part)
+    _check_positive("num_gpus_per_worker", num_gpus_per_worker, float, allow_zero=True)
+    settings, folder = resolve_settings_and_folder(model, task=task, prompt_name=prompt_name,
+                                                   truncate_dim=truncate_dim, precision=precision,
+                                                   text_column=text_column, id_column=id_column)
+    engine_kwargs, engine = resolve_engine(engine_kwargs, num_gpus_per_worker, folder)
+    files = find_inputs(input, output, log)
+    out = Output(output, settings, engine, rows_per_part, log)
     try:
         return _run(out, files, settings, engine_kwargs, on_error=on_error, concurrency=concurrency,
                     num_gpus=num_gpus_per_worker, cpus=cpus_per_worker, batch_size=batch_size,
@@ -508,24 +801,26 @@ def run_corpus(*, model, input, output, text_column="text", id_column="id", task
 
 def _plan(out, files, rows_per_part):
     """Scan the inputs (recorded ones first, in their recorded order, so duplicate resolution never changes
-    between runs), refusing a recorded input that is missing or whose content changed under committed parts."""
+    between runs). Once any part is committed, every recorded input must be present and unchanged: which
+    copy of a duplicate id wins, and so what every later unit holds, depends on all the inputs before it."""
     m = out.manifest
     recorded = {r["path"]: r for r in m["inputs"]}
     missing = [p for p in recorded if p not in set(files)]
-    if missing:
+    if missing and m["parts"]:
         raise CorpusError(f"{missing[0]} was embedded into {out.folder} but is not in this run's --input; give the "
                           f"same inputs (new files may be added), or another --output folder")
-    order = [p for p in recorded] + [f for f in files if f not in recorded]
-    with_parts = {p["input"] for p in m["parts"]}
-    planner = Planner(out.settings["id_column"], out.settings["text_column"], rows_per_part, m.get("id_type"))
+    order = [p for p in recorded if p not in missing] + [f for f in files if f not in recorded]
+    planner = Planner(out.settings["id_column"], out.settings["text_column"], rows_per_part,
+                      m["id_type"] if m["parts"] else None)
     plans = []
     for path in order:
         plan = planner.scan(path)
         old = recorded.get(path)
-        if old is not None and old["sha256"] != plan.sha256 and path in with_parts:
+        if old is not None and old["sha256"] != plan.sha256 and m["parts"]:
             raise CorpusError(f"{path} changed since it was embedded into {out.folder} (sha256 {old['sha256'][:12]}… "
-                              f"→ {plan.sha256[:12]}…, size {old['size']} → {plan.size}); its committed parts hold "
-                              f"the old rows. Restore the file, or embed into another --output folder")
+                              f"→ {plan.sha256[:12]}…, size {old['size']} → {plan.size}); the committed parts were "
+                              f"planned from the old contents (which copy of a duplicate id wins depends on every "
+                              f"input). Restore the file, or embed into another --output folder")
         plans.append(plan)
     return plans, planner
 
@@ -535,28 +830,36 @@ def _run(out, files, settings, engine_kwargs, *, on_error, concurrency, num_gpus
     m = out.manifest
     m["rows_per_part"] = rows_per_part
     plans, planner = _plan(out, files, rows_per_part)
-    if planner.errors:
-        if on_error == "fail":
-            e = planner.errors[0]
-            where = f"line {e['line']}" if "line" in e else f"row {e['row']}"
-            ident = "" if e["id"] is None else f" (id {e['id']!r})"
-            more = f"; {len(planner.errors) - 1} more bad rows" if len(planner.errors) > 1 else ""
-            raise CorpusError(f"{e['file']} {where}{ident}: {e['reason']}{more}. --on-error skip writes bad rows to "
-                              f"{os.path.join(out.folder, ERRORS)} and embeds the rest")
-        out.write_errors(planner.errors)
-    elif os.path.exists(os.path.join(out.folder, ERRORS)) and m.get("errors"):
-        out.write_errors([])  # the inputs have no bad rows now (an earlier run's file was ours): empty it
-    m.update(inputs=[p.record() for p in plans], id_type=planner.id_type, error_rows=len(planner.errors),
-             errors=ERRORS if planner.errors or m.get("errors") else None)
+    if planner.errors and on_error == "fail":
+        e = planner.errors[0]
+        where = f"line {e['line']}" if "line" in e else f"row {e['row']}"
+        ident = "" if e["id"] is None else f" (id {e['id']!r})"
+        more = f"; {len(planner.errors) - 1} more bad rows" if len(planner.errors) > 1 else ""
+        raise CorpusError(f"{e['file']} {where}{ident}: {e['reason']}{more}. --on-error skip writes bad rows to "
+                          f"{os.path.join(out.folder, ERRORS)} and embeds the rest")
     units = [u for p in plans for u in p.units]
     done = out.committed()
+    planned = {u.key: u for u in units}
+    for key, part in done.items():
+        u = planned.get(key)
+        if u is None:  # cannot happen while inputs, rows_per_part and the ordering rule are fixed
+            raise CorpusError(f"{out.folder}/{MANIFEST} lists {part['file']} for {key[0]} rows {key[1]}..{key[2]}, "
+                              f"a unit this run does not plan; give another --output folder")
+        if part["rows"] != len(u.ids) or part["ids_sha256"] != ids_digest(u.ids):
+            raise CorpusError(f"{out.folder}/{part['file']} holds {part['rows']} rows of {key[0]} rows "
+                              f"{key[1]}..{key[2]}, but this run plans {len(u.ids)} rows there"
+                              f"{'' if part['rows'] != len(u.ids) else ' with other ids'}; the inputs or the rules "
+                              f"for bad rows changed since. Give another --output folder")
     todo = [u for u in units if u.key not in done]
-    stale = set(done) - {u.key for u in units}
-    if stale:  # cannot happen while inputs, rows_per_part and the ordering rule are fixed; never mix in silence
-        raise CorpusError(f"{out.folder}/{MANIFEST} lists parts for units this run does not plan ({sorted(stale)[0]});"
-                          f" give another --output folder")
-    m["complete"] = False
+    # the manifest first, then errors.jsonl: a folder with our errors file but no manifest would be refused
+    had_errors = m["errors"] is not None
+    m.update(inputs=[p.record() for p in plans], id_type=planner.id_type, error_rows=len(planner.errors),
+             errors=ERRORS if planner.errors or had_errors else None, complete=False)
     out.write_manifest()
+    if planner.errors:
+        out.write_errors(planner.errors)
+    elif had_errors:
+        out.write_errors([])  # the inputs have no bad rows now (an earlier run's file was ours): empty it
     total = sum(len(u.ids) for u in units)
     for u in [u for u in todo if not u.ids]:  # nothing to embed (all bad or blank): commit an empty part
         out.commit(u, _empty_table(settings, planner.id_type))

@@ -20,6 +20,33 @@ def resolve_settings(model, *, task="retrieval", prompt_name="document", truncat
     """The manifest's ``settings`` for these arguments, checked against the checkpoint's files (config.json,
     adapters/, config_sentence_transformers.json) without loading weights. A bad value is a ValueError
     naming it and the valid choices."""
+    return resolve_settings_and_folder(model, task=task, prompt_name=prompt_name, truncate_dim=truncate_dim,
+                                       precision=precision, text_column=text_column, id_column=id_column,
+                                       normalize=normalize)[0]
+
+
+def checkpoint_fingerprint(folder) -> list:
+    """[[relative name, size, mtime_ns], ...] of every file under the checkpoint ``folder`` (hidden names
+    left out; links followed, as a hub snapshot's are), sorted: cheap, and it changes when a file is
+    replaced, so a resumed embed-corpus run cannot mix parts from two different weights."""
+    out = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in names:
+            if n.startswith("."):
+                continue
+            path = os.path.join(root, n)
+            try:
+                st = os.stat(path)
+            except OSError:  # a dangling link: not a file the engine can read either
+                continue
+            out.append([os.path.relpath(path, folder).replace(os.sep, "/"), st.st_size, st.st_mtime_ns])
+    return sorted(out)
+
+
+def resolve_settings_and_folder(model, *, task="retrieval", prompt_name="document", truncate_dim=None,
+                                precision="float32", text_column="text", id_column="id", normalize=True):
+    """``(resolve_settings(...), the local checkpoint folder)``."""
     from ..config import TASKS, load_model_args
     from ..engine import merged_task_from_name
     from ..loading import list_adapter_tasks, load_prompts, resolve_checkpoint
@@ -68,7 +95,7 @@ def resolve_settings(model, *, task="retrieval", prompt_name="document", truncat
     model_id = os.path.abspath(model) if os.path.isdir(model) else model
     return {"model": model_id, "task": task, "prompt_name": prompt_name, "prompt": prompt,
             "truncate_dim": truncate_dim, "dim": truncate_dim or args.hidden_size, "precision": precision,
-            "normalize": bool(normalize), "id_column": id_column, "text_column": text_column}
+            "normalize": bool(normalize), "id_column": id_column, "text_column": text_column}, folder
 
 
 def embedding_type(settings: dict):
