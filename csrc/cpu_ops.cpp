@@ -100,6 +100,168 @@ void rms_norm(Arr x, py::object residual, Arr w, double eps, Arr y, py::object h
 #endif
 }
 
+#if defined(JV5_AVX2_FMA)
+// e^x for 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7/7! (Horner, FMA; the
+// truncation error r^8/8! < 4e-9 is below fp32's half-ulp), times 2^n built in the exponent field. x is
+// clamped to [-87, 88]: e^x stays a normal float (silu's 1 + e^-g is then 1 or huge, as with the true value).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   // ln2 split in two: r exact to ~1e-11
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// y (T, F) = silu(gate) * up for gate_up (T, 2F) = [gate | up]: kernels/swiglu.py::swiglu_ref in one pass
+// (torch's silu and mul_ are two passes and two parallel regions, each a scheduler quantum when another
+// process holds a core). silu(g) = g / (1 + e^-g).
+void swiglu(Arr gate_up, Arr y, int threads) {
+  if (!avx2_fma_available()) throw std::runtime_error("jv5fast._C.swiglu needs a CPU with AVX2 and FMA");
+  require(gate_up.ndim() == 2 && y.ndim() == 2, "swiglu: gate_up must be (T, 2F) and y (T, F)");
+  const int64_t T = gate_up.shape(0), F = y.shape(1);
+  require(gate_up.shape(1) == 2 * F && y.shape(0) == T, "swiglu: gate_up must be (T, 2F) for y (T, F)");
+#if defined(JV5_AVX2_FMA)
+  const float* G = gate_up.data();
+  float* Y = y.mutable_data();
+  py::gil_scoped_release release;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * F >= 4 * kParallelElems)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = G + t * 2 * F;
+    const float* u = g + F;
+    float* out = Y + t * F;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < F; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+#endif
+}
+
+constexpr int64_t kMaxAttnLen = 1024;  // attention's per-row score buffer; jv5fast.ops takes SDPA above it
+
+#if defined(JV5_AVX2_FMA)
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// One query row against keys [0, n) of its sequence: out = softmax(scale q.k_j) @ v_j, the running sum and
+// the weighted values in fp32 (kernels/attention.py's references, one row at a time).
+inline void attend_row(const float* q, const float* K, const float* V, int64_t n, int64_t kv_stride, int64_t D,
+                       float scale, float* out) {
+  alignas(32) float s[kMaxAttnLen];
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = dot(q, K + j * kv_stride, D) * scale;
+    m = s[j] > m ? s[j] : m;
+  }
+  float l = 0.0f;
+  int64_t j = 0;
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vl = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(s + j), vm));
+    _mm256_store_ps(s + j, p);
+    vl = _mm256_add_ps(vl, p);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vl);
+  l = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    l += s[j];
+  }
+  const float inv = 1.0f / l;
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(V + t * kv_stride + d), acc);
+    _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+  }
+  for (; d < D; ++d) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < n; ++t) acc += s[t] * V[t * kv_stride + d];
+    out[d] = acc * inv;
+  }
+}
+#endif
+
+// Varlen attention of a packed batch for short sequences (each <= kMaxAttnLen), inference only:
+//   last_only = false: q (T, H, D), out (T, H, D); row t of sequence b attends to keys [cu[b], cu[b] + i + 1)
+//     (causal, i its position) or [cu[b], cu[b + 1]) (bidirectional);
+//   last_only = true:  q (B, H, D) holds each sequence's last query row, out (B, H, D); it sees every key.
+// k, v (T, Hkv, D); query head h reads KV head h / (H / Hkv) (GQA). At a query's few dozen tokens the
+// reference's padding, masks and SDPA dispatch cost more than the math; (sequence, head) pairs are split over
+// OpenMP threads when there is enough work.
+void attention(Arr q, Arr k, Arr v, py::array_t<int32_t, py::array::c_style> cu, bool causal, bool last_only,
+               double scale, Arr out, int threads) {
+  if (!avx2_fma_available()) throw std::runtime_error("jv5fast._C.attention needs a CPU with AVX2 and FMA");
+  require(q.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3 && out.ndim() == 3 && cu.ndim() == 1 && cu.shape(0) >= 2,
+          "attention: q, k, v and out must be 3-D, cu_seqlens (B+1,)");
+  const int64_t R = q.shape(0), H = q.shape(1), D = q.shape(2), T = k.shape(0), Hkv = k.shape(1);
+  const int64_t B = cu.shape(0) - 1;
+  require(k.shape(2) == D && v.shape(0) == T && v.shape(1) == Hkv && v.shape(2) == D && Hkv > 0 && H % Hkv == 0,
+          "attention: k and v must be (T, Hkv, D) with Hkv dividing q's heads");
+  require(out.shape(0) == R && out.shape(1) == H && out.shape(2) == D, "attention: out must have q's shape");
+  require(last_only ? R == B : R == T, "attention: q must have one row per token (or per sequence, last_only)");
+  const int32_t* C = cu.data();
+  require(C[0] == 0 && C[B] == T, "attention: cu_seqlens must run from 0 to the token count");
+  for (int64_t b = 0; b < B; ++b) {  // offsets index k/v: check them all before reading any
+    const int64_t len = int64_t(C[b + 1]) - C[b];
+    if (len < 1 || len > kMaxAttnLen)
+      throw std::out_of_range("attention: sequence " + std::to_string(b) + " has " + std::to_string(len) +
+                              " tokens; this kernel takes 1.." + std::to_string(kMaxAttnLen));
+  }
+#if defined(JV5_AVX2_FMA)
+  const float *Q = q.data(), *K = k.data(), *V = v.data();
+  float* O = out.mutable_data();
+  const float sc = float(scale);
+  const int64_t group = H / Hkv, kv_stride = Hkv * D;
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = int64_t(C[b + 1]) - C[b];
+    work += (last_only ? len : len * len) * H * D;
+  }
+  py::gil_scoped_release release;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && work >= 4 * kParallelElems)
+  for (int64_t item = 0; item < B * H; ++item) {
+    const int64_t b = item / H, h = item % H, start = C[b], len = int64_t(C[b + 1]) - C[b];
+    const float* Kh = K + start * kv_stride + (h / group) * D;
+    const float* Vh = V + start * kv_stride + (h / group) * D;
+    if (last_only) {
+      attend_row(Q + (b * H + h) * D, Kh, Vh, len, kv_stride, D, sc, O + (b * H + h) * D);
+      continue;
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t row = start + i;
+      attend_row(Q + (row * H + h) * D, Kh, Vh, causal ? i + 1 : len, kv_stride, D, sc, O + (row * H + h) * D);
+    }
+  }
+#endif
+}
+
 // y (T, H, D) contiguous = rope(x) for x (T, H, D) with any row/head strides and contiguous D.
 void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array::c_style> pos, py::object norm,
           double eps, Arr y, int threads) {
@@ -173,6 +335,11 @@ void register_cpu_ops(py::module_& m) {
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("residual"), py::arg("w"), py::arg("eps"),
         py::arg("y").noconvert(), py::arg("h").noconvert(), py::arg("threads") = 1,
         "y = w * (h / sqrt(mean(h^2) + eps)), h = x (+ residual, written to h); float32 (T, N) C-contiguous");
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens"), py::arg("causal"),
+        py::arg("last_only"), py::arg("scale"), py::arg("out").noconvert(), py::arg("threads") = 1,
+        "varlen attention of short sequences (float32 C-contiguous; q (T or B, H, D), k/v (T, Hkv, D))");
+  m.def("swiglu", &swiglu, py::arg("gate_up"), py::arg("y").noconvert(), py::arg("threads") = 1,
+        "y (T, F) = silu(gate) * up for gate_up (T, 2F) = [gate | up]; float32 C-contiguous");
   m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("pos"), py::arg("norm"), py::arg("eps"),
         py::arg("y").noconvert(), py::arg("threads") = 1,
         "y (T, H, D) = rotate-half RoPE of x (optionally per-head RMSNormed first) at rows pos of cos/sin");

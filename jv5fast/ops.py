@@ -87,12 +87,16 @@ def _pick(module: str, name: str, ref, x):
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale=None):
     """q (T, H, D), k/v (T, Hkv, D), cu_seqlens (B+1,) int32 -> (T, H, D); differentiable."""
+    if _cpu_attention(q, k, v, cu_seqlens, max_seqlen):
+        return _attention_cpu(q, k, v, cu_seqlens, causal, False, softmax_scale)
     fn = _pick("attention", "attention_varlen", attention_varlen_ref, q)
     return fn(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
 
 
 def attention_last(q_last, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None):
     """q_last (B, H, D): each sequence's last query row; k/v (T, Hkv, D) -> (B, H, D). Inference only."""
+    if _cpu_attention(q_last, k, v, cu_seqlens, max_seqlen):
+        return _attention_cpu(q_last, k, v, cu_seqlens, True, True, softmax_scale)
     fn = _pick("attention", "attention_last", attention_last_ref, q_last)
     return fn(q_last, k, v, cu_seqlens, max_seqlen, softmax_scale=softmax_scale)
 
@@ -132,6 +136,24 @@ def _cpu_fused(*tensors) -> bool:
             and backend() == "auto" and _cpu_ext() is not None)
 
 
+CPU_ATTENTION_MAX_SEQLEN = 512  # csrc/cpu_ops.cpp takes up to 1024; above ~512 SDPA's blocked kernel wins
+
+
+def _cpu_attention(q, k, v, cu_seqlens, max_seqlen) -> bool:
+    return (int(max_seqlen) <= CPU_ATTENTION_MAX_SEQLEN and _cpu_fused(q, k, v) and q.dim() == 3
+            and cu_seqlens.dtype == torch.int32 and hasattr(_cpu_ext(), "attention"))
+
+
+def _attention_cpu(q, k, v, cu_seqlens, causal, last_only, softmax_scale):
+    """Short sequences on CPU (csrc/cpu_ops.cpp: one call instead of padding + masks + SDPA)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _cpu_ext().attention(q.contiguous().numpy(), k.contiguous().numpy(), v.contiguous().numpy(),
+                         cu_seqlens.contiguous().numpy(), bool(causal), last_only, float(scale), out.numpy(),
+                         torch.get_num_threads())
+    return out
+
+
 def _rms_norm_cpu(x, weight, eps, residual):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
@@ -156,6 +178,10 @@ def _rope_cpu(x, cos, sin, position_ids, norm_weight, eps):
 
 def swiglu(gate_up):
     """gate_up (T, 2F) = [gate | up] -> silu(gate) * up (T, F)."""
+    if _cpu_fused(gate_up) and gate_up.dim() == 2 and gate_up.shape[-1] % 2 == 0 and hasattr(_cpu_ext(), "swiglu"):
+        y = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=torch.float32)
+        _cpu_ext().swiglu(gate_up.contiguous().numpy(), y.numpy(), torch.get_num_threads())
+        return y
     return _pick("swiglu", "swiglu", swiglu_ref, gate_up)(gate_up)
 
 

@@ -113,3 +113,83 @@ def test_references_where_the_fused_path_does_not_apply(monkeypatch):
     monkeypatch.setenv("JV5FAST_BACKEND", "torch")
     ops.rms_norm(torch.randn(4, 8), w, 1e-6)
     assert calls == []
+
+
+@pytest.mark.parametrize("T, F", [(1, 3072), (17, 3072), (3, 13), (700, 3072), (5, 1), (2, 8)])
+def test_swiglu_matches_reference(T, F, monkeypatch):
+    """One fused pass (a vectorised e^x) against kernels/swiglu.py's silu(gate) * up, and float64."""
+    from jv5fast.kernels.swiglu import swiglu_ref
+    g = torch.Generator().manual_seed(T * 13 + F)
+    gate_up = torch.randn(T, 2 * F, generator=g) * 4
+    gate_up[0, : min(F, 6)] = torch.tensor([-100.0, -87.5, 88.5, 100.0, 0.0, 1e-30])[: min(F, 6)]
+    calls = _calls(monkeypatch, "swiglu")
+    got = ops.swiglu(gate_up)
+    assert calls == [1] and got.shape == (T, F) and got.dtype == torch.float32
+    torch.testing.assert_close(got, swiglu_ref(gate_up), atol=1e-6, rtol=4e-6)
+    gd, ud = gate_up.double().chunk(2, dim=-1)
+    torch.testing.assert_close(got.double(), gd * torch.sigmoid(gd) * ud, atol=1e-6, rtol=4e-6)
+
+
+def test_swiglu_threads_agree_and_autograd_takes_the_reference():
+    g = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(300, 2 * 3072, generator=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.swiglu(gate_up)
+        torch.set_num_threads(2)
+        two = ops.swiglu(gate_up)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)  # rows are independent: the split cannot change a bit
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.randn(4, 16, generator=g, requires_grad=True)
+        y = ops.swiglu(x)
+        assert y.requires_grad
+        y.sum().backward()
+        assert x.grad is not None
+
+
+def _qkv(lens, H, Hkv, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
+    return (torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g),
+            torch.randn(T, Hkv, D, generator=g), cu, max(lens))
+
+
+@pytest.mark.parametrize("lens", [[1], [7, 300, 1], [17], [97, 512, 3], [33] * 32])
+@pytest.mark.parametrize("H, Hkv, D", [(12, 12, 64), (16, 8, 128), (8, 2, 10), (4, 1, 8)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_reference(lens, H, Hkv, D, causal, monkeypatch):
+    """Short-sequence varlen attention (csrc/cpu_ops.cpp) against kernels/attention.py's SDPA references:
+    ragged batches, GQA ratios 1/2/4/8, an odd head dim; and the last-row variant of the final layer."""
+    from jv5fast.kernels.attention import attention_last_ref, attention_varlen_ref
+    q, k, v, cu, S = _qkv(lens, H, Hkv, D, seed=len(lens) * 7 + H + D)
+    calls = _calls(monkeypatch, "attention")
+    got = ops.attention_varlen(q, k, v, cu, S, causal=causal)
+    want = attention_varlen_ref(q, k, v, cu, S, causal=causal)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    last = (cu[1:] - 1).long()
+    q_last = q.index_select(0, last)
+    got = ops.attention_last(q_last, k, v, cu, S, softmax_scale=0.3)
+    torch.testing.assert_close(got, attention_last_ref(q_last, k, v, cu, S, softmax_scale=0.3), atol=2e-6,
+                               rtol=2e-5)
+    assert calls == [1, 1]
+
+
+def test_attention_takes_the_reference_for_long_sequences_and_refuses_bad_offsets(monkeypatch):
+    C = ops._cpu_ext()
+    q, k, v, cu, S = _qkv([600, 3], 4, 2, 16, seed=1)
+    calls = _calls(monkeypatch, "attention")
+    ops.attention_varlen(q, k, v, cu, S, causal=True)  # above CPU_ATTENTION_MAX_SEQLEN: SDPA
+    assert calls == []
+    q, k, v, cu, S = _qkv([5, 4], 4, 2, 16, seed=2)
+    out = torch.empty(q.shape)
+    bad = torch.tensor([0, 6, 9], dtype=torch.int32)  # a sequence of 6 + 3 = 9 tokens: fine
+    C.attention(q.numpy(), k.numpy(), v.numpy(), bad.numpy(), True, False, 0.25, out.numpy(), 1)
+    for cu_bad, msg in (([0, 5, 8], "run from 0 to the token count"), ([0, 9, 9], "sequence 1 has 0 tokens"),
+                        ([1, 5, 9], "run from 0")):
+        with pytest.raises((ValueError, IndexError), match=msg):
+            C.attention(q.numpy(), k.numpy(), v.numpy(), np.array(cu_bad, np.int32), True, False, 0.25,
+                        out.numpy(), 1)
