@@ -20,9 +20,9 @@ import logging
 import os
 import warnings
 
-log = logging.getLogger("jv5fast")
+from .loading import MAX_CHECKPOINT_FILES, checkpoint_fingerprint
 
-MAX_CHECKPOINT_FILES = 10_000  # a checkpoint folder holds a few dozen; refuse to fingerprint a whole disk
+log = logging.getLogger("jv5fast")
 
 
 def cache_root() -> str:
@@ -33,23 +33,6 @@ def cache_root() -> str:
     return os.path.abspath(root)
 
 
-def _fingerprint(folder: str) -> list:
-    """(relative path, size, mtime_ns) of every file under ``folder`` (hidden entries skipped), sorted."""
-    entries = []
-    for base, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if name.startswith("."):
-                continue
-            path = os.path.join(base, name)
-            st = os.stat(path)  # follows a hub snapshot's symlinks to their blobs
-            entries.append((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns))
-            if len(entries) > MAX_CHECKPOINT_FILES:
-                raise ValueError(f"{folder} holds more than {MAX_CHECKPOINT_FILES} files; it does not look like a "
-                                 f"checkpoint folder (pass the folder with config.json and the weights)")
-    return sorted(entries)
-
-
 def cache_key(folder: str, name: str, task) -> str:
     import onnx
     import onnxruntime
@@ -58,7 +41,7 @@ def cache_key(folder: str, name: str, task) -> str:
     from . import __version__
     h = hashlib.sha256()
     for part in (__version__, torch.__version__, onnx.__version__, onnxruntime.__version__, name, str(task),
-                 *map(repr, _fingerprint(folder))):
+                 *map(repr, checkpoint_fingerprint(folder, MAX_CHECKPOINT_FILES))):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:24]

@@ -43,6 +43,34 @@ def resolve_checkpoint(name_or_path: str) -> str:
                       f"path instead, e.g. Engine('/models/jina-embeddings-v5-text-nano').") from e
 
 
+MAX_CHECKPOINT_FILES = 10_000  # a checkpoint folder holds a few dozen; refuse to fingerprint a whole disk
+
+
+def checkpoint_fingerprint(folder: str, max_files: int | None = None) -> list:
+    """``[[relative name ("/"-separated), size, mtime_ns], ...]`` of every file under ``folder`` (hidden entries
+    and dangling links left out; sub-folder links not followed, file links followed as a hub snapshot's are),
+    sorted. Cheap, and it changes when a file is replaced: the identity of a local checkpoint for the int8
+    cache, embed-corpus's resume check and the MTEB revision. More than ``max_files`` (default
+    ``MAX_CHECKPOINT_FILES``) files is a ValueError: that is not a checkpoint folder."""
+    limit = MAX_CHECKPOINT_FILES if max_files is None else max_files
+    entries = []
+    for base, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = os.path.join(base, name)
+            try:
+                st = os.stat(path)
+            except OSError:  # a dangling link: not a file the engine can read either
+                continue
+            entries.append([os.path.relpath(path, folder).replace(os.sep, "/"), st.st_size, st.st_mtime_ns])
+            if len(entries) > limit:
+                raise ValueError(f"{folder} holds more than {limit} files; it does not look like a checkpoint "
+                                 f"folder (pass the folder with config.json and the weights)")
+    return sorted(entries)
+
+
 def expected_shapes(args: ModelArgs) -> dict:
     """Checkpoint key (without prefix) → shape, for every tensor the backbone needs."""
     E, F, D = args.hidden_size, args.intermediate_size, args.head_dim

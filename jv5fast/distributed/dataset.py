@@ -26,22 +26,10 @@ def resolve_settings(model, *, task="retrieval", prompt_name="document", truncat
 
 
 def checkpoint_fingerprint(folder) -> list:
-    """[[relative name, size, mtime_ns], ...] of every file under the checkpoint ``folder`` (hidden names
-    left out; links followed, as a hub snapshot's are), sorted: cheap, and it changes when a file is
-    replaced, so a resumed embed-corpus run cannot mix parts from two different weights."""
-    out = []
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for n in names:
-            if n.startswith("."):
-                continue
-            path = os.path.join(root, n)
-            try:
-                st = os.stat(path)
-            except OSError:  # a dangling link: not a file the engine can read either
-                continue
-            out.append([os.path.relpath(path, folder).replace(os.sep, "/"), st.st_size, st.st_mtime_ns])
-    return sorted(out)
+    """jv5fast.loading.checkpoint_fingerprint: recorded in the manifest, so a resumed embed-corpus run cannot mix
+    parts from two different weights."""
+    from ..loading import checkpoint_fingerprint as fingerprint
+    return fingerprint(folder)
 
 
 def resolve_settings_and_folder(model, *, task="retrieval", prompt_name="document", truncate_dim=None,

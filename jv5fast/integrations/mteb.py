@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from mteb.types import PromptType
 
 from ..config import QWEN3, load_model_args
 from ..engine import Engine, merged_task_from_name
-from ..loading import expected_shapes, list_adapter_tasks, resolve_checkpoint
+from ..loading import checkpoint_fingerprint, expected_shapes, list_adapter_tasks, resolve_checkpoint
 from . import engine_from
 
 log = logging.getLogger("jv5fast")
@@ -163,20 +164,12 @@ def _hub_revision(folder: str):
 
 
 def _local_revision(folder: str) -> str:
-    """A revision for a plain folder: a digest of every file's relative path, size and mtime, so that two
-    checkpoints (or one retrained in place) never share mteb's result cache; a copy with the same files gets a
-    new revision, which costs a re-run, never a wrong score. Reads no file contents."""
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            h.update(f"{os.path.relpath(path, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "replace"))
-    return "local-" + h.hexdigest()[:16]
+    """A revision for a plain folder: a digest of its files' names, sizes and mtimes
+    (``jv5fast.loading.checkpoint_fingerprint``), so that two checkpoints (or one retrained in place) never share
+    mteb's result cache; a copy with the same files gets a new revision, which costs a re-run, never a wrong
+    score. Reads no file contents."""
+    digest = hashlib.sha256(json.dumps(checkpoint_fingerprint(folder)).encode()).hexdigest()
+    return "local-" + digest[:16]
 
 
 _ENGINE_OPTIONS = frozenset(inspect.signature(Engine.__init__).parameters) - {"self", "model_name_or_path"}
