@@ -103,9 +103,11 @@ void rms_norm(Arr x, py::object residual, Arr w, double eps, Arr y, py::object h
 #if defined(JV5_AVX2_FMA)
 // e^x for 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7/7! (Horner, FMA; the
 // truncation error r^8/8! < 4e-9 is below fp32's half-ulp), times 2^n built in the exponent field. x is
-// clamped to [-87, 88]: e^x stays a normal float (silu's 1 + e^-g is then 1 or huge, as with the true value).
+// clamped to [-87, 88]: e^x stays a normal float (silu's 1 + e^-g is then 1 or huge, as with the true value);
+// NaN passes through.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  // min/max return their second operand when either is NaN: x second, so a NaN score stays NaN
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   // ln2 split in two: r exact to ~1e-11

@@ -1,7 +1,9 @@
 """The one dispatch point between model code and kernels.
 
 Model code calls only ``jv5fast.ops.<op>``. Each op picks the Triton kernel from ``jv5fast.kernels``
-when its tensors are on CUDA and Triton imports, and the plain-PyTorch ``*_ref`` otherwise.
+when its tensors are on CUDA and Triton imports; on CPU in fp32 outside autograd the C++ kernels of
+``jv5fast._C`` (csrc/: the packed GEMM, RMSNorm, RoPE, SwiGLU, short-sequence attention) where the extension
+has AVX2/FMA; and the plain-PyTorch ``*_ref`` otherwise.
 ``JV5FAST_BACKEND=torch`` forces the references, ``JV5FAST_BACKEND=triton`` forces the kernels
 (on CPU that needs ``TRITON_INTERPRET=1`` set before the kernels are imported).
 
@@ -124,7 +126,7 @@ def rope(x, cos, sin, position_ids, norm_weight=None, eps=1e-6):
 
 @functools.cache
 def _cpu_ext():
-    """jv5fast._C where its AVX2/FMA kernels (sgemm, rms_norm, rope) run here, else None."""
+    """jv5fast._C where its AVX2/FMA kernels (sgemm, rms_norm, rope, swiglu, attention) run here, else None."""
     from ._hamming import _C  # imported after torch (this module's import): one libgomp for both
     return _C if _C is not None and hasattr(_C, "avx2_fma_available") and _C.avx2_fma_available() else None
 

@@ -193,3 +193,18 @@ def test_attention_takes_the_reference_for_long_sequences_and_refuses_bad_offset
         with pytest.raises((ValueError, IndexError), match=msg):
             C.attention(q.numpy(), k.numpy(), v.numpy(), np.array(cu_bad, np.int32), True, False, 0.25,
                         out.numpy(), 1)
+
+
+@pytest.mark.parametrize("pos", [0, 5, 8])
+def test_attention_keeps_nan_where_the_reference_has_it(pos):
+    """A NaN key poisons exactly the rows the reference poisons, whether it falls in the 8-wide part of the
+    softmax or its tail: a broken model must give non-finite embeddings (the engine refuses them)."""
+    from jv5fast.kernels.attention import attention_varlen_ref
+    q, k, v, cu, S = _qkv([9], 2, 2, 16, seed=pos)
+    k[pos, 0, 0] = float("nan")
+    for causal in (False, True):
+        got = ops.attention_varlen(q, k, v, cu, S, causal=causal)
+        want = attention_varlen_ref(q, k, v, cu, S, causal=causal)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (pos, causal)
+        ok = ~torch.isnan(want)
+        torch.testing.assert_close(got[ok], want[ok], atol=2e-6, rtol=2e-5)
