@@ -344,7 +344,15 @@ class Engine:
             return torch.from_numpy(out) if convert_to_tensor else out
 
         ids = self._encode([prefix + t for t in items], truncate)
+        res = self._embed_ids(ids, task, k, normalize, precision, show_progress_bar)
+        if single:
+            res = res[0]
+        return torch.from_numpy(np.ascontiguousarray(res)) if convert_to_tensor else res
 
+    def _embed_ids(self, ids, task, k, normalize, precision, show_progress_bar):
+        """``embed`` from token ids (``_encode``'s, non-empty; arguments checked): (N, width) numpy. Also for
+        callers that need the ids themselves (embed-corpus counts tokens without tokenizing twice)."""
+        n = len(ids)
         lengths = [len(s) for s in ids]
         budget = self.max_batch_tokens
         if self.device.type == "cpu":
@@ -374,10 +382,7 @@ class Engine:
         if bad:
             raise FloatingPointError(f"non-finite embedding for texts{bad[:10]} (dtype {self.dtype}); "
                                      f"try dtype='float32'")
-        res = out.numpy() if precision == "float32" else quantize(out.numpy(), precision)
-        if single:
-            res = res[0]
-        return torch.from_numpy(np.ascontiguousarray(res)) if convert_to_tensor else res
+        return out.numpy() if precision == "float32" else quantize(out.numpy(), precision)
 
     # sentence-transformers' surface (SentenceTransformer.encode's keywords, its similarity): jv5fast.st_compat
     encode, encode_query, encode_document = st_compat.encode, st_compat.encode_query, st_compat.encode_document

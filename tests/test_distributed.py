@@ -333,3 +333,18 @@ def test_index_from_corpus_output_finds_what_brute_force_finds(mixed, mixed_run,
     lines = [json.loads(line) for line in buf.getvalue().splitlines()]
     assert [ln["query"] for ln in lines] == queries
     assert [ln["results"][0]["id"] for ln in lines] == [ids[want[r, 0]] for r in range(len(queries))]
+
+
+def test_worker_counts_tokens_from_its_own_tokenization(nano_ckpt, engine):
+    """The command's tokens/s column comes from the ids the worker embeds (one tokenization): the counts are
+    Engine.tokenize's and the vectors Engine.embed's."""
+    from jv5fast.distributed.dataset import EmbedWorker, resolve_settings
+    settings = resolve_settings(nano_ckpt, truncate_dim=32)
+    batch = pa.table({"id": [1, 2, 3], "text": texts(3, 31)})
+    counted = EmbedWorker(settings, count_tokens=True).embed_table(batch, "text", "id")
+    plain = EmbedWorker(settings).embed_table(batch, "text", "id")
+    want = [len(x) for x in engine.tokenize(batch.column("text").to_pylist(), prompt_name="document")]
+    assert counted.column("_num_tokens").to_pylist() == want and "_num_tokens" not in plain.column_names
+    ref = engine.embed(batch.column("text").to_pylist(), prompt_name="document", truncate_dim=32)
+    for t in (counted, plain):
+        np.testing.assert_allclose(np.array(t.column("embedding").to_pylist(), np.float32), ref, rtol=0, atol=1e-6)

@@ -150,13 +150,17 @@ class EmbedWorker:
                 raise ValueError(f"{row}: column {text_column!r} is {type(t).__name__} ({t!r:.40}), "
                                  f"expected a string")
         prompt = s["prompt"] or ""  # the resolved prefix, exactly what prompt_name gives Engine.embed
-        emb = self.engine.embed(texts, prompt=prompt, truncate_dim=s["truncate_dim"], precision=s["precision"],
-                                normalize=s["normalize"], show_progress_bar=False)
+        if not (self.count_tokens and texts):
+            emb = self.engine.embed(texts, prompt=prompt, truncate_dim=s["truncate_dim"], precision=s["precision"],
+                                    normalize=s["normalize"], show_progress_bar=False)
+            return batch.append_column("embedding", embedding_array(emb, s))
+        # Engine.embed's steps, keeping the token ids for the tokens/s count (one tokenization, not two)
+        eng = self.engine
+        ids = eng._encode([prompt + t for t in texts])
+        emb = eng._embed_ids(ids, eng.task, eng._check_truncate_dim(s["truncate_dim"]), s["normalize"],
+                             s["precision"], False)
         out = batch.append_column("embedding", embedding_array(emb, s))
-        if self.count_tokens:
-            n = [len(ids) for ids in self.engine.tokenize(texts, prompt=prompt)]
-            out = out.append_column("_num_tokens", pa.array(n, pa.int64()))
-        return out
+        return out.append_column("_num_tokens", pa.array([len(x) for x in ids], pa.int64()))
 
 
 def _check_positive(name, value, kind=int, allow_zero=False):
