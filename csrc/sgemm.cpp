@@ -6,12 +6,16 @@
 //
 // Why: at query-sized M (1-64 rows) a transformer forward is a stream of weights (452 MB for
 // EuroBERT-210m) through ~49 GEMMs, and oneDNN's prepacked GEMM reads them at ~10 GB/s on a 2-core
-// Zen3, where the memory gives ~26 GB/s. Work items are (block of Mc rows of A sized to stay in L2) x
-// (8 panels); per panel and K chunk of <= 768 the 6 x 16 register-blocked micro-kernel runs for every
-// tile of <= 6 rows: 12 accumulators, two 8-wide loads of the panel and six broadcasts of A per k. The
-// panel comes from memory for the first tile and from cache for the rest, which also prefetch the next
-// panel. Summation runs over k in order in fp32 (chunks added in order), so results match a
-// reference GEMM to fp32 rounding.
+// Zen3, where the memory gives ~20 GB/s per core. Work items are (block of Mc rows of A) x (8 panels);
+// per K chunk of <= 768 (Mc x chunk of A stays in L2, ~256 KiB) and per panel the 6 x 16 register-blocked
+// micro-kernel runs for every tile of <= 6 rows: 12 accumulators, two 8-wide loads of the panel and six
+// broadcasts of A per k. The chunk loop is outside the panel loop, so a chunk of A is reused from cache by
+// all 8 panels. A panel chunk comes from memory for the first tile and from cache for the rest; meanwhile
+// the tiles prefetch the next panel's chunk, spread between them (tile i of S takes the i-th slice, one
+// line every S k-steps) so that memory is asked at the pace of the compute instead of in bursts. At 17
+// rows (a nano query) this streams the weights at ~19 GB/s instead of ~16 (bench/results/cpu_pack.md).
+// Summation runs over k in order in fp32 (chunks added in order), so results match a reference GEMM to
+// fp32 rounding.
 //
 // Threads: OpenMP, dynamic over work items, `threads` given by the caller (torch.get_num_threads() of
 // the calling thread).
@@ -43,25 +47,34 @@ constexpr int MR = 6;   // rows per micro-tile: 12 accumulators + 2 panel loads 
 
 #if defined(JV5_AVX2_FMA)
 // C[r, :ncols] (+)= A[r, :K] . panel[:K] for r < R (R <= MR); ``accumulate`` adds to C (a later K chunk).
-// ``next`` (or null): K lines of another panel to prefetch into L2, one per k, so they arrive while this
-// tile computes from cache. Accumulators are named variables: an array of __m256 is kept on the stack by
+// ``next`` (or null): lines of another panel to prefetch into L2, one every S k-steps (K / S lines), so they
+// arrive while the tiles compute from cache. Accumulators are named variables: an array of __m256 is kept on the stack by
 // GCC and stored every iteration.
-template <int R>
+template <int R, int S>
 inline void micro(const float* A, int64_t lda, const float* B, int64_t K, float* C, int64_t ldc, int ncols,
                   bool accumulate, const float* next) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const float *a0 = A, *a1 = A + lda, *a2 = A + 2 * lda, *a3 = A + 3 * lda, *a4 = A + 4 * lda, *a5 = A + 5 * lda;
-#define JV5_STEP(r)                                 \
-  if constexpr (R > r) {                            \
-    const __m256 a = _mm256_broadcast_ss(a##r + k); \
-    c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0);      \
-    c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1);      \
+#define JV5_STEP_AT(r, kk)                             \
+  if constexpr (R > r) {                               \
+    const __m256 a = _mm256_broadcast_ss(a##r + (kk)); \
+    c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0);         \
+    c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1);         \
   }
+#define JV5_STEP(r) JV5_STEP_AT(r, k)
   if (next != nullptr) {
+    int64_t k = 0, line = 0;
+    for (; k + S <= K; k += S, ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + line * NR), _MM_HINT_T1);
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < K; ++k) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T1);
+      for (int j = 0; j < S; ++j) {
+        const __m256 b0 = _mm256_loadu_ps(B + (k + j) * NR), b1 = _mm256_loadu_ps(B + (k + j) * NR + 8);
+        JV5_STEP_AT(0, k + j) JV5_STEP_AT(1, k + j) JV5_STEP_AT(2, k + j) JV5_STEP_AT(3, k + j)
+        JV5_STEP_AT(4, k + j) JV5_STEP_AT(5, k + j)
+      }
+    }
+    for (; k < K; ++k) {
       const __m256 b0 = _mm256_loadu_ps(B + k * NR), b1 = _mm256_loadu_ps(B + k * NR + 8);
       JV5_STEP(0) JV5_STEP(1) JV5_STEP(2) JV5_STEP(3) JV5_STEP(4) JV5_STEP(5)
     }
@@ -73,6 +86,7 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t K, float*
     }
   }
 #undef JV5_STEP
+#undef JV5_STEP_AT
   alignas(32) float tile[NR];
 #define JV5_OUT(r)                                              \
   if constexpr (R > r) {                                        \
@@ -95,17 +109,20 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t K, float*
 }
 
 using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool, const float*);
-constexpr MicroFn kMicro[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
+#define JV5_MICRO_ROW(S) {nullptr, micro<1, S>, micro<2, S>, micro<3, S>, micro<4, S>, micro<5, S>, micro<6, S>}
+constexpr MicroFn kMicro[3][MR + 1] = {JV5_MICRO_ROW(1), JV5_MICRO_ROW(2), JV5_MICRO_ROW(4)};  // S = 1, 2, 4
+#undef JV5_MICRO_ROW
 
-constexpr int64_t KC = 768;           // K chunk: a 5 x 768 tile of A (15 KiB) stays in L1 for K = 3072
+constexpr int64_t KC = 768;           // K chunk: a 6 x 768 tile of A (18 KiB) stays in L1 for K = 3072
+constexpr int64_t MC_FLOATS = 65536;  // Mc x chunk of A: 256 KiB, half of a Zen3 core's L2
 constexpr int64_t PANELS_PER_ITEM = 8;  // work item = Mc rows x 8 panels, handed out dynamically
 
 void sgemm_impl(const float* A, int64_t M, int64_t K, const float* B, int64_t N, float* C, int threads) {
   const int64_t P = (N + NR - 1) / NR;
-  // Rows of A per block: Mc x K floats within ~128 KiB of L2 beside the panel (large M only).
-  const int64_t Mc = std::max<int64_t>(MR, (32768 / K) / MR * MR);
-  const int64_t mblocks = (M + Mc - 1) / Mc, chunks = (P + PANELS_PER_ITEM - 1) / PANELS_PER_ITEM;
   const int64_t kchunks = (K + KC - 1) / KC, kc = (K + kchunks - 1) / kchunks;
+  // Rows of A per block: Mc x kc floats in L2, reused by every panel of the item (large M only).
+  const int64_t Mc = std::max<int64_t>(MR, (MC_FLOATS / kc) / MR * MR);
+  const int64_t mblocks = (M + Mc - 1) / Mc, chunks = (P + PANELS_PER_ITEM - 1) / PANELS_PER_ITEM;
   const int64_t items = mblocks * chunks;
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
   // Dynamic items, not a fixed split: a thread the OS takes away (a busy machine) delays only its item.
@@ -115,18 +132,19 @@ void sgemm_impl(const float* A, int64_t M, int64_t K, const float* B, int64_t N,
     const int64_t p0 = (it % chunks) * PANELS_PER_ITEM, p1 = std::min(P, p0 + PANELS_PER_ITEM);
     // Rows split evenly over ceil(rows / MR) tiles (20 rows: 4 x 5, not 6 + 6 + 6 + 2).
     const int64_t rows = m1 - m0, tiles = (rows + MR - 1) / MR, base = rows / tiles, extra = rows % tiles;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* panel = B + p * K * NR;
-      const int ncols = int(std::min<int64_t>(NR, N - p * NR));
-      for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        const int64_t klen = std::min(kc, K - k0);
-        // every tile but the first (which waits on memory) prefetches the next panel's lines of this chunk
+    // The tiles share the prefetch of the next panel's chunk: S slices for the first S tiles (1, 2 or 4).
+    const int si = tiles >= 4 ? 2 : tiles >= 2 ? 1 : 0, S = 1 << si;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t klen = std::min(kc, K - k0), slice = klen / S;
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* panel = B + p * K * NR;
+        const int ncols = int(std::min<int64_t>(NR, N - p * NR));
         const float* next = p + 1 < p1 ? panel + K * NR + k0 * NR : nullptr;
         int64_t m = m0;
         for (int64_t i = 0; i < tiles; ++i) {
           const int r = int(base + (i < extra));
-          kMicro[r](A + m * K + k0, K, panel + k0 * NR, klen, C + m * N + p * NR, N, ncols, k0 > 0,
-                    i > 0 || tiles == 1 ? next : nullptr);
+          kMicro[si][r](A + m * K + k0, K, panel + k0 * NR, klen, C + m * N + p * NR, N, ncols, k0 > 0,
+                        next != nullptr && i < S ? next + i * slice * NR : nullptr);
           m += r;
         }
       }
