@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..batching import PackedBatch
 from ..config import ModelArgs
+from . import cpu_forward
 
 # Our fused names → the checkpoint tensors they are built from (order matters for the concat).
 FUSED = {
@@ -128,11 +129,15 @@ class Backbone:
         """Packed batch -> final-normed hidden states in the model dtype: (T, E), or with ``last_only``
         just each sequence's last token (B, E).
 
+        On CPU in fp32 with the fused kernels (``cpu_forward.usable``), the same ops run as one loop of
+        jv5fast._C calls over numpy buffers (``cpu_forward.forward``), with the same result.
         ``last_only`` skips the work nothing reads: in the final layer only the last rows need a query,
         the output projection, the MLP and the final norm (keys and values still cover every token).
         ``between()``, if given, is called after every layer but the last: the batcher runs urgent small
         batches there, nested, so a long batch holds them up for one layer, not for all of them.
         """
+        if cpu_forward.usable(self, batch):
+            return cpu_forward.forward(self, batch, last_only, between)
         return self.hidden_states(batch, last_only, between=between)
 
     def hidden_states(self, batch: PackedBatch, last_only: bool = False, linear=None, between=None) -> torch.Tensor:
