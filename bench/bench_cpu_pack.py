@@ -1,6 +1,7 @@
 """CPU query latency by GEMM: the engine's prepacked projections on jv5fast's own GEMM (csrc/sgemm.cpp, the
 default), on oneDNN's prepacked GEMM (``JV5FAST_CPU_GEMM=onednn``) and plain ``F.linear``
-(``JV5FAST_CPU_PACK=0``); same checkpoint, same queries, same run.
+(``JV5FAST_CPU_PACK=0``); same checkpoint, same queries, same run. jv5fast's panels also let the engine take
+its one-loop CPU forward (jv5fast/models/cpu_forward.py); the other two run the op-by-op backbone.
 
 Full-size nano (random weights, real tokenizer), queries of 4–24 words embedded with the query prompt in
 batches of 1, 8 and 32; p50 over 3 passes. Checks the vectors agree (cosine >= 0.99999). A first step of

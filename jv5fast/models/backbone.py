@@ -3,7 +3,8 @@
 The two families share the Llama pre-norm layer; they differ in ``causal`` (Qwen3 decoder vs
 EuroBERT encoder) and ``qk_norm`` (Qwen3's per-head RMSNorm on q and k before RoPE). Weights are held
 fused — q/k/v as one (dq + 2 dkv, E) matrix and gate/up as one (2F, E) — so each layer runs four
-GEMMs over all T tokens of the batch. Every op other than the GEMMs goes through ``jv5fast.ops``.
+GEMMs over all T tokens of the batch. Every op other than the GEMMs goes through ``jv5fast.ops``, except
+on CPU in fp32 inference, where ``cpu_forward`` calls the same fused kernels directly.
 """
 from __future__ import annotations
 
