@@ -12,9 +12,10 @@
 // broadcasts of A per k. The chunk loop is outside the panel loop, so a chunk of A is reused from cache by
 // all 8 panels. A panel chunk comes from memory for the first tile and from cache for the rest; meanwhile
 // the tiles prefetch the next panel's chunk, spread between them (tile i of S takes the i-th slice, one
-// line every S k-steps) so that memory is asked at the pace of the compute instead of in bursts. Measured on
-// a 2-core Zen3 over nano's 49 weights at 17 rows (a query): 23.6 ms (~19 GB/s, 82% of the FMA peak) where
-// prefetching the whole next panel from the later tiles took 27.5; at 524 rows 181 GFLOP/s (~89% of peak).
+// line every S k-steps; the last klen % S lines are left to the hardware) so that memory is asked at the
+// pace of the compute instead of in bursts. Measured on a 2-core Zen3 over nano's 49 weights at 17 rows (a
+// query): 23.6 ms (~19 GB/s, ~80% of the FMA peak) where prefetching the whole next panel from the later
+// tiles took 27.5; at 524 rows 181 GFLOP/s (~89% of peak).
 // Summation runs over k in order in fp32 (chunks added in order), so results match a reference GEMM to
 // fp32 rounding.
 //

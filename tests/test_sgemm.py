@@ -24,7 +24,8 @@ def _tol(k):  # fp32 accumulation over k terms of unit-scale products
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 20, 64, 131, 200])
-@pytest.mark.parametrize("n, k", [(1, 1), (15, 3), (16, 768), (17, 769), (33, 1536), (100, 2000), (768, 3072)])
+@pytest.mark.parametrize("n, k", [(1, 1), (15, 3), (40, 3), (150, 5), (16, 768), (17, 769), (33, 1536), (100, 2000),
+                                  (768, 3072)])
 def test_matches_float64(m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
@@ -41,10 +42,14 @@ def test_threads_and_noncontiguous_input():
     x = torch.randn(40, 1600, generator=g)[:, 100:868]  # a strided view
     p = ops.pack_linear(w)
     want = _ref(x, w)
+    outs = []
     for t in (1, 2, 3, 8):  # more threads than cores or work items is fine
         out = torch.empty(40, 2304)
         ops._cpu_ext().sgemm(x.contiguous().numpy(), p.data, out.numpy(), t)
         torch.testing.assert_close(out, want, atol=_tol(768), rtol=1e-5)
+        outs.append(out)
+    # threads split whole (rows x panels) items: each output's sum runs the same way whatever the split
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
     torch.testing.assert_close(ops.linear(x, w, p), want, atol=_tol(768), rtol=1e-5)
 
 
