@@ -65,7 +65,7 @@ def forward(bb, batch: PackedBatch, last_only: bool, between=None) -> torch.Tens
         return y
 
     x = F.embedding(batch.input_ids, bb.embed).numpy()  # (T, E), a new array: ours to overwrite
-    T, E = x.shape
+    T = x.shape[0]
     residual = None
     n_layers = len(bb.layers)
     for n, layer in enumerate(bb.layers):
