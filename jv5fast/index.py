@@ -36,7 +36,6 @@ import zlib
 import numpy as np
 
 from . import _hamming
-from ._hamming import INT32_MAX
 
 __all__ = ["HammingIndex", "EmbeddingIndex", "IndexFileError"]
 
@@ -633,7 +632,20 @@ def _check_unique(path: str, ids) -> None:
 # HammingIndex
 
 
-class HammingIndex:
+class _WithMetadata:
+    """The ``metadata`` property both indexes share: checked on every assignment."""
+
+    @property
+    def metadata(self) -> dict:
+        """Free-form JSON-able settings saved with the index (e.g. the model, task and prompt the rows came from)."""
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value) -> None:
+        self._metadata = _check_metadata(value)
+
+
+class HammingIndex(_WithMetadata):
     """Exact Hamming k-NN over packed binary codes (faiss ``IndexBinaryFlat`` semantics).
 
     >>> index = HammingIndex(1024)
@@ -658,15 +670,6 @@ class HammingIndex:
         self._ids = None  # _Ids when the index has external ids
         self.metadata = metadata
         self.to(device)
-
-    @property
-    def metadata(self) -> dict:
-        """Free-form JSON-able settings saved with the index (e.g. the model and task the codes came from)."""
-        return self._metadata
-
-    @metadata.setter
-    def metadata(self, value) -> None:
-        self._metadata = _check_metadata(value)
 
     @property
     def ids(self):
@@ -916,7 +919,7 @@ class HammingIndex:
 # EmbeddingIndex
 
 
-class EmbeddingIndex:
+class EmbeddingIndex(_WithMetadata):
     """Binary shortlist + float rescoring over float embeddings (e.g. ``Engine.embed`` output).
 
     ``add`` stores sign codes (np.packbits(x > 0)) and the vectors in ``store`` precision: float32,
@@ -942,15 +945,6 @@ class EmbeddingIndex:
         self._texts = None  # list of str when texts are stored
         self._texts_array = None
         self.metadata = metadata
-
-    @property
-    def metadata(self) -> dict:
-        """Free-form JSON-able settings saved with the index (model, task, prompt, truncate_dim, ...)."""
-        return self._metadata
-
-    @metadata.setter
-    def metadata(self, value) -> None:
-        self._metadata = _check_metadata(value)
 
     @property
     def ids(self):
