@@ -48,23 +48,18 @@ LATENCY_BATCHES = (1, 8, 32)  # texts per embed() call in the short-batch latenc
 
 
 def ensure_jv5fast_importable():
-    """Run from a plain checkout too (no ``pip install -e .``): the install maps kernels/ to
-    ``jv5fast.kernels``; without it, load ``jv5fast`` with the repo root on its package path."""
+    """Run from a plain checkout too (no ``pip install -e .``): the Triton kernels live inside the package
+    (jv5fast/kernels), so the repo root on ``sys.path`` is all a checkout needs."""
     try:
         import jv5fast.kernels  # noqa: F401
         return "installed"
     except ImportError:
         pass
-    import importlib.util
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in [m for m in sys.modules if m == "jv5fast" or m.startswith("jv5fast.")]:
         del sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        "jv5fast", os.path.join(root, "jv5fast", "__init__.py"),
-        submodule_search_locations=[os.path.join(root, "jv5fast"), root])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["jv5fast"] = mod
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, root)
+    import jv5fast.kernels  # noqa: F401,F811
     return "checkout"
 
 

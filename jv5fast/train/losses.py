@@ -4,7 +4,7 @@ Stage 1 and the clustering adapter: ``distill_loss``. Retrieval: ``info_nce_loss
 + ``gor_loss``. Text-matching: ``cosent_loss`` (scored pairs), else NCE + distillation. Classification:
 ``bidirectional_info_nce_loss`` + 20 ``relational_kd_loss``. The ``*_ref`` functions are the formulas as
 printed, written naively (loops, full pair matrices); tests hold the public functions to them. The public
-functions are the fast forms: InfoNCE goes to the fused Triton kernel (kernels/contrastive.py) on CUDA,
+functions are the fast forms: InfoNCE goes to the fused Triton kernel (jv5fast/kernels/contrastive.py) on CUDA,
 GOR uses the (E, E) Gram instead of the (B, B) one. All return 0-d tensors, fp32 (float64 for float64
 inputs), and are differentiable in every tensor input, the temperature included.
 """

@@ -1,4 +1,4 @@
-"""The fused Triton InfoNCE (kernels/contrastive.py) vs info_nce_ref, fp32, under TRITON_INTERPRET=1 on CPU:
+"""The fused Triton InfoNCE (jv5fast/kernels/contrastive.py) vs info_nce_ref, fp32, under TRITON_INTERPRET=1 on CPU:
 loss, gradients w.r.t. q, d, hard negatives and a learnable temperature, single- and multi-tile shapes."""
 import pytest
 import torch
