@@ -117,7 +117,7 @@ def test_references_where_the_fused_path_does_not_apply(monkeypatch):
 
 @pytest.mark.parametrize("T, F", [(1, 3072), (17, 3072), (3, 13), (700, 3072), (5, 1), (2, 8)])
 def test_swiglu_matches_reference(T, F, monkeypatch):
-    """One fused pass (a vectorised e^x) against kernels/swiglu.py's silu(gate) * up, and float64."""
+    """One fused pass (a vectorised e^x) against jv5fast/kernels/swiglu.py's silu(gate) * up, and float64."""
     from jv5fast.kernels.swiglu import swiglu_ref
     g = torch.Generator().manual_seed(T * 13 + F)
     gate_up = torch.randn(T, 2 * F, generator=g) * 4
@@ -162,7 +162,7 @@ def _qkv(lens, H, Hkv, D, seed):
 @pytest.mark.parametrize("H, Hkv, D", [(12, 12, 64), (16, 8, 128), (8, 2, 10), (4, 1, 8)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_reference(lens, H, Hkv, D, causal, monkeypatch):
-    """Short-sequence varlen attention (csrc/cpu_ops.cpp) against kernels/attention.py's SDPA references:
+    """Short-sequence varlen attention (csrc/cpu_ops.cpp) against jv5fast/kernels/attention.py's SDPA references:
     ragged batches, GQA ratios 1/2/4/8, an odd head dim; and the last-row variant of the final layer."""
     from jv5fast.kernels.attention import attention_last_ref, attention_varlen_ref
     q, k, v, cu, S = _qkv(lens, H, Hkv, D, seed=len(lens) * 7 + H + D)
@@ -196,15 +196,21 @@ def test_attention_takes_the_reference_for_long_sequences_and_refuses_bad_offset
 
 
 @pytest.mark.parametrize("pos", [0, 5, 8])
-def test_attention_keeps_nan_where_the_reference_has_it(pos):
-    """A NaN key poisons exactly the rows the reference poisons, whether it falls in the 8-wide part of the
-    softmax or its tail: a broken model must give non-finite embeddings (the engine refuses them)."""
+def test_attention_keeps_nan_exactly_where_the_math_puts_it(pos):
+    """A NaN key poisons exactly the query rows that attend to it (its KV head's query heads; with causal
+    masking only rows at or after it), whether it falls in the 8-wide part of the softmax or its tail: a broken
+    model must give non-finite embeddings (the engine refuses them). The expected rows are derived from the
+    math, not from SDPA: torch's AVX-512 softmax turns a row whose only score is NaN into 0.0 (pos 0, causal),
+    which is a wrong answer and differs by CPU; the finite rows are compared with SDPA."""
     from jv5fast.kernels.attention import attention_varlen_ref
-    q, k, v, cu, S = _qkv([9], 2, 2, 16, seed=pos)
+    H, Hkv, T = 4, 2, 9
+    q, k, v, cu, S = _qkv([T], H, Hkv, 16, seed=pos)
     k[pos, 0, 0] = float("nan")
     for causal in (False, True):
         got = ops.attention_varlen(q, k, v, cu, S, causal=causal)
+        expect = torch.zeros(T, H, dtype=torch.bool)  # (T, H): rows that see the NaN key
+        rows = torch.arange(T) >= pos if causal else torch.ones(T, dtype=torch.bool)
+        expect[:, : H // Hkv] = rows[:, None]  # query heads 0 .. H/Hkv-1 read KV head 0
+        assert torch.equal(torch.isnan(got), expect[:, :, None].expand_as(got)), (pos, causal)
         want = attention_varlen_ref(q, k, v, cu, S, causal=causal)
-        assert torch.equal(torch.isnan(got), torch.isnan(want)), (pos, causal)
-        ok = ~torch.isnan(want)
-        torch.testing.assert_close(got[ok], want[ok], atol=2e-6, rtol=2e-5)
+        torch.testing.assert_close(got[~expect], want[~expect], atol=2e-6, rtol=2e-5)
