@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import reprlib
 import threading
 import warnings
 
@@ -87,6 +88,10 @@ class Engine:
 
     def __init__(self, model_name_or_path, *, task=None, device=None, dtype=None, max_length=None,
                  max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None, quantize=None):
+        if not isinstance(model_name_or_path, (str, os.PathLike)):
+            raise TypeError(f"model_name_or_path must be a str or os.PathLike (a checkpoint folder, an ONNX export "
+                            f"folder or a hub id), got {type(model_name_or_path).__name__}: "
+                            f"{reprlib.repr(model_name_or_path)}")
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend {backend!r} is not valid; choose 'torch' or 'onnx'")
         self.int8_quality = None
@@ -506,6 +511,9 @@ class Engine:
         name = self.default_prompt_name if prompt_name is None else prompt_name
         if name is None:
             return ""
+        if not isinstance(name, str):  # a list is unhashable: say what is wrong, not TypeError from the dict
+            raise ValueError(f"prompt_name must be one name (a str), got {type(name).__name__} "
+                             f"{reprlib.repr(name)}; valid: {list(self.prompts)}")
         if name not in self.prompts:
             raise ValueError(f"unknown prompt_name {name!r}; valid: {list(self.prompts)}")
         return self.prompts[name]

@@ -182,6 +182,8 @@ def test_bad_texts(nano, bad, exc, msg):
     (dict(truncate_dim=3.5), TypeError, "must be an int"),
     (dict(precision="int4"), ValueError, r"precision 'int4' is not valid.*ubinary"),
     (dict(prompt_name="passage"), ValueError, r"unknown prompt_name 'passage'.*query"),
+    (dict(prompt_name=["query"]), ValueError, r"prompt_name must be one name \(a str\), got list \['query'\]; valid: "
+                                              r"\['query', 'document'\]"),
     (dict(task="retreival"), ValueError, r"unknown task 'retreival'; valid tasks: \['retrieval'"),
 ])
 def test_bad_options(nano, kw, exc, msg):
@@ -190,6 +192,9 @@ def test_bad_options(nano, kw, exc, msg):
 
 
 def test_bad_engine_arguments(nano_ckpt):
+    with pytest.raises(TypeError, match=r"must be a str or os.PathLike .* got list: \['"):
+        jv5fast.Engine([nano_ckpt])
+    assert jv5fast.Engine(__import__("pathlib").Path(nano_ckpt)).embed(["a"]).shape[0] == 1  # a Path is fine
     with pytest.raises(ValueError, match="unknown task 'summarize'"):
         jv5fast.Engine(nano_ckpt, task="summarize")
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
