@@ -220,4 +220,98 @@ def test_pickle_serialise_and_copy_rebuild_the_same_embedder(nano, nano_ckpt):
         again = pickle.loads(pickle.dumps(lc))
         np.testing.assert_allclose(again.embed_documents(texts), lc.embed_documents(texts), rtol=0, atol=1e-6)
     assert JV5FastEmbedding(nano).engine_kwargs == {"device": "cpu", "max_length": nano.max_length,
-                                                    "max_batch_tokens": nano.max_batch_tokens, "dtype": "float32"}
+                                                    "max_batch_tokens": nano.max_batch_tokens, "task": "retrieval",
+                                                    "dtype": "float32"}
+
+
+def test_round_trips_keep_the_engines_task_and_options(nano_ckpt):
+    """An Engine built with a non-default adapter, dtype, max_length and batch budget, wrapped with task=None:
+    every copy (pickle, deepcopy, to_dict / from_dict, to_json / from_json) reloads it with the same options and
+    gives the same vectors. It once reloaded the default adapter (vectors off by ~0.47)."""
+    import copy
+    import pickle
+
+    import torch
+
+    import jv5fast
+    from jv5fast.integrations.langchain import JV5FastEmbeddings
+    from jv5fast.integrations.llama_index import JV5FastEmbedding
+    engine = jv5fast.Engine(nano_ckpt, task="text-matching", device="cpu", dtype="bfloat16", max_length=9,
+                            max_batch_tokens=40)
+    texts = fresh_texts(5, seed=31)   # up to 23 words: most are cut at max_length=9
+    assert max(len(ids) for ids in engine.tokenize(texts, prompt_name="document")) == 9
+    default = jv5fast.Engine(nano_ckpt, device="cpu", dtype="bfloat16", max_length=9)
+    want = engine.encode_document(texts, truncate_dim=48)
+    assert np.abs(default.encode_document(texts, truncate_dim=48) - want).max() > 0.1   # the adapter matters
+    options = (("text-matching",) * 2, (torch.bfloat16,) * 2, (9, 9), (40, 40))
+
+    lc = JV5FastEmbeddings(engine, dimensions=48)
+    li = JV5FastEmbedding(engine, dimensions=48)
+    copies = [("langchain pickle", pickle.loads(pickle.dumps(lc))), ("langchain deepcopy", copy.deepcopy(lc)),
+              ("llama_index pickle", pickle.loads(pickle.dumps(li))),
+              ("llama_index from_dict", JV5FastEmbedding.from_dict(li.to_dict())),
+              ("llama_index from_json", JV5FastEmbedding.from_json(li.to_json())),
+              ("llama_index deepcopy", copy.deepcopy(li))]
+    for what, other in copies:
+        got = other.embed_documents(texts) if what.startswith("langchain") else other.get_text_embedding_batch(texts)
+        e = other.engine
+        assert tuple(zip((e.task, e.dtype, e.max_length, e.max_batch_tokens),
+                         (engine.task, engine.dtype, engine.max_length, engine.max_batch_tokens))) == options, what
+        np.testing.assert_allclose(np.array(got, dtype=np.float32), want, rtol=0, atol=1e-6, err_msg=what)
+
+
+def test_int8_engine_from_a_path_round_trips(nano_ckpt):
+    """``quantize="int8"`` runs a cached ONNX export folder: a copy reloads that folder as an ONNX int8 engine (it
+    once passed quantize="int8" again with the export folder, which is no checkpoint, and failed)."""
+    import pickle
+    import warnings
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from jv5fast.integrations.langchain import JV5FastEmbeddings
+    from jv5fast.integrations.llama_index import JV5FastEmbedding
+    texts = fresh_texts(4, seed=41)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the int8 quality report, on every load
+        lc = JV5FastEmbeddings(nano_ckpt, quantize="int8", task="clustering", dimensions=32)
+        li = JV5FastEmbedding(nano_ckpt, task="clustering", engine_kwargs={"quantize": "int8"})
+        copies = [pickle.loads(pickle.dumps(lc)), pickle.loads(pickle.dumps(li)),
+                  JV5FastEmbedding.from_json(li.to_json())]
+    want = lc.embed_documents(texts)
+    np.testing.assert_allclose(copies[0].embed_documents(texts), want, rtol=0, atol=1e-6)
+    for other in copies[1:]:
+        assert (other.engine.backend, other.engine.task) == ("onnx", "clustering")
+        np.testing.assert_allclose(other.get_text_embedding_batch(texts), li.get_text_embedding_batch(texts),
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocked,module,extra", [
+    ("langchain_core", "langchain", "langchain"),
+    ("llama_index.core", "llama_index", "llamaindex"),
+    ("mteb", "mteb", "mteb"),
+])
+def test_missing_extra_names_the_pip_install(monkeypatch, blocked, module, extra):
+    """Without its framework an integration says which extra to install, as the onnx / faiss / parquet extras do,
+    through the module and through the lazy accessor of jv5fast.integrations."""
+    import importlib
+
+    import jv5fast.integrations
+    for name in [m for m in sys.modules if m == blocked or m.startswith(blocked + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)   # imports of it now fail as if it were not installed
+    monkeypatch.setitem(sys.modules, blocked, None)
+    monkeypatch.delitem(sys.modules, f"jv5fast.integrations.{module}", raising=False)
+    want = rf'this integration needs .*, in the {extra} extra: pip install "jv5fast\[{extra}\]"'
+    with pytest.raises(ImportError, match=want) as info:
+        importlib.import_module(f"jv5fast.integrations.{module}")
+    assert info.value.name.split(".")[0] == blocked.split(".")[0]
+    name = {"langchain": "JV5FastEmbeddings", "llama_index": "JV5FastEmbedding", "mteb": "JV5FastEncoder"}[module]
+    with pytest.raises(ImportError, match=want):
+        getattr(jv5fast.integrations, name)
+
+
+def test_missing_extra_keeps_other_import_errors():
+    """A dependency missing inside an installed framework is its own error, not "install the extra"."""
+    from jv5fast.integrations import missing_extra
+    inner = ModuleNotFoundError("No module named 'nltk'", name="nltk")
+    with pytest.raises(ModuleNotFoundError) as info:
+        missing_extra(inner, "llama_index.core", "llama-index-core", "llamaindex")
+    assert info.value is inner

@@ -15,6 +15,16 @@ def __getattr__(name):  # jv5fast.integrations.JV5FastEmbeddings imports langcha
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def missing_extra(e: ModuleNotFoundError, module: str, dist: str, extra: str):
+    """Raise ``e`` (from importing ``module``, pip distribution ``dist``) as every jv5fast extra does: naming the
+    ``pip install "jv5fast[extra]"`` that is missing. An error from inside an installed package (one of its own
+    dependencies missing) is re-raised unchanged."""
+    if (e.name or "").split(".")[0] != module.split(".")[0]:
+        raise e
+    raise ModuleNotFoundError(f"{e}: this integration needs {dist}, in the {extra} extra: "
+                              f'pip install "jv5fast[{extra}]"', name=e.name) from None
+
+
 def engine_from(model, what: str, **engine_kwargs):
     """``model`` as a ``jv5fast.Engine``: an existing one (then ``engine_kwargs`` must be empty) or a checkpoint
     path / hub id loaded with ``engine_kwargs``. Shared by the integrations."""
@@ -30,15 +40,20 @@ def engine_from(model, what: str, **engine_kwargs):
 
 
 def engine_spec(engine) -> dict:
-    """Engine options that rebuild ``engine`` from ``engine.path`` (device, dtype, max_length, backend): what an
-    integration records so that it can be pickled or serialised and loaded again in another process."""
+    """Engine options that rebuild ``engine`` from ``engine.path`` with the same vectors (task, device, dtype,
+    max_length, backend and int8 graph): what an integration records so that it can be pickled or serialised and
+    loaded again in another process. ``cuda_graphs`` is left out: it replays the same kernels."""
     spec = {"device": str(engine.device), "max_length": engine.max_length,
             "max_batch_tokens": engine.max_batch_tokens}
+    if len(engine.tasks) > 1:  # adapters to choose from; a merged or ONNX model has its one task in its weights
+        spec["task"] = engine.task
     if engine.backend == "torch":
         spec["dtype"] = str(engine.dtype).replace("torch.", "")
     else:
         spec["backend"] = engine.backend
-        if engine.int8_quality is not None:
+        # the graph file the engine runs (an int8 export may lack the quality record int8_quality comes from)
+        graph = getattr(getattr(engine.model, "session", None), "model_path", "")
+        if engine.int8_quality is not None or os.path.basename(graph) == "model_int8.onnx":
             spec["onnx_quantize"] = "int8"
     return spec
 

@@ -7,11 +7,14 @@ passes. Needs ``langchain-core`` (``pip install jv5fast[langchain]``).
 """
 from __future__ import annotations
 
-from langchain_core.embeddings import Embeddings
-from langchain_core.runnables.config import run_in_executor
-
 from ..engine import Engine
-from . import check_texts, engine_from, engine_spec
+from . import check_texts, engine_from, engine_spec, missing_extra
+
+try:
+    from langchain_core.embeddings import Embeddings
+    from langchain_core.runnables.config import run_in_executor
+except ModuleNotFoundError as e:
+    missing_extra(e, "langchain_core", "langchain-core", "langchain")
 
 __all__ = ["JV5FastEmbeddings"]
 
@@ -29,8 +32,9 @@ class JV5FastEmbeddings(Embeddings):
             engine_kwargs["task"] = task  # load with that adapter active
         self.engine = engine_from(model, "JV5FastEmbeddings", **engine_kwargs)
         self.task, self.dimensions, self.batch_size = task, dimensions, batch_size
-        # how to load the engine again after pickling (an Engine holds locks and tensors; it is not pickled)
-        self._source = (self.engine.path, engine_kwargs if not isinstance(model, Engine) else engine_spec(self.engine))
+        # how to load the engine again after pickling (an Engine holds locks and tensors; it is not pickled): the
+        # folder it runs and its resolved options, not the arguments (quantize="int8" runs a cached export folder)
+        self._source = (self.engine.path, engine_spec(self.engine))
         # check task, dimensions and batch_size now, not at the first document (an empty call computes nothing)
         self.embed_documents([])
 

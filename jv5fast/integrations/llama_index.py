@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
-
 from ..engine import Engine
-from . import check_texts, engine_from, engine_spec
+from . import check_texts, engine_from, engine_spec, missing_extra
+
+try:
+    from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+    from llama_index.core.bridge.pydantic import Field, PrivateAttr
+except ModuleNotFoundError as e:
+    missing_extra(e, "llama_index.core", "llama-index-core", "llamaindex")
 
 __all__ = ["JV5FastEmbedding"]
 
@@ -46,7 +49,7 @@ class JV5FastEmbedding(BaseEmbedding):
             engine_kwargs["task"] = task  # load with that adapter active
         engine = engine_from(model, "JV5FastEmbedding", **engine_kwargs)
         kwargs["model_name"] = str(engine.path)
-        spec = engine_spec(engine) if isinstance(model, Engine) else engine_kwargs
+        spec = engine_spec(engine)  # resolved options for model_name, the folder the engine runs (JSON-able)
         super().__init__(task=task, dimensions=dimensions, embed_batch_size=embed_batch_size, engine_kwargs=spec,
                          **kwargs)
         self._engine = engine

@@ -19,14 +19,18 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from mteb.models import ModelMeta
-from mteb.models.abs_encoder import AbsEncoder
-from mteb.types import PromptType
 
 from ..config import QWEN3, load_model_args
 from ..engine import Engine, merged_task_from_name
 from ..loading import checkpoint_fingerprint, expected_shapes, list_adapter_tasks, resolve_checkpoint
-from . import engine_from
+from . import engine_from, missing_extra
+
+try:
+    from mteb.models import ModelMeta
+    from mteb.models.abs_encoder import AbsEncoder
+    from mteb.types import PromptType
+except ModuleNotFoundError as e:
+    missing_extra(e, "mteb", "mteb", "mteb")
 
 log = logging.getLogger("jv5fast")
 
