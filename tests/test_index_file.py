@@ -273,8 +273,11 @@ def test_code_tail_bits_past_dim_are_refused(tmp_path):
     payload = embedding_payload(codes=codes)
     with pytest.raises(IndexFileError, match="'codes' has bits set past dim=12"):
         EmbeddingIndex.load(craft(tmp_path / "x.jv5", embedding_header(), payload))
-    codes[2, 1] = 0xF0  # the 4 real bits may be anything
-    path = craft(tmp_path / "y.jv5", embedding_header(), embedding_payload(codes=codes))
+    vectors = np.clip(np.rint(np.random.default_rng().standard_normal((3, 12)) * 40), -127, 127).astype(np.int8)
+    vectors[2, 8:] = [1, -1, 0, 0]
+    codes = np.packbits(vectors > 0, axis=-1)
+    codes[2, 1] |= 0x10  # a real bit over a stored 0 may be either (see test_code_bits_must_fit_the_vectors)
+    path = craft(tmp_path / "y.jv5", embedding_header(), embedding_payload(codes=codes, vectors=vectors))
     assert len(EmbeddingIndex.load(path)) == 3
 
 
@@ -408,3 +411,93 @@ def test_int_id_minus_one_in_a_file_is_refused(tmp_path):
     h["arrays"].append({"name": "ids", "dtype": "<i8", "shape": [3, 1]})
     bad = craft(tmp_path / "m1.jv5", h, bytes(6) + np.array([5, -1, 2], "<i8").tobytes())
     expect_refused(bad, HammingIndex, r"array 'ids' row 1 holds the id -1, which is reserved")
+
+
+# ----------------------------------------------------------------------------------------------
+# sign codes must fit the stored vectors (a valid CRC over permuted code rows once gave wrong rows)
+
+
+def recrc(path, mutate_codes):
+    """Rewrite a saved EmbeddingIndex file with its 'codes' array (the first one) changed by
+    ``mutate_codes(codes) -> codes`` and the CRC-32 recomputed, as a crafted file would be."""
+    raw = bytearray(path.read_bytes())
+    hlen = struct.unpack("<I", raw[12:16])[0]
+    shape = json.loads(raw[16 : 16 + hlen])["arrays"][0]["shape"]
+    start, size = 16 + hlen, shape[0] * shape[1]
+    codes = np.frombuffer(bytes(raw[start : start + size]), np.uint8).reshape(shape)
+    raw[start : start + size] = np.ascontiguousarray(mutate_codes(codes.copy()), np.uint8).tobytes()
+    raw[-4:] = struct.pack("<I", zlib.crc32(bytes(raw[:-4])))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("store", ["float32", "float16", "int8"])
+def test_permuted_code_rows_are_refused(tmp_path, store):
+    """Code rows rolled by one under a recomputed CRC: before this check the file loaded and every stored vector
+    found another row at k=1. Now the first row whose codes do not fit its vector is named."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((57, 77)).astype(np.float32)
+    index = EmbeddingIndex(77, store=store)
+    index.add(x, ids=[f"r{i}" for i in range(57)])
+    index.save(tmp_path / "ok.jv5")
+    np.testing.assert_array_equal(EmbeddingIndex.load(tmp_path / "ok.jv5").search(x, 1)[1][:, 0], np.arange(57))
+    path = recrc(tmp_path / "ok.jv5", lambda c: np.roll(c, 1, axis=0))
+    with pytest.raises(IndexFileError, match=r"array 'codes' row 0 does not match the signs of array 'vectors' "
+                                             r"row 0 \(\d+ of 77 bits disagree; first: dimension \d+") as info:
+        EmbeddingIndex.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("store,value,bit,ok", [
+    ("float32", 0.0, 1, False),   # float32 stores x itself: the bit is exactly x > 0
+    ("float32", -0.0, 1, False),
+    ("float32", 0.5, 0, False),
+    ("float32", -0.5, 1, False),
+    ("float16", 0.0, 1, True),    # +0.0 may be a tiny x > 0 rounded to zero
+    ("float16", 0.0, 0, True),
+    ("float16", -0.0, 1, False),  # -0.0 comes only from x <= 0
+    ("float16", 0.5, 0, False),
+    ("float16", -0.5, 1, False),
+    ("int8", 0, 1, True),         # 0 is any |x| < scale / 2, of either sign
+    ("int8", 0, 0, True),
+    ("int8", 3, 0, False),
+    ("int8", -3, 1, False),
+])
+def test_code_bits_must_fit_the_vectors(tmp_path, store, value, bit, ok):
+    """The exact rule per store: a bit must be 1 where the stored value is > 0, 0 where it is < 0, and may be
+    either only where save() itself could have written either (a stored zero of float16 +0.0 or int8 0)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 12)).astype(np.float32)
+    x[x == 0] = 1.0
+    vectors = x.astype(store) if store != "int8" else np.clip(np.rint(x * 40), -127, 127).astype(np.int8)
+    vectors[vectors == 0] = 1
+    vectors[1, 5] = value
+    codes = np.packbits(vectors > 0, axis=-1)
+    codes[1, 0] = (codes[1, 0] & ~np.uint8(0x04)) | np.uint8(bit << 2)  # dimension 5 = bit 7 - 5 of byte 0
+    path = craft(tmp_path / "x.jv5", embedding_header(store=store), embedding_payload(store=store, codes=codes,
+                                                                                        vectors=vectors))
+    if ok:
+        loaded = EmbeddingIndex.load(path)
+        np.testing.assert_array_equal(loaded.binary.codes, codes)  # kept as stored, not recomputed
+    else:
+        with pytest.raises(IndexFileError, match=rf"'codes' row 1 does not match .*\(1 of 12 bits disagree; first: "
+                                                 rf"dimension 5, code bit {bit}"):
+            EmbeddingIndex.load(path)
+
+
+@pytest.mark.parametrize("store", ["float32", "float16", "int8"])
+def test_valid_file_with_zeroed_values_loads_and_searches_identically(tmp_path, store):
+    """Values that the store rounds to zero keep their sign bit in the codes (float16 underflow, int8 |x| below
+    half a step): the check accepts them, and the loaded index searches exactly as the one that saved it."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((300, 40)).astype(np.float32)
+    x[:, :8] *= 1e-9   # float16 flushes these to +-0.0 and int8 rounds them to 0; their code bits stay x > 0
+    index = EmbeddingIndex(40, store=store)
+    index.add(x)
+    assert store == "float32" or ((index._vecs.data == 0) & (x > 0)).any()  # the case the rule must allow
+    index.save(tmp_path / "z.jv5")
+    loaded = EmbeddingIndex.load(tmp_path / "z.jv5")
+    np.testing.assert_array_equal(loaded.binary.codes, index.binary.codes)
+    q = rng.standard_normal((9, 40)).astype(np.float32)
+    for got, want in zip(loaded.search(q, 7, rescore_multiplier=2), index.search(q, 7, rescore_multiplier=2)):
+        np.testing.assert_array_equal(got, want)
