@@ -1,16 +1,20 @@
 """Command line: ``jv5fast embed --model PATH_OR_ID [options] (TEXT... | --input FILE|-) [--output OUT.npy|OUT.jsonl]``
-``jv5fast export-onnx --model PATH_OR_ID --out DIR [--task ..] [--dtype ..] [--quantize int8] ...`` and
+``jv5fast export-onnx --model PATH_OR_ID --output DIR [--task ..] [--dtype ..] [--quantize int8] ...`` and
 ``jv5fast train --stage STAGE --student DIR --output DIR --data FILE.jsonl [--teacher DIR | --teacher-embeddings DIR]``
 and ``jv5fast serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8080] [...]`` (see jv5fast/server.py),
 ``jv5fast index --input DOCS --output INDEX [--model M]`` (JSON Lines, Parquet, or embed-corpus output ->
-an EmbeddingIndex file with ids, texts and settings) and ``jv5fast search INDEX "query" [-k 10] [--json]``.
+an EmbeddingIndex file with ids, texts and settings), ``jv5fast search INDEX "query" [-k 10] [--json]`` and
+``jv5fast make-checkpoint DIR [--family nano|small] [--size tiny|full] [--seed N]`` (RANDOM weights in the
+released layout, offline, for trying the commands and tests; the folder's README.txt says so).
 
-Same semantics as ``Engine.embed``. ``--input`` reads one text per line, split on newlines only (one
-trailing carriage return is dropped; form feeds, U+2028 and the like stay inside the text). A .jsonl
-file may instead hold one JSON string, or an object with a "text" field, per line. A blank line is an
-empty text in both formats, so output row i is always input line i. ``.npy`` output holds the (N, D')
-array; ``.jsonl`` one {"index", "embedding"} object per text, in input order; without ``--output`` the
-same JSON Lines go to stdout (progress and messages stay on stderr).
+Same semantics as ``Engine.embed``. ``--input`` is read by its extension (``--format`` overrides it): a
+.txt file (or one without an extension, or stdin) holds one text per line, split on newlines only (one
+trailing carriage return is dropped; form feeds, U+2028 and the like stay inside the text); a .jsonl file
+one JSON string, or an object with a "text" field (``--text-column``), per line; a .json file an array of
+them; a .parquet file a text column (pyarrow). A blank line is an empty text, so output row i is always
+input line (element, row) i. Any other extension is refused, never guessed. ``.npy`` output holds the
+(N, D') array; ``.jsonl`` one {"index", "embedding"} object per text, in input order; without ``--output``
+the same JSON Lines go to stdout (progress and messages stay on stderr).
 
 Errors a user can cause (bad flags, unreadable or malformed input, a model that does not fit the
 command) print one line on stderr, in CLI words, and exit 2; failures while running exit 1. No
@@ -54,28 +58,34 @@ def split_lines(text: str) -> list:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _read_lines(path: str, flag: str):
-    """(name, lines) of ``path`` (``-``: stdin) as UTF-8, with every way to fail named in CLI words."""
+def _read_bytes(path: str, flag: str):
+    """(name, bytes) of ``path`` (``-``: stdin), with every way to fail named in CLI words."""
     if path == "-":
-        raw = sys.stdin.buffer.read()
-        path = "<stdin>"
-    else:
-        if os.path.isdir(path):
-            raise CLIError(f"{flag} {path} is a folder; give a file")
-        try:
-            with open(path, "rb") as f:  # bytes: text mode's universal newlines would split on a lone "\r"
-                raw = f.read()
-        except FileNotFoundError:
-            raise CLIError(f"{flag} file not found: {path}") from None
-        except OSError as e:
-            raise CLIError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+        return "<stdin>", sys.stdin.buffer.read()
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is a folder; give a file")
     try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first text
+        with open(path, "rb") as f:  # bytes: text mode's universal newlines would split on a lone "\r"
+            return path, f.read()
+    except FileNotFoundError:
+        raise CLIError(f"{flag} file not found: {path}") from None
+    except OSError as e:
+        raise CLIError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+
+
+def _decode(name: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark is not part of the first text
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise CLIError(f"{path} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+        raise CLIError(f"{name} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
                        f"save the file as UTF-8") from None
-    return path, split_lines(text)
+
+
+def _read_lines(path: str, flag: str):
+    """(name, lines) of ``path`` (``-``: stdin) as UTF-8, with every way to fail named in CLI words."""
+    name, raw = _read_bytes(path, flag)
+    return name, split_lines(_decode(name, raw))
 
 
 def _json_line(name: str, n: int, line: str):
@@ -87,24 +97,115 @@ def _json_line(name: str, n: int, line: str):
         raise CLIError(f"{name} line {n}: JSON nested too deeply") from None
 
 
-def _read_texts(path: str) -> list:
+def _json_type(v) -> str:
+    """The JSON name of a parsed value's type, for messages (not Python's NoneType, dict, list)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    return {str: "a string", dict: "an object", list: "an array"}.get(type(v), "a number")
+
+
+def _names(names, limit: int = 10) -> str:
+    """Field or column names for a message: "a, b, c" (not a Python list), "none" when empty."""
+    names = [str(n) for n in names]
+    if not names:
+        return "none"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# --input formats: the extension picks one, --format overrides it. A path without an extension (a pipe such
+# as /dev/fd/63, a file named "texts") and stdin are read as .txt; any other extension is refused rather
+# than guessed, so a .csv or .tsv is never embedded line by line with its header.
+INPUT_FORMATS = ("txt", "jsonl", "json", "parquet")
+_EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def _input_format(path: str, fmt=None, flag: str = "--input") -> str:
+    if fmt is not None:
+        return fmt
+    ext = "" if path == "-" else os.path.splitext(os.path.basename(path))[1]
+    if not ext:
+        return "txt"
+    if ext.lower() not in _EXTENSIONS:
+        raise CLIError(f"{flag} {path}: unknown file type {ext!r}; accepted: .txt (one text per line), "
+                       f".jsonl/.ndjson (a JSON string or {{\"text\": ...}} per line), .json (an array of them), "
+                       f".parquet (a text column); pass --format {'|'.join(INPUT_FORMATS)} to read it as one of "
+                       f"them")
+    return _EXTENSIONS[ext.lower()]
+
+
+def _text_of(obj, where: str, col: str):
+    """One JSON value as a text: a string, or an object's ``col`` string."""
+    if isinstance(obj, dict):
+        if col not in obj:
+            raise CLIError(f"{where}: object without a {col!r} field (keys: {_names(sorted(obj))})")
+        obj = obj[col]
+    if not isinstance(obj, str):
+        raise CLIError(f"{where}: expected a JSON string or an object with a {col!r} string, got {_json_type(obj)}")
+    return obj
+
+
+def _read_texts(path: str, fmt=None, text_col: str = "text") -> list:
+    """The texts of ``--input`` in order, one per line (txt, jsonl; a blank line is an empty text), array
+    element (json) or row (parquet), so output row i is always input line, element or row i."""
+    fmt = _input_format(path, fmt)
+    if fmt == "parquet":
+        return _read_texts_parquet(path, text_col)
+    if fmt == "json":
+        name, raw = _read_bytes(path, "--input")
+        try:
+            arr = json.loads(_decode(name, raw))
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{name}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise CLIError(f"{name}: JSON nested too deeply") from None
+        if not isinstance(arr, list):
+            raise CLIError(f"{name}: expected a JSON array of strings or of {{{json.dumps(text_col)}: ...}} "
+                           f"objects, got {_json_type(arr)}")
+        return [_text_of(obj, f"{name} index {i}", text_col) for i, obj in enumerate(arr)]
     name, lines = _read_lines(path, "--input")
-    if not path.endswith(".jsonl"):
+    if fmt == "txt":
         return lines
     texts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             texts.append("")  # as in a .txt file: the row stays aligned with the line
             continue
-        obj = _json_line(name, n, line)
-        if isinstance(obj, dict):
-            if "text" not in obj:
-                raise CLIError(f"{name} line {n}: object without a 'text' field (keys: {sorted(obj)})")
-            obj = obj["text"]
-        if not isinstance(obj, str):
-            raise CLIError(f"{name} line {n}: expected a JSON string or an object with a 'text' string, "
-                           f"got {type(obj).__name__}")
-        texts.append(obj)
+        texts.append(_text_of(_json_line(name, n, line), f"{name} line {n}", text_col))
+    return texts
+
+
+def _read_texts_parquet(path: str, col: str) -> list:
+    """The ``col`` column of one Parquet file (``-``: stdin), every row in order; a null is refused by row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    name, raw = ("<stdin>", sys.stdin.buffer.read()) if path == "-" else (path, None)
+    if raw is None:
+        if os.path.isdir(path):
+            raise CLIError(f"--input {path} is a folder; give a file (`jv5fast index` and `embed-corpus` read "
+                           f"folders of Parquet files)")
+        if not os.path.exists(path):
+            raise CLIError(f"--input file not found: {path}")
+    try:
+        pf = pq.ParquetFile(path if raw is None else pa.BufferReader(raw))
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise CLIError(f"--input {name}: not a readable Parquet file ({e})") from None
+    if col not in schema.names:
+        raise CLIError(f"--input {name}: no column {col!r} (columns: {_names(schema.names, 20)}); pass "
+                       f"--text-column")
+    kind = schema.field(col).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CLIError(f"--input {name}: column {col!r} is {kind}; texts must be strings")
+    texts = []
+    for batch in pf.iter_batches(batch_size=65536, columns=[col]):
+        values = _column_values(batch.column(0), name, len(texts), col)
+        for j, text in enumerate(values):
+            if text is None:
+                raise CLIError(f"{name} row {len(texts) + j}: {col!r} is null; every row must hold a text")
+        texts.extend(values)
     return texts
 
 
@@ -270,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jv5fast", description="Fast, exact jina-embeddings-v5-text engine: embed "
                                 "texts, export to ONNX, train adapters.", formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"jv5fast {_version()}")
-    sub = p.add_subparsers(dest="cmd", metavar="{embed,index,search,embed-corpus,export-onnx,train,serve}")
+    sub = p.add_subparsers(dest="cmd", metavar="{embed,index,search,embed-corpus,export-onnx,train,serve,"
+                           "make-checkpoint}")
     task_help = (f"task adapter, one of {', '.join(TASKS)} (default: retrieval, or the one task a merged "
                  f"checkpoint or ONNX export holds)")
 
@@ -300,8 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", default=None, choices=("int8",),
                    help="int8 on the CPU: the checkpoint's int8 ONNX export, built on first use and cached "
                    "($JV5FAST_CACHE); with --backend onnx the export's model_int8.onnx")
-    e.add_argument("--input", default=None, help="file with one text per line (.jsonl: a JSON string or "
-                   "{\"text\": ...} per line), or - for stdin")
+    e.add_argument("--input", default=None, help="texts to embed, read by extension: .txt one per line, .jsonl "
+                   "a JSON string or {\"text\": ...} per line, .json an array of them, .parquet a text column "
+                   "(needs jv5fast[parquet]); - for stdin (.txt unless --format)")
+    e.add_argument("--format", default=None, choices=INPUT_FORMATS, help="read --input as this format, whatever "
+                   "its extension (default: from the extension; txt without one)")
+    e.add_argument("--text-column", default=None, help="the field (.jsonl, .json objects) or Parquet column "
+                   "holding each text (default: text)")
     e.add_argument("--output", default=None, help="OUT.npy or OUT.jsonl (its folder must exist; default: JSON "
                    "Lines on stdout)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -310,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-onnx", help="export a checkpoint + one task adapter to ONNX", formatter_class=_Help,
                        description="Write a self-contained ONNX folder (needs jv5fast[onnx]).")
     x.add_argument("--model", required=True, help="checkpoint folder (released layout) or hub id")
-    x.add_argument("--out", required=True, help="output folder; must not exist, unless --overwrite and it is a "
-                   "previous jv5fast export")
+    x.add_argument("--output", "--out", dest="output", required=True, help="output folder; must not exist, unless "
+                   "--overwrite and it is a previous jv5fast export (--out is the older name)")
     x.add_argument("--task", default=None, help=task_help)
     x.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="graph dtype")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 14)")
@@ -319,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "served by default by --backend onnx (default: the model's dimension)")
     x.add_argument("--quantize", default=None, choices=("int8",), help="also write model_int8.onnx")
     x.add_argument("--external-data", action="store_true", help="force model.onnx_data (automatic above 2 GB)")
-    x.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous jv5fast export")
+    x.add_argument("--overwrite", action="store_true", help="replace --output if it is a previous jv5fast export")
     _add_train_parser(sub)
+    _add_make_checkpoint_parser(sub)
     _add_serve_parser(sub)
     _add_index_parsers(sub, task_help)
     from .distributed import cli as corpus_cli  # the parser only: Ray is imported when the command runs
@@ -465,7 +573,7 @@ def main(argv=None):
         from .distributed import cli as corpus_cli
         return corpus_cli.run(a)
     run = {"embed": _embed, "export-onnx": _export, "train": _train, "serve": _serve, "index": _index,
-           "search": _search}[a.cmd]
+           "search": _search, "make-checkpoint": _make_checkpoint}[a.cmd]
     try:
         return run(a)
     except BrokenPipeError:  # stdout's reader is gone (| head): stop quietly, as cat and grep do
@@ -513,6 +621,11 @@ def _stdout_gone() -> int:
     return 141
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 text', '2 texts', '0 texts'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _fail(cmd, msg, code):
     print(f"jv5fast {cmd}: error: {msg}", file=sys.stderr)
     return code
@@ -538,6 +651,14 @@ def _quantize_kw(a):
 def _embed(a):
     if bool(a.texts) == bool(a.input):
         raise CLIError("give either TEXT arguments or --input FILE (not both, not neither)")
+    given = [flag for flag, v in (("--format", a.format), ("--text-column", a.text_column)) if v is not None]
+    if given and not a.input:
+        raise CLIError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --input; TEXT "
+                       f"arguments are embedded as they are")
+    fmt = _input_format(a.input, a.format) if a.input else None
+    if a.text_column is not None and fmt == "txt":
+        raise CLIError(f"--text-column applies to jsonl, json and parquet input; --input {a.input} is read as txt "
+                       f"(one text per line): pass --format, or leave out --text-column")
     _check_quantize(a)
     if a.output is not None:
         _check_output_file(a.output, "--output", (".npy", ".jsonl"))
@@ -546,7 +667,7 @@ def _embed(a):
                            f"would replace the texts: give another --output")
     _check_model(a.model, "--model", a.backend)
     _check_device(a.device)
-    texts = a.texts if a.texts else _read_texts(a.input)
+    texts = a.texts if a.texts else _read_texts(a.input, fmt, a.text_column or "text")
 
     from .engine import Engine
     kw = {} if a.task is None else {"task": a.task}
@@ -562,7 +683,8 @@ def _embed(a):
         out.flush()
     else:
         _write(a.output, emb)
-    print(f"embedded {len(texts)} texts -> {a.output or 'stdout'} {tuple(emb.shape)} {emb.dtype}", file=sys.stderr)
+    print(f"embedded {_count(len(texts), 'text')} -> {a.output or 'stdout'} {tuple(emb.shape)} {emb.dtype}",
+          file=sys.stderr)
     return 0
 
 
@@ -626,7 +748,7 @@ def _train(a):
             print(f"resuming from step {trainer.resumed_from} of {cfg.steps} ({trainer.state_path})",
                   file=sys.stderr)
     trainer.train()
-    print(f"trained {cfg.stage} ({cfg.steps} steps) -> {cfg.output}", file=sys.stderr)
+    print(f"trained {cfg.stage} ({_count(cfg.steps, 'step')}) -> {cfg.output}", file=sys.stderr)
     return 0
 
 
@@ -637,14 +759,135 @@ def _export(a):
     _check_model(a.model, "--model")
     with warnings.catch_warnings():  # the int8 quality report is printed once, below
         warnings.filterwarnings("ignore", message="int8 ONNX model quality")
-        meta = export_onnx(a.model, a.out, task=a.task, dtype=a.dtype, opset=a.opset, truncate_dim=a.truncate_dim,
+        meta = export_onnx(a.model, a.output, task=a.task, dtype=a.dtype, opset=a.opset, truncate_dim=a.truncate_dim,
                            quantize=a.quantize, external_data=True if a.external_data else None,
                            overwrite=a.overwrite)
-    print(f"exported {meta['model_type']} task={meta['task']} dtype={meta['dtype']} -> {a.out}", file=sys.stderr)
+    print(f"exported {meta['model_type']} task={meta['task']} dtype={meta['dtype']} -> {a.output}", file=sys.stderr)
     if "int8" in meta:
         q = meta["int8"]
         print(f"int8: mean cosine to float {q['cosine_mean']:.4f} (min {q['cosine_min']:.4f}), "
-              f"top-10 overlap {q['top10_overlap']:.3f} on {q['texts']} texts", file=sys.stderr)
+              f"top-10 overlap {q['top10_overlap']:.3f} on {_count(q['texts'], 'text')}", file=sys.stderr)
+    return 0
+
+
+# ---- make-checkpoint ----------------------------------------------------------------------------------
+_HUB_IDS = {"nano": "jinaai/jina-embeddings-v5-text-nano", "small": "jinaai/jina-embeddings-v5-text-small"}
+_seed = _checked(int, lambda n: 0 <= n < 2**32, "an integer in 0..4294967295")
+
+
+def _add_make_checkpoint_parser(sub):
+    m = sub.add_parser("make-checkpoint", help="write a checkpoint with RANDOM weights, offline (to try the "
+                       "commands and to test; its vectors are meaningless)", formatter_class=_Help,
+                       description="Write a checkpoint folder in the released layout (config.json, bf16 "
+                       "safetensors, the four task adapters, the real tokenizer) whose weights are RANDOM, drawn "
+                       "from --seed, with no download. Every command takes it as --model, but its embeddings are "
+                       "MEANINGLESS: use it to try jv5fast and to test pipelines offline, never to compare texts. "
+                       "The folder's README.txt and the config field jv5fast_random_weights say so. Needs the "
+                       "quicktok-v1 package for the tokenizers.")
+    m.add_argument("dir", metavar="DIR", help="folder to write; it must not exist, or be empty (nothing is "
+                   "overwritten)")
+    m.add_argument("--family", default="nano", choices=("nano", "small"), help="architecture: nano (EuroBERT, "
+                   "Llama-3 tokenizer) or small (Qwen3 tokenizer and backbone)")
+    m.add_argument("--size", default="tiny", choices=("tiny", "full"), help="tiny: 2 layers, 64-d, a few MB, "
+                   "seconds; full: the released shapes (hundreds of MB to ~1.2 GB)")
+    m.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed writes the same weights")
+
+
+_RANDOM_README = """RANDOM WEIGHTS - THIS IS NOT A TRAINED MODEL
+============================================
+
+This folder was written by `jv5fast make-checkpoint` (jv5fast {version}):
+family {family}, size {size}, seed {seed}.
+
+Its layout, shapes and tokenizer are those of {hub_id}, but every weight is a
+random number drawn from the seed. The embeddings it produces are MEANINGLESS:
+similar texts do not get similar vectors. Use it to try the jv5fast commands
+and to test pipelines offline; never to search, rank, cluster or compare real
+texts. config.json carries "jv5fast_random_weights": true to say the same.
+
+For real embeddings, use the released model: --model {hub_id}
+"""
+
+
+def _make_checkpoint(a):
+    """Write the checkpoint in a hidden folder inside DIR, then rename its files into DIR (renames within one
+    folder: a mount point works, and a failure leaves DIR as it was, removed again if this command made it)."""
+    import shutil
+    import tempfile
+    out = a.dir
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise CLIError(f"DIR {out} exists and is not a folder; give a new folder's name")
+        try:
+            held = os.listdir(out)
+        except OSError as e:
+            raise CLIError(f"cannot read DIR {out}: {e.strerror or e}") from None
+        if held:
+            raise CLIError(f"DIR {out} exists and is not empty (it holds {_names(sorted(held), 5)}); "
+                           f"make-checkpoint never overwrites or deletes anything: give a new or empty folder")
+    else:
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise CLIError(f"DIR {out}: folder {parent} does not exist")
+    try:
+        import quicktok  # noqa: F401  (the tokenizers are rebuilt from its vocabularies)
+    except ImportError:
+        raise CLIError("quicktok-v1 is not installed; make-checkpoint rebuilds the real tokenizers from its "
+                       "vocabularies: pip install quicktok-v1") from None
+    from .testing import SIZES, write_checkpoint
+    made = not os.path.lexists(out)
+    try:
+        if made:
+            os.mkdir(out)  # 0777 & ~umask, like any folder the user makes
+        tmp = tempfile.mkdtemp(prefix=".jv5fast-checkpoint-", dir=out)
+    except OSError as e:
+        raise CLIError(f"cannot write DIR {out}: {e.strerror or e}", code=1) from None
+    final, moved = os.path.abspath(out), []
+    try:
+        write_checkpoint(tmp, a.family, a.size, a.seed, real_tokenizer=True,
+                         config_overrides={"jv5fast_random_weights": True})
+        for task in sorted(os.listdir(os.path.join(tmp, "adapters"))):  # it recorded the hidden folder
+            path = os.path.join(tmp, "adapters", task, "adapter_config.json")
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            cfg["base_model_name_or_path"] = final
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(cfg, f, indent=2)
+        with open(os.path.join(tmp, "README.txt"), "w", encoding="utf-8") as f:
+            f.write(_RANDOM_README.format(version=_version(), family=a.family, size=a.size, seed=a.seed,
+                                          hub_id=_HUB_IDS[a.family]))
+        from .onnx_export import _umask
+        mode = 0o666 & ~_umask()
+        for root, _, files in os.walk(tmp):  # safetensors writes 0600; a model folder is readable as usual
+            for name in files:
+                os.chmod(os.path.join(root, name), mode)
+        names = sorted(os.listdir(tmp), key=lambda n: (n == "config.json", n != "README.txt", n))
+        for name in names:  # README.txt first, config.json (what makes it a checkpoint) last
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            moved.append(name)
+        os.rmdir(tmp)
+    except BaseException:  # Ctrl-C and a full disk too: DIR goes back to what it was (empty, or absent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name in moved:  # only what this command wrote: DIR was empty or absent
+            path = os.path.join(out, name)
+            try:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+            except OSError:
+                pass
+        if made:
+            try:
+                os.rmdir(out)
+            except OSError:  # not empty (something else wrote there): left as it is
+                pass
+        raise
+    dim = SIZES[(a.family, a.size)]["hidden_size"]
+    print(f"wrote a {a.family} {a.size} checkpoint ({dim}-d, seed {a.seed}) -> {out}", file=sys.stderr)
+    print(f"WARNING: RANDOM WEIGHTS. {out} is not a trained model and its embeddings are MEANINGLESS: use it "
+          f"to try commands and test offline, never to compare texts (see {os.path.join(out, 'README.txt')}). "
+          f"Real model: --model {_HUB_IDS[a.family]}", file=sys.stderr)
     return 0
 
 
@@ -687,8 +930,11 @@ def _add_index_parsers(sub, task_help):
                        "the k best documents (rank, score, id, start of the text) per query.")
     q.add_argument("index", metavar="INDEX", help="index file written by `jv5fast index`")
     q.add_argument("queries", nargs="*", help="query texts (or use --input)")
-    q.add_argument("--input", default=None, help="file with one query per line (.jsonl: a JSON string or "
-                   "{\"text\": ...} per line), or - for stdin")
+    q.add_argument("--input", default=None, help="queries, read by extension: .txt one per line, .jsonl a JSON "
+                   "string or {\"text\": ...} per line, .json an array of them, .parquet a text column; - for "
+                   "stdin (.txt unless --format)")
+    q.add_argument("--format", default=None, choices=INPUT_FORMATS, help="read --input as this format, whatever "
+                   "its extension (default: from the extension; txt without one)")
     q.add_argument("-k", type=_positive_int, default=10, help="results per query (at most the index's size)")
     q.add_argument("--rescore", type=_positive_int, default=4, help="shortlist k x N rows by Hamming distance, "
                    "then rescore them with the float vectors")
@@ -824,9 +1070,9 @@ def _read_docs_jsonl(path: str, id_col: str, text_col: str, text_chars: int) -> 
         if not isinstance(obj, dict):
             raise CLIError(f"{where}: expected an object with {id_col!r} and {text_col!r}, got {type(obj).__name__}")
         if id_col not in obj:
-            raise CLIError(f"{where}: no {id_col!r} field (keys: {sorted(obj)[:10]}); pass --id-column")
+            raise CLIError(f"{where}: no {id_col!r} field (keys: {_names(sorted(obj))}); pass --id-column")
         if text_col not in obj:
-            raise CLIError(f"{where} (id {obj[id_col]!r:.50}): no {text_col!r} field (keys: {sorted(obj)[:10]}); "
+            raise CLIError(f"{where} (id {obj[id_col]!r:.50}): no {text_col!r} field (keys: {_names(sorted(obj))}); "
                            f"pass --text-column")
         docs.add(_doc_id(obj[id_col], where, id_col), obj[text_col], where, id_col, text_col)
     return docs
@@ -856,7 +1102,7 @@ def _read_docs_parquet(files: list, id_col: str, text_col: str, text_chars: int)
             raise CLIError(f"--input {path}: not a readable Parquet file ({e})") from None
         for col, flag in ((id_col, "--id-column"), (text_col, "--text-column")):
             if col not in schema.names:
-                raise CLIError(f"--input {path}: no column {col!r} (columns: {schema.names[:20]}); pass {flag}")
+                raise CLIError(f"--input {path}: no column {col!r} (columns: {_names(schema.names, 20)}); pass {flag}")
         t_id, t_text = schema.field(id_col).type, schema.field(text_col).type
         if not (pa.types.is_integer(t_id) or pa.types.is_string(t_id) or pa.types.is_large_string(t_id)):
             raise CLIError(f"--input {path}: column {id_col!r} is {t_id}; ids must be integers or strings")
@@ -960,7 +1206,7 @@ def _index(a):
         index.save(a.output)  # atomic: a failure leaves any previous file as it was
     except OSError as e:
         raise CLIError(f"cannot write --output {a.output}: {e.strerror or e}", code=1) from None
-    print(f"indexed {len(index)} documents from {source} -> {a.output} (dim {index.dim}, store {index.store})",
+    print(f"indexed {_count(len(index), 'document')} from {source} -> {a.output} (dim {index.dim}, store {index.store})",
           file=sys.stderr)
     return 0
 
@@ -998,11 +1244,14 @@ def _search(a):
     if not os.path.isfile(a.index):
         raise CLIError(f"INDEX file not found: {a.index}")
     _check_device(a.device)
-    queries = a.queries if a.queries else _read_texts(a.input)
+    if a.queries and a.format is not None:
+        raise CLIError("--format applies to --input; query arguments are used as they are")
+    fmt = None if a.queries else _input_format(a.input, a.format)
+    queries = a.queries if a.queries else _read_texts(a.input, fmt)
     for i, query in enumerate(queries):  # each query is printed back: check them all before any output
         if (j := _lone_surrogate(query)) is not None:
-            where = (f"query argument {i + 1}" if a.queries else
-                     f"{'<stdin>' if a.input == '-' else a.input} line {i + 1}")
+            where = (f"query argument {i + 1}" if a.queries else f"{'<stdin>' if a.input == '-' else a.input} "
+                     + {"json": f"index {i}", "parquet": f"row {i}"}.get(fmt, f"line {i + 1}"))
             raise CLIError(f"{where} holds a lone surrogate at character {j} (not valid Unicode: a non-UTF-8 "
                            f"argument, or a JSON escape such as \\ud800 without its pair); fix the query")
     index = EmbeddingIndex.load(a.index)

@@ -349,6 +349,9 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
             meta["int8"] = _quantize_int8(model_path, os.path.join(tmp, "model_int8.onnx"), eng)
         with open(os.path.join(tmp, "jv5fast_onnx.json"), "w") as f:
             json.dump(meta, f, indent=2)
+        # mkdtemp made the staging folder 0700 (private while incomplete); the finished export follows the
+        # umask like any folder the user makes, so it can be shared as a model folder can.
+        os.chmod(tmp, 0o777 & ~_umask())
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException as e:  # Ctrl-C too: never leave a hidden, possibly multi-GB temporary folder behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -359,6 +362,21 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
         raise RuntimeError(f"ONNX export of {model_name_or_path!r} failed ({type(e).__name__}: {e}); "
                            f"nothing was written to {out_dir}") from e
     return meta
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc (no window in which it is changed); elsewhere it is
+    read by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_empty(folders):
@@ -404,7 +422,7 @@ def _check_replaceable(path):
             extra = sorted(set(os.listdir(path)) - EXPORT_FILES)
             if extra:
                 why = (f"it holds files that an export does not write, which overwrite would delete: "
-                       f"{extra}; move them elsewhere or remove the folder yourself")
+                       f"{', '.join(extra)}; move them elsewhere or remove the folder yourself")
     if why is not None:
         raise FileExistsError(f"refusing to overwrite {path}: {why}. Only a previous jv5fast ONNX export is "
                               f"replaced; nothing was deleted")

@@ -272,7 +272,9 @@ def write_checkpoint(path, family: str = "nano", size: str = "tiny", seed: int =
     (plain Qwen3 / EuroBERT config, no adapters) of that task's adapter merged in fp32.
     """
     if (family, size) not in SIZES:
-        raise ValueError(f"unknown family/size {family!r}/{size!r}; choose from {sorted(SIZES)}")
+        families, sizes = sorted({f for f, _ in SIZES}), sorted({z for _, z in SIZES})
+        raise ValueError(f"unknown family/size {family!r}/{size!r}; family is one of {', '.join(families)}, "
+                         f"size one of {', '.join(sizes)}")
     os.makedirs(path, exist_ok=True)
     cfg = hf_config(family, size, merged=merged_task is not None)
     if merged_task is None:

@@ -127,7 +127,8 @@ def test_every_flag_has_help_and_choices_are_listed():
     assert TRAIN_STAGES == ("distill",) + TASKS
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subs) == {"embed", "index", "search", "embed-corpus", "export-onnx", "train", "serve"}
+    assert set(subs) == {"embed", "index", "search", "embed-corpus", "export-onnx", "train", "serve",
+                         "make-checkpoint"}
     from jv5fast.distributed import cli as corpus_cli  # keeps its own copies so that its parser imports no torch
     from jv5fast.postprocess import PRECISIONS
     assert corpus_cli.TASKS == TASKS and corpus_cli.PRECISIONS == PRECISIONS

@@ -181,6 +181,36 @@ def test_cli_export_and_embed(ckpt_factory, tmp_path, capsys):
     assert (np.load(npy) * want).sum(1).min() >= COS
 
 
+def test_export_onnx_takes_output_like_every_command_and_out_as_alias(ckpt_factory, tmp_path, capsys):
+    from jv5fast.cli import build_parser, main
+    ck = ckpt_factory("nano", seed=51, tasks=("retrieval", "clustering"))
+    for flag in ("--output", "--out"):
+        out = str(tmp_path / flag.strip("-"))
+        assert main(["export-onnx", "--model", ck, flag, out, "--task", "clustering"]) == 0
+        assert _meta(out)["task"] == "clustering" and f"-> {out}" in capsys.readouterr().err
+    assert main(["export-onnx", "--model", ck]) == 2
+    assert "the following arguments are required: --output/--out" in capsys.readouterr().err
+    sub = build_parser()._subparsers._group_actions[0].choices["export-onnx"]
+    assert "--output OUTPUT, --out OUTPUT" in sub.format_help()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700)])
+def test_export_folder_follows_the_umask(ckpt_factory, tmp_path, umask, mode):
+    """The export is staged in a private (0700) temporary folder, but the finished folder gets 0777 & ~umask
+    like any folder, for a fresh export and a replaced one alike."""
+    ck = ckpt_factory("nano", seed=51, tasks=("retrieval", "clustering"))
+    out = tmp_path / "e"
+    old = os.umask(umask)
+    try:
+        jv5fast.export_onnx(ck, str(out))
+        assert os.stat(out).st_mode & 0o777 == mode
+        jv5fast.export_onnx(ck, str(out), task="clustering", overwrite=True)
+        assert os.stat(out).st_mode & 0o777 == mode
+    finally:
+        os.umask(old)
+    assert os.listdir(tmp_path) == ["e"]  # no staging folder left
+
+
 def test_export_truncate_dim_is_served_and_int8_reported_once(ckpt_factory, tmp_path, capfd):
     """An export made for a dimension serves that dimension by default (a larger one is an error), and the
     CLI's int8 export prints its quality once, without onnxruntime's advice."""
@@ -278,7 +308,7 @@ def test_overwrite_refuses_anything_but_a_previous_export(ckpt_factory, tmp_path
     export = tmp_path / "export"
     jv5fast.export_onnx(ck, str(export))
     (export / "my_notes.md").write_text("keep me")   # a user's file inside a previous export
-    with pytest.raises(FileExistsError, match=r"an export does not write.*\['my_notes.md'\]"):
+    with pytest.raises(FileExistsError, match=r"overwrite would delete: my_notes\.md; move them"):
         jv5fast.export_onnx(ck, str(export), overwrite=True)
     (export / "my_notes.md").unlink()
     monkeypatch.chdir(export)

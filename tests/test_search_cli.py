@@ -123,7 +123,7 @@ def test_settings_that_disagree_with_the_index_are_refused(nano_ckpt, small_ckpt
 @pytest.mark.parametrize("content,needle", [
     ('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": 1, "text": "c"}\n',
      "line 3: duplicate id 1 (first at {f} line 1)"),
-    ('{"id": "a", "text": "a"}\n{"text": "b"}\n', "line 2: no 'id' field (keys: ['text']); pass --id-column"),
+    ('{"id": "a", "text": "a"}\n{"text": "b"}\n', "line 2: no 'id' field (keys: text); pass --id-column"),
     ('{"id": "a", "text": "a"}\n{"id": "b", "text": 5}\n', "line 2 (id 'b'): 'text' must be a string, got int"),
     ('{"id": "a", "text": "a"}\n{"id": 2, "text": "b"}\n', "line 2: id 2 is a int, but {f} line 1 has a str id"),
     ('{"id": 1.5, "text": "a"}\n', "line 1: 'id' must be an int or a str, got float"),
@@ -168,7 +168,7 @@ def test_parquet_documents_and_their_errors(engines, nano_ckpt, tmp_path, capsys
         assert needle in capsys.readouterr().err, needle
     capsys.readouterr()
     assert main(["index", "--model", nano_ckpt, "--input", str(tmp_path / "dup.parquet"), "--output", str(out)]) == 2
-    assert "no column 'id' (columns: ['doc_id', 't']); pass --id-column" in capsys.readouterr().err
+    assert "no column 'id' (columns: doc_id, t); pass --id-column" in capsys.readouterr().err
     assert len(EmbeddingIndex.load(out)) == 23  # every failed run left the earlier index as it was
 
 
