@@ -87,3 +87,28 @@ def _wait_healthy(url, timeout=120):
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} never became healthy")
+
+
+def test_quickstart_offline_commands_run_as_written(tmp_path):
+    """The Quickstart's first block (make-checkpoint, then embed with it) runs verbatim in an empty folder, and the
+    vector it writes equals Engine.embed on the folder it made."""
+    import subprocess
+    import sys
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    quick = text[text.index("## Quickstart"):]
+    block = re.search(r"^```\n(.*?)^```", quick, flags=re.S | re.M).group(1)
+    assert "make-checkpoint" in block and "jv5fast embed" in block
+    commands = [c.split("#")[0].strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    import shlex
+    for c in commands:
+        argv = shlex.split(c)
+        assert argv[0] == "jv5fast", c
+        p = subprocess.run([sys.executable, "-m", "jv5fast", *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, (c, p.stderr[-2000:])
+    import jv5fast
+    made = os.path.join(tmp_path, "jv5-nano")
+    want = jv5fast.Engine(made, task="retrieval", device="cpu").embed(
+        ["How fast does light travel in a vacuum?"], prompt_name="query", truncate_dim=32)
+    assert np.abs(np.load(tmp_path / "q.npy") - want).max() <= 1e-6
