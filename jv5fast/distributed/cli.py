@@ -160,14 +160,17 @@ def run(args) -> int:
             ray.shutdown()
     rate = stats["rows_embedded_now"] / stats["seconds"] if stats["seconds"] else 0.0
     tok = stats["tokens_now"] / stats["seconds"] if stats["seconds"] else 0.0
-    skipped = f", {stats['error_rows']} bad rows in {os.path.join(args.output, 'errors.jsonl')}" \
+    def _count(n, noun):  # '1 row', '2 rows'
+        return f"{n} {noun}{'' if n == 1 else 's'}"
+
+    skipped = f", {_count(stats['error_rows'], 'bad row')} in {os.path.join(args.output, 'errors.jsonl')}" \
         if stats["error_rows"] else ""
+    held = f"{_count(stats['rows'], 'row')} in {_count(stats['parts'], 'part')}"
     if stats["rows_embedded_now"]:
-        print(f"embedded {stats['rows_embedded_now']} rows ({rate:,.0f} rows/s, {tok:,.0f} tokens/s); "
-              f"{args.output} holds {stats['rows']} rows in {stats['parts']} parts{skipped}", file=sys.stderr)
+        print(f"embedded {_count(stats['rows_embedded_now'], 'row')} ({rate:,.0f} rows/s, {tok:,.0f} tokens/s); "
+              f"{args.output} holds {held}{skipped}", file=sys.stderr)
     else:
-        print(f"nothing to embed: {args.output} is complete ({stats['rows']} rows in {stats['parts']} "
-              f"parts{skipped})", file=sys.stderr)
+        print(f"nothing to embed: {args.output} is complete ({held}{skipped})", file=sys.stderr)
     return 0
 
 
