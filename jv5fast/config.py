@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 # The released task adapters, in the order of config.json task_names (model-spec.md §7).
@@ -107,4 +108,8 @@ def read_json(path: str) -> dict:
 
 def load_model_args(folder: str) -> ModelArgs:
     path = os.path.join(folder, "config.json")
-    return ModelArgs.from_hf_config(read_json(path), path)
+    cfg = read_json(path)
+    if cfg.get("jv5fast_random_weights") is True:  # written by `jv5fast make-checkpoint`
+        warnings.warn(f"{folder} holds RANDOM weights (jv5fast make-checkpoint): its embeddings are meaningless; "
+                      f"use it to try commands and test offline only", UserWarning, stacklevel=3)
+    return ModelArgs.from_hf_config(cfg, path)

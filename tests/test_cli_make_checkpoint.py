@@ -109,3 +109,13 @@ def test_a_failed_write_leaves_dir_as_it_was(existing, tmp_path, capsys, monkeyp
         d.mkdir()
     assert "No space left on device" in _err(capsys, main(["make-checkpoint", str(d)]), want=1)
     assert (os.listdir(d) == []) if existing else not d.exists()
+
+
+def test_an_engine_on_a_made_checkpoint_warns_that_its_weights_are_random(tmp_path):
+    import subprocess
+    out = tmp_path / "m"
+    p = subprocess.run([sys.executable, "-m", "jv5fast", "make-checkpoint", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        jv5fast.Engine(str(out), device="cpu")
