@@ -475,7 +475,7 @@ def _add_serve_parser(sub):
     s.add_argument("--served-model-name", default=None, help="the model name in responses and /v1/models "
                    "(default: the folder name of --model, or the hub id)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
-                   "$JV5FAST_API_KEY; none when unset)")
+                   "$JV5FAST_API_KEY; none when unset; an empty key is an error)")
     s.add_argument("--max-batch-tokens", type=_positive_int, default=None, help="token budget of one forward "
                    "batch (default: 16384 on CUDA, 512 on CPU)")
     s.add_argument("--max-wait-ms", type=_nonneg_float, default=2.0, help="how long a request that finds the "
@@ -697,6 +697,13 @@ def _serve(a):
     _check_device(a.device)
     if not 0 <= a.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {a.port}")
+    # an empty key (--api-key "$KEY", KEY unset) must never mean "no authentication": refuse it before binding
+    key, flag = a.api_key, "--api-key"
+    if key is None:
+        key, flag = os.environ.get("JV5FAST_API_KEY"), "$JV5FAST_API_KEY"
+    if key is not None and not key.strip():
+        raise CLIError(f"{flag} is empty or blank ({key!r}); give the key clients must send, or leave out "
+                       f"--api-key and unset JV5FAST_API_KEY to serve without authentication")
     from .server import serve
     resident = {"auto": "auto", "true": True, "false": False}[a.resident_tasks]
     return serve(a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, backend=a.backend,

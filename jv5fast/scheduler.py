@@ -92,9 +92,11 @@ class Batcher:
     ``max_batch_tokens`` defaults to the engine's (on CPU at most 512, where fp32 GEMMs run fastest);
     ``max_wait_ms`` is how long a job that finds the engine idle waits for company; ``max_queue_tokens``
     bounds the tokens waiting ("auto": 262,144 or 64 batches, whichever is more; None: unbounded), counting
-    texts still being tokenized at ~4 characters a token; ``resident_tasks`` is passed to
-    ``Engine.keep_tasks_resident`` ("auto": when memory allows). ``observer(texts, tokens, forward_s,
-    queue_waits)`` is called after each batch (metrics), from the scheduler thread."""
+    texts still being tokenized at ~4 characters a token but at most ``max_length`` each (what one text can
+    cost once truncated, special tokens included; an over-long text with truncation off is refused);
+    ``resident_tasks`` is passed to ``Engine.keep_tasks_resident`` ("auto": when memory allows).
+    ``observer(texts, tokens, forward_s, queue_waits)`` is called after each batch (metrics), from the
+    scheduler thread."""
 
     def __init__(self, engine, *, max_batch_tokens=None, max_wait_ms=2.0, max_queue_tokens="auto",
                  resident_tasks="auto", observer=None):
@@ -118,7 +120,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue = deque()       # jobs with texts not yet scheduled, in arrival order
         self._queued_tokens = 0     # tokens of those texts
-        self._pending_chars = 0     # characters of texts being tokenized (admitted, not yet queued)
+        self._pending_tokens = 0    # estimated tokens of texts being tokenized (admitted, not yet queued)
         self.failed = None          # why the scheduler thread died, if it did (nothing is served then)
         self._running = False       # a batch is in the engine (jobs out of the queue finish with it)
         self._active = {}           # id -> job, for the jobs of the batch(es) in the engine
@@ -197,12 +199,12 @@ class Batcher:
         same vectors. Cancelling the awaiting task drops the texts that have not started."""
         prefixed, opts = self.prepare(texts, task=task, prompt_name=prompt_name, prompt=prompt,
                                       truncate_dim=truncate_dim, normalize=normalize, precision=precision)
-        chars = sum(map(len, prefixed))
+        estimate = self.estimate_tokens(prefixed)
         with self._cond:  # admission before tokenizing: the tokenizer's backlog counts against the queue
             if self._closing or self.failed:
                 raise Closed(self.failed or "the server is shutting down and takes no new requests")
-            self._admit(chars // 4, estimate=True)
-            self._pending_chars += chars
+            self._admit(estimate, estimate=True)
+            self._pending_tokens += estimate
         try:
             loop = asyncio.get_running_loop()
             try:
@@ -212,14 +214,21 @@ class Batcher:
             ids = await work
         finally:
             with self._cond:
-                self._pending_chars -= chars
+                self._pending_tokens -= estimate
         return await asyncio.wrap_future(self.submit_ids(ids, **opts, _admitted=True))
+
+    def estimate_tokens(self, prefixed) -> int:
+        """Tokens that prompt-prefixed texts can cost before they are tokenized: ~4 characters a token, but
+        at most ``max_length`` a text (truncation cuts it there, special tokens included; with truncation
+        off a longer text is refused), so one long text never counts as if it were queued whole."""
+        cap = self.engine.max_length
+        return sum(min(cap, len(t) // 4 + 1) for t in prefixed)
 
     def _admit(self, tokens, estimate=False, pending=True):
         """Raise Overloaded if ``tokens`` more would overflow ``max_queue_tokens`` (under the lock). A
         request alone is never refused: an empty queue takes one of any size (``max_inputs`` and the
         request-size limit bound it)."""
-        limit, waiting = self.max_queue_tokens, self._queued_tokens + (self._pending_chars // 4 if pending else 0)
+        limit, waiting = self.max_queue_tokens, self._queued_tokens + (self._pending_tokens if pending else 0)
         if limit is not None and waiting > 0 and waiting + tokens > limit:
             wait = max(1, math.ceil(waiting / self._rate)) if self._rate else 1
             raise Overloaded(f"overloaded: {waiting} tokens are queued and this request adds "

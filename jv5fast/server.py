@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, List, Optional, Union
@@ -121,6 +122,15 @@ class _State:
         self.error = None
         self.cut_off = 0          # requests cancelled when the drain timed out
         self.drain_deadline = None  # time.monotonic() by which a signalled shutdown must be done
+        self.loading = None       # the thread loading and warming the model
+        self.stopping = False     # shutdown began: a load that finishes now is not served (set under lock)
+        self.lock = threading.Lock()
+
+    def threads_alive(self):
+        """Names of this app's threads that may still be inside native (torch) code: the interpreter must
+        not finalize under them (a daemon thread re-taking the GIL from C++ then aborts the process)."""
+        threads = [self.loading, getattr(self.batcher, "_thread", None)]
+        return [t.name for t in threads if t is not None and t.is_alive()]
 
     def current(self) -> str:
         """The status, after noticing a scheduler thread that died since the last look."""
@@ -160,18 +170,20 @@ class _Count:
 def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None, max_batch_tokens=None,
                max_wait_ms=2.0, max_queue_tokens="auto", max_inputs=2048, max_request_bytes=8 * 2**20,
                resident_tasks="auto", drain_timeout=30.0, warmup=True, on_load_error=None):
-    """The ASGI app serving ``engine`` (an ``Engine``), or the engine ``loader()`` returns: it runs in a
-    thread at startup, so the port answers (``/health``: 503) while the model loads. Batching options go to
+    """The ASGI app serving ``engine`` (an ``Engine``), or the engine ``loader()`` returns. ``loader`` runs in
+    a thread at startup, so the port answers (``/health``: 503) while the model loads; an ``engine`` is warmed
+    up during startup, so the app serves (``/health``: 200) from its first request. Batching options go to
     ``jv5fast.scheduler.Batcher``; ``max_inputs`` and ``max_request_bytes`` bound a request (413 beyond);
-    ``api_key`` (default: ``$JV5FAST_API_KEY``) guards ``/v1/*``. ``on_load_error(message)`` is called if
-    loading or warm-up fails. ``app.state.jv5fast`` holds the batcher once ready; ``drain(...)``-style
-    shutdown happens in the app's lifespan (uvicorn answers in-flight requests first)."""
+    ``api_key`` (default: ``$JV5FAST_API_KEY``) guards ``/v1/*`` (empty or blank: ValueError).
+    ``on_load_error(message)`` is called if loading or warm-up fails. ``app.state.jv5fast`` holds the batcher
+    once ready; shutdown happens in the app's lifespan (uvicorn answers in-flight requests first): a load in
+    progress is waited for (up to ``drain_timeout``) and never served, then the batcher drains."""
     if (engine is None) == (loader is None):
         raise ValueError("give exactly one of engine or loader")
     for name, v in (("max_inputs", max_inputs), ("max_request_bytes", max_request_bytes)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    api_key = api_key if api_key is not None else os.environ.get("JV5FAST_API_KEY") or None
+    api_key = _api_key(api_key)
     key_bytes = api_key.encode() if api_key else None
     state = _State()
     metrics = _Metrics(state)
@@ -179,13 +191,16 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
     def load():
         try:
             eng = engine if engine is not None else loader()
-            if warmup:
+            if warmup and not state.stopping:
                 eng.warmup()
-            state.batcher = Batcher(eng, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
-                                    max_queue_tokens=max_queue_tokens, resident_tasks=resident_tasks,
-                                    observer=metrics.on_batch)
-            state.engine = eng
-            if state.status == "loading":
+            with state.lock:
+                if state.stopping:  # shut down while loading: never start serving (nor a scheduler thread)
+                    log.info("jv5fast serve: the model finished loading after shutdown began; not serving it")
+                    return
+                state.batcher = Batcher(eng, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                                        max_queue_tokens=max_queue_tokens, resident_tasks=resident_tasks,
+                                        observer=metrics.on_batch)
+                state.engine = eng
                 state.status = "ready"
             log.info("jv5fast serve: ready (%s)", eng)
         except BaseException as e:  # noqa: BLE001 — reported, and the server exits
@@ -194,15 +209,35 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
             if on_load_error is not None:
                 on_load_error(state.error)
 
+    def stop_loading(timeout) -> bool:
+        """Stop a load in progress at its next safe point (before warm-up, before serving) and wait for it."""
+        with state.lock:
+            state.stopping = True
+        state.loading.join(timeout)
+        return not state.loading.is_alive()
+
+    def drain_left():  # what is left of the drain time after uvicorn answered in-flight requests
+        deadline = state.drain_deadline
+        return drain_timeout if deadline is None else max(0.0, deadline - time.monotonic())
+
     async def lifespan(app):
-        thread = threading.Thread(target=load, name="jv5fast-load", daemon=True)
-        thread.start()
-        yield
-        if state.status != "failed":
-            state.status = "draining"
-        if state.batcher is not None:  # what is left of the drain time after uvicorn answered in-flight requests
-            left = drain_timeout if state.drain_deadline is None else max(0.0, state.drain_deadline - time.monotonic())
-            await asyncio.get_running_loop().run_in_executor(None, state.batcher.close, left)
+        loop = asyncio.get_running_loop()
+        # Not a daemon: a daemon thread still inside torch's C++ when the interpreter finalizes is killed
+        # as it re-takes the GIL, and that unwinds a noexcept C++ frame ("terminate called without an
+        # active exception", SIGABRT). Shutdown waits for it below; the interpreter would wait at exit too.
+        state.loading = threading.Thread(target=load, name="jv5fast-load")
+        state.loading.start()
+        if engine is not None:  # an engine already loaded: warm it before serving (one short batch; CUDA
+            await loop.run_in_executor(None, state.loading.join)  # graphs: bounded), so the port opens ready
+        try:
+            yield
+        finally:
+            if state.status != "failed":
+                state.status = "draining"
+            if not await loop.run_in_executor(None, stop_loading, drain_left()):
+                log.error("jv5fast serve: the model was still loading when the drain time ran out")
+            if state.batcher is not None:
+                await loop.run_in_executor(None, state.batcher.close, drain_left())
 
     app = FastAPI(title="jv5fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jv5fast = state
@@ -287,26 +322,8 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
         check_key(request)
         check_ready()
         body = await read_body(request)
-        try:
-            raw = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise APIError(400, "request body is not valid JSON here: nested too deeply") from None
-        if not isinstance(raw, dict):
-            raise APIError(400, f"request body must be a JSON object, got {type(raw).__name__}")
-        try:
-            req = EmbeddingRequest.model_validate(raw)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or "body"
-            if err["type"] == "missing":
-                msg = f"missing field '{field}'"
-            elif err["type"] == "extra_forbidden":
-                msg = (f"unknown field '{field}'; valid fields: {list(EmbeddingRequest.model_fields)}")
-            else:
-                msg = f"field '{field}': {err['msg']} (got {err.get('input')!r:.60})"
-            raise APIError(400, msg, param=field.split(".")[0]) from None
+        # parsing costs in proportion to the body (up to max_request_bytes): a big one is parsed off the loop
+        req = await _off_loop(_parse_request, body) if len(body) > _OFF_LOOP_BYTES else _parse_request(body)
         state_engine = state.engine
         if req.late_chunking:
             raise APIError(400, "late_chunking=true is not supported by this server; send false or leave it out",
@@ -337,11 +354,8 @@ def create_app(engine=None, *, loader=None, served_model_name=None, api_key=None
         metrics.inputs.inc(len(texts))
         metrics.tokens.inc(res.tokens)
         single = req.embedding_type is None or isinstance(req.embedding_type, str)
-        body = functools.partial(_response_body, res, types, single, req.encoding_format == "base64", name())
-        if res.embeddings.size > 65536:  # a big response: serialize off the event loop, which serves everyone
-            body = await asyncio.get_running_loop().run_in_executor(None, body)
-        else:
-            body = body()
+        # encoding and serializing are proportional to the response: off the event loop, which serves everyone
+        body = await _off_loop(_response_body, res, types, single, req.encoding_format == "base64", name())
         return Response(body, media_type="application/json")
 
     async def embeddings_route(request: Request):
@@ -372,6 +386,22 @@ def _wrap(app, metrics):
     return counted
 
 
+def _api_key(api_key):
+    """The configured API key, stripped as the client's key is (None: ``$JV5FAST_API_KEY``; unset: no key).
+    An empty or blank key is an error, never "no authentication" (``--api-key "$KEY"`` with KEY unset)."""
+    where = "api_key"
+    if api_key is None:
+        api_key, where = os.environ.get("JV5FAST_API_KEY"), "$JV5FAST_API_KEY"
+        if api_key is None:
+            return None
+    if not isinstance(api_key, str):
+        raise TypeError(f"api_key must be a str or None, got {type(api_key).__name__}")
+    if not api_key.strip():
+        raise ValueError(f"{where} is empty or blank ({api_key!r}); give the key clients must send, or leave "
+                         f"it unset to serve without authentication")
+    return api_key.strip()
+
+
 def display_name(path: str) -> str:
     """A model's name from its folder: the folder name, or for a hub cache snapshot
     (.../models--org--name/snapshots/<sha>) the repo's name, not the hash."""
@@ -380,6 +410,37 @@ def display_name(path: str) -> str:
     if os.path.basename(parent) == "snapshots" and repo.startswith("models--"):
         return repo[len("models--"):].replace("--", "/")
     return os.path.basename(path)
+
+
+_OFF_LOOP_BYTES = 65536  # bodies up to this size are parsed on the event loop (a thread hop costs more)
+
+
+async def _off_loop(fn, *args):
+    """``fn(*args)`` in a worker thread: work proportional to a request's size never stalls the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+def _parse_request(body: bytes) -> EmbeddingRequest:
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON here: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(raw).__name__}")
+    try:
+        return EmbeddingRequest.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "body"
+        if err["type"] == "missing":
+            msg = f"missing field '{field}'"
+        elif err["type"] == "extra_forbidden":
+            msg = (f"unknown field '{field}'; valid fields: {list(EmbeddingRequest.model_fields)}")
+        else:
+            msg = f"field '{field}': {err['msg']} (got {err.get('input')!r:.60})"
+        raise APIError(400, msg, param=field.split(".")[0]) from None
 
 
 def _response_body(res, types, single, base64_floats, model) -> bytes:
@@ -458,10 +519,12 @@ def _dimensions(dimensions, engine):
 
 
 def _embedding_types(value):
-    types = [value] if value is None or isinstance(value, str) else list(value)
+    """The distinct embedding types asked for, in the order first named (so at most len(EMBEDDING_TYPES)):
+    a name listed twice is collapsed, as the response has one key per type and each is encoded once."""
+    types = ["float" if value is None else value] if value is None or isinstance(value, str) else value
     if not types:
         raise APIError(400, "embedding_type is an empty list", param="embedding_type")
-    types = ["float" if t is None else t for t in types]
+    types = list(dict.fromkeys(types))
     for t in types:
         if t not in EMBEDDING_TYPES:
             raise APIError(400, f"embedding_type {t!r} is not valid; choose one of {list(EMBEDDING_TYPES)}",
@@ -551,13 +614,26 @@ def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backen
     finally:
         for sig, handler in previous.items():  # a Python caller gets its Ctrl-C back
             signal.signal(sig, handler)
+    st = app.state.jv5fast
     if failed:
         print(f"jv5fast serve: error: loading the model failed: {failed[0]}", flush=True)
         return 1
-    cut = app.state.jv5fast.cut_off
-    if cut:
-        print(f"jv5fast serve: error: {cut} requests were still running after --drain-timeout {drain_timeout:g} s "
-              f"and were cut off", flush=True)
-        return 1
-    print("jv5fast serve: stopped", flush=True)
-    return 0
+    code = 0
+    if st.cut_off:
+        print(f"jv5fast serve: error: {st.cut_off} requests were still running after --drain-timeout "
+              f"{drain_timeout:g} s and were cut off", flush=True)
+        code = 1
+    stuck = st.threads_alive()
+    if "jv5fast-load" in stuck:
+        print(f"jv5fast serve: error: the model was still loading after --drain-timeout {drain_timeout:g} s; "
+              f"exiting without waiting for it", flush=True)
+    if stuck:
+        # a thread inside torch's C++ cannot be stopped, and finalizing the interpreter under it aborts
+        # (SIGABRT): end the process now, as the kernel would, past nothing that still needs to run
+        log.error("jv5fast serve: exiting with threads still running: %s", ", ".join(stuck))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if code == 0:
+        print("jv5fast serve: stopped", flush=True)
+    return code

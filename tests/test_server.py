@@ -25,13 +25,48 @@ openai = pytest.importorskip("openai")
 
 WORDS = "the model embedding vector search query document token fast kernel attention über naïve 12.5% GPU".split()
 
+# `jv5fast serve` with slow steps injected, so a test never depends on how fast this CPU is:
+# JV5FAST_TEST_FORWARD_S sleeps that long before every forward batch; JV5FAST_TEST_LOAD_S makes loading the
+# model run native torch work (no GIL, as loading a checkpoint does) for that long, between the lines
+# "test: loading" and "test: loaded".
+LAUNCHER = """
+import os, sys, time
+import jv5fast.engine as engine
+forward_s = float(os.environ.get("JV5FAST_TEST_FORWARD_S") or 0)
+load_s = float(os.environ.get("JV5FAST_TEST_LOAD_S") or 0)
+if forward_s:
+    forward = engine.Engine._forward
+    def slow_forward(self, seqs, *args, **kw):
+        time.sleep(forward_s)
+        return forward(self, seqs, *args, **kw)
+    engine.Engine._forward = slow_forward
+if load_s:
+    import torch
+    class SlowLoadingEngine(engine.Engine):
+        def __init__(self, *args, **kw):
+            print("test: loading", flush=True)
+            x, end = torch.ones(256, 256), time.monotonic() + load_s
+            while time.monotonic() < end:
+                torch.mm(x, x)
+            super().__init__(*args, **kw)
+            print("test: loaded", flush=True)
+    engine.Engine = SlowLoadingEngine
+from jv5fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 class Server:
-    """``jv5fast serve`` in a subprocess; the port is read from its 'listening on' line."""
+    """``jv5fast serve`` in a subprocess; the port is read from its 'listening on' line. ``forward_s`` /
+    ``load_s``: slow steps injected through ``LAUNCHER``."""
 
-    def __init__(self, model, *args, env=None, ready=True):
-        cmd = [sys.executable, "-m", "jv5fast", "serve", "--model", model, "--port", "0", "--device", "cpu",
-               "--log-level", "warning", *args]
+    def __init__(self, model, *args, env=None, ready=True, forward_s=None, load_s=None):
+        if forward_s or load_s:
+            env = {**(env or {}), "JV5FAST_TEST_FORWARD_S": str(forward_s or 0),
+                   "JV5FAST_TEST_LOAD_S": str(load_s or 0)}
+        run = [sys.executable, "-c", LAUNCHER] if forward_s or load_s else [sys.executable, "-m", "jv5fast"]
+        cmd = [*run, "serve", "--model", model, "--port", "0", "--device", "cpu", "--log-level", "warning",
+               *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.lines = queue.Queue()
@@ -113,7 +148,8 @@ def strict(nano_ckpt):
     """Tight limits and an API key (from $JV5FAST_API_KEY; --api-key is the same setting): errors, 401, 413,
     429."""
     s = Server(nano_ckpt, "--max-inputs", "8", "--max-request-bytes", "2048", "--max-length", "24",
-               "--max-queue-tokens", "40", "--max-batch-tokens", "16", env={"JV5FAST_API_KEY": "s3cret"})
+               "--max-queue-tokens", "40", "--max-batch-tokens", "16", env={"JV5FAST_API_KEY": "s3cret"},
+               forward_s=0.05)  # a request stays queued long enough for concurrent ones to be refused (429)
     yield s
     s.stop()
 
@@ -324,7 +360,9 @@ def test_overload_is_429_with_retry_after_and_the_server_recovers(strict, engine
 
 
 def test_sigterm_drains_twenty_requests_in_flight_and_exits_zero(nano_ckpt, engines):
-    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0")
+    # 0.005 s a batch: the 800 texts take seconds, so all 20 requests are in flight before any finishes
+    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0", "--drain-timeout", "120",
+                 forward_s=0.005)
     jobs = [texts(40, seed=300 + i, lo=2, hi=5) for i in range(20)]
     try:
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
@@ -346,7 +384,8 @@ def test_sigterm_drains_twenty_requests_in_flight_and_exits_zero(nano_ckpt, engi
 
 
 def test_a_client_that_disconnects_has_its_queued_inputs_dropped(nano_ckpt):
-    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0")
+    # 0.05 s a batch: its 2000 texts take minutes, so the client's 0.5 s read timeout always comes first
+    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0", forward_s=0.05)
     try:
         big = texts(2000, seed=9, lo=2, hi=4)
         with pytest.raises(httpx.TimeoutException):
@@ -452,7 +491,9 @@ def test_accepted_connections_have_nagle_off():
 
 
 def test_a_drain_that_times_out_exits_nonzero_and_says_so(nano_ckpt):
-    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0", "--drain-timeout", "0.5")
+    # 0.05 s a batch: the 2000 texts cannot finish within the 0.5 s drain on any CPU
+    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0", "--drain-timeout", "0.5",
+                 forward_s=0.05)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             fut = pool.submit(srv.post, {"input": texts(2000, seed=4, lo=2, hi=4)})
@@ -469,5 +510,55 @@ def test_a_drain_that_times_out_exits_nonzero_and_says_so(nano_ckpt):
             assert status is None or status >= 500, status
         out = "".join(srv.lines.queue)
         assert "1 requests were still running after --drain-timeout 0.5 s" in out, out
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("args,env,flag", [
+    (["--api-key", ""], {"JV5FAST_API_KEY": "s3cret"}, "--api-key"),  # `--api-key "$KEY"` with KEY unset
+    (["--api-key", "  "], {}, "--api-key"),
+    ([], {"JV5FAST_API_KEY": " "}, "$JV5FAST_API_KEY"),
+])
+def test_an_empty_api_key_is_a_start_up_error_never_no_auth(nano_ckpt, args, env, flag):
+    proc = subprocess.Popen([sys.executable, "-m", "jv5fast", "serve", "--model", nano_ckpt, "--port", "0",
+                             "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**{k: v for k, v in os.environ.items() if k != "JV5FAST_API_KEY"}, **env})
+    try:
+        first = proc.stdout.readline()  # '' at exit; a server that started serving says 'listening on'
+        assert "listening on" not in first, "the server started (without authentication)"
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, (proc.returncode, first + out, err)
+    assert f"jv5fast serve: error: {flag} is empty or blank" in err and "Traceback" not in err, err
+
+
+def test_sigterm_while_the_model_loads_waits_for_it_and_exits_zero(nano_ckpt):
+    """SIGTERM during loading: the process exits only once the loader has returned (never while it runs
+    native torch code: the interpreter finalizing under it aborted with 'terminate called without an active
+    exception', exit 134), does not warm up or serve the late model, and exits 0."""
+    srv = Server(nano_ckpt, ready=False, load_s=2.0)
+    try:
+        assert srv.lines.get(timeout=120).startswith("test: loading")
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(120)
+        out, err = "".join(srv.lines.queue), "".join(srv.stderr)
+        assert code == 0 and "terminate called" not in err, (code, err[-3000:])
+        assert out.startswith("test: loaded") and "jv5fast serve: stopped" in out, out
+    finally:
+        srv.stop()
+
+
+def test_sigterm_while_loading_past_the_drain_timeout_exits_one_and_says_so(nano_ckpt):
+    srv = Server(nano_ckpt, "--drain-timeout", "0.5", ready=False, load_s=60.0)
+    try:
+        assert srv.lines.get(timeout=120).startswith("test: loading")
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(30)  # long before the 60 s load ends
+        out, err = "".join(srv.lines.queue), "".join(srv.stderr)
+        assert code == 1 and "terminate called" not in err, (code, err[-3000:])
+        assert "the model was still loading after --drain-timeout 0.5 s" in out, out
     finally:
         srv.stop()
