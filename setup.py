@@ -1,8 +1,10 @@
 """Build script: everything is in pyproject.toml except the optional C++ extension.
 
-`jv5fast._C` (csrc/, pybind11) is compiled with -O3 and AVX2/POPCNT when the CPU has them. The
-install never fails because of it: without a compiler (or on a build error) it prints a warning
-and jv5fast falls back to numpy at run time.
+`jv5fast._C` (csrc/, pybind11) is compiled with -O3 and no ISA flags: the AVX2 / AVX-512 kernels carry
+their own GCC targets and are picked at run time (csrc/cpu_features.h), so one build runs on any x86-64 CPU
+and builds on ARM (portable code only; jv5fast then runs the references and oneDNN). The install never fails
+because of it: without a compiler (or on a build error) it prints a warning and jv5fast falls back to numpy
+at run time.
 """
 import glob
 import os
@@ -10,23 +12,6 @@ import sys
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
-
-
-def _cpu_flags():
-    """Extra -m flags for the CPU we build on (the wheel is built where it runs)."""
-    flags = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return flags
-    if " avx2" in info:
-        flags += ["-mavx2", "-mfma"]
-    if " popcnt" in info:
-        flags += ["-mpopcnt"]
-    if " bmi2" in info:
-        flags += ["-mbmi2"]
-    return flags
 
 
 class OptionalBuildExt(build_ext):
@@ -59,7 +44,7 @@ def _extensions():
             "jv5fast._C",
             sources,
             cxx_std=17,
-            extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi", *_cpu_flags()],
+            extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi"],
             extra_link_args=["-fopenmp"],
         )
     ]

@@ -6,6 +6,9 @@
 // At a query's 20 rows the references are ~10 tiny torch calls each, whose dispatch costs more than the math
 // (~5 ms of a 40 ms nano query); here each is one call. The sums of squares use 8 lanes (another summation
 // order than torch's, within fp32 rounding). Rows are split over OpenMP threads when there are enough.
+// The AVX2/FMA code sits in `#pragma GCC target("avx2,fma")` regions (the *_avx2 functions); the entry points
+// check shapes and active_isa() (cpu_features.h) outside them, so the .so loads on CPUs without AVX2 and
+// jv5fast.ops then takes the references.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -15,7 +18,7 @@
 #include <string>
 
 #include "cpu_features.h"
-#if defined(JV5_AVX2_FMA)
+#if defined(JV5_X86_DISPATCH)
 #include <immintrin.h>
 #endif
 
@@ -25,9 +28,11 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 1024;  // rope's per-row buffer; jv5fast.ops takes the reference above it
 
-#if defined(JV5_AVX2_FMA)
 constexpr int64_t kParallelElems = 1 << 16;  // below this many elements one thread is faster
 
+#if defined(JV5_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
 inline float sum_squares(const float* x, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
@@ -50,7 +55,13 @@ inline void scale_row(const float* h, const float* w, float r, float* y, int64_t
     _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(h + i), vr)));
   for (; i < n; ++i) y[i] = w[i] * (h[i] * r);
 }
+#pragma GCC pop_options
 #endif
+
+void rms_norm_avx2(const float*, const float*, const float*, float*, float*, int64_t, int64_t, float, int);
+void swiglu_avx2(const float*, float*, int64_t, int64_t, int);
+void attention_avx2(const float*, const float*, const float*, float*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, float, int);
+void rope_avx2(const float*, int64_t, int64_t, const float*, const float*, const int64_t*, const float*, float*, int64_t, int64_t, int64_t, float, int);
 
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
@@ -74,33 +85,19 @@ void rms_norm(Arr x, py::object residual, Arr w, double eps, Arr y, py::object h
                 hh.shape(1) == N,
             "rms_norm: residual and h must be (T, N) like x");
   }
-#if defined(JV5_AVX2_FMA)
   const float* X = x.data();
   const float* W = w.data();
   const float* R = residual.is_none() ? nullptr : res.data();
   float* H = residual.is_none() ? nullptr : hh.mutable_data();
   float* Y = y.mutable_data();
   const float e = float(eps);
-  py::gil_scoped_release release;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * N >= kParallelElems)
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = X + t * N;
-    if (R != nullptr) {
-      float* hr = H + t * N;
-      const float* rr = R + t * N;
-      int64_t i = 0;
-      for (; i + 8 <= N; i += 8)
-        _mm256_storeu_ps(hr + i, _mm256_add_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(rr + i)));
-      for (; i < N; ++i) hr[i] = row[i] + rr[i];
-      row = hr;
-    }
-    const float r = 1.0f / std::sqrt(sum_squares(row, N) / float(N) + e);
-    scale_row(row, W, r, Y + t * N, N);
-  }
-#endif
+    py::gil_scoped_release release;
+  rms_norm_avx2(X, W, R, H, Y, T, N, e, threads);
 }
 
-#if defined(JV5_AVX2_FMA)
+#if defined(JV5_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
 // e^x for 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7/7! (Horner, FMA; the
 // truncation error r^8/8! < 4e-9 is below fp32's half-ulp), times 2^n built in the exponent field. x is
 // clamped to [-87, 88]: e^x stays a normal float (silu's 1 + e^-g is then 1 or huge, as with the true value);
@@ -123,6 +120,7 @@ inline __m256 exp8(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+#pragma GCC pop_options
 #endif
 
 // y (T, F) = silu(gate) * up for gate_up (T, 2F) = [gate | up]: kernels/swiglu.py::swiglu_ref in one pass
@@ -133,30 +131,17 @@ void swiglu(Arr gate_up, Arr y, int threads) {
   require(gate_up.ndim() == 2 && y.ndim() == 2, "swiglu: gate_up must be (T, 2F) and y (T, F)");
   const int64_t T = gate_up.shape(0), F = y.shape(1);
   require(gate_up.shape(1) == 2 * F && y.shape(0) == T, "swiglu: gate_up must be (T, 2F) for y (T, F)");
-#if defined(JV5_AVX2_FMA)
   const float* G = gate_up.data();
   float* Y = y.mutable_data();
-  py::gil_scoped_release release;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * F >= 4 * kParallelElems)
-  for (int64_t t = 0; t < T; ++t) {
-    const float* g = G + t * 2 * F;
-    const float* u = g + F;
-    float* out = Y + t * F;
-    const __m256 one = _mm256_set1_ps(1.0f);
-    int64_t i = 0;
-    for (; i + 8 <= F; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
-    }
-    for (; i < F; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
-#endif
+    py::gil_scoped_release release;
+  swiglu_avx2(G, Y, T, F, threads);
 }
 
 constexpr int64_t kMaxAttnLen = 1024;  // attention's per-row score buffer; jv5fast.ops takes SDPA above it
 
-#if defined(JV5_AVX2_FMA)
+#if defined(JV5_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
@@ -208,6 +193,7 @@ inline void attend_row(const float* q, const float* K, const float* V, int64_t n
     out[d] = acc * inv;
   }
 }
+#pragma GCC pop_options
 #endif
 
 // Varlen attention of a packed batch for short sequences (each <= kMaxAttnLen), inference only:
@@ -236,7 +222,6 @@ void attention(Arr q, Arr k, Arr v, py::array_t<int32_t, py::array::c_style> cu,
       throw std::out_of_range("attention: sequence " + std::to_string(b) + " has " + std::to_string(len) +
                               " tokens; this kernel takes 1.." + std::to_string(kMaxAttnLen));
   }
-#if defined(JV5_AVX2_FMA)
   const float *Q = q.data(), *K = k.data(), *V = v.data();
   float* O = out.mutable_data();
   const float sc = float(scale);
@@ -246,22 +231,8 @@ void attention(Arr q, Arr k, Arr v, py::array_t<int32_t, py::array::c_style> cu,
     const int64_t len = int64_t(C[b + 1]) - C[b];
     work += (last_only ? len : len * len) * H * D;
   }
-  py::gil_scoped_release release;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && work >= 4 * kParallelElems)
-  for (int64_t item = 0; item < B * H; ++item) {
-    const int64_t b = item / H, h = item % H, start = C[b], len = int64_t(C[b + 1]) - C[b];
-    const float* Kh = K + start * kv_stride + (h / group) * D;
-    const float* Vh = V + start * kv_stride + (h / group) * D;
-    if (last_only) {
-      attend_row(Q + (b * H + h) * D, Kh, Vh, len, kv_stride, D, sc, O + (b * H + h) * D);
-      continue;
-    }
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t row = start + i;
-      attend_row(Q + (row * H + h) * D, Kh, Vh, causal ? i + 1 : len, kv_stride, D, sc, O + (row * H + h) * D);
-    }
-  }
-#endif
+    py::gil_scoped_release release;
+  attention_avx2(Q, K, V, O, C, B, H, D, group, kv_stride, work, causal, last_only, sc, threads);
 }
 
 // y (T, H, D) contiguous = rope(x) for x (T, H, D) with any row/head strides and contiguous D.
@@ -288,7 +259,6 @@ void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array
     if (Pp[t] < 0 || Pp[t] >= P)
       throw std::out_of_range("rope: position " + std::to_string(Pp[t]) + " at row " + std::to_string(t) +
                               " is outside the tables' " + std::to_string(P) + " rows");
-#if defined(JV5_AVX2_FMA)
   const float* X = x.data();
   const int64_t sT = x.strides(0) / sizeof(float), sH = x.strides(1) / sizeof(float);
   const float* C = cos.data();
@@ -297,7 +267,69 @@ void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array
   float* Y = y.mutable_data();
   const float e = float(eps);
   const int64_t half = D / 2;
-  py::gil_scoped_release release;
+    py::gil_scoped_release release;
+  rope_avx2(X, sT, sH, C, S, Pp, NW, Y, T, Hn, D, e, threads);
+}
+
+
+#if defined(JV5_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// The kernels' loops (the entry points below check everything first).
+void rms_norm_avx2(const float* X, const float* W, const float* R, float* H, float* Y, int64_t T, int64_t N, float e, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * N >= kParallelElems)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = X + t * N;
+    if (R != nullptr) {
+      float* hr = H + t * N;
+      const float* rr = R + t * N;
+      int64_t i = 0;
+      for (; i + 8 <= N; i += 8)
+        _mm256_storeu_ps(hr + i, _mm256_add_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(rr + i)));
+      for (; i < N; ++i) hr[i] = row[i] + rr[i];
+      row = hr;
+    }
+    const float r = 1.0f / std::sqrt(sum_squares(row, N) / float(N) + e);
+    scale_row(row, W, r, Y + t * N, N);
+  }
+}
+
+void swiglu_avx2(const float* G, float* Y, int64_t T, int64_t F, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * F >= 4 * kParallelElems)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = G + t * 2 * F;
+    const float* u = g + F;
+    float* out = Y + t * F;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < F; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+}
+
+void attention_avx2(const float* Q, const float* K, const float* V, float* O, const int32_t* C, int64_t B, int64_t H, int64_t D, int64_t group, int64_t kv_stride, int64_t work, bool causal, bool last_only, float sc, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && work >= 4 * kParallelElems)
+  for (int64_t item = 0; item < B * H; ++item) {
+    const int64_t b = item / H, h = item % H, start = C[b], len = int64_t(C[b + 1]) - C[b];
+    const float* Kh = K + start * kv_stride + (h / group) * D;
+    const float* Vh = V + start * kv_stride + (h / group) * D;
+    if (last_only) {
+      attend_row(Q + (b * H + h) * D, Kh, Vh, len, kv_stride, D, sc, O + (b * H + h) * D);
+      continue;
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t row = start + i;
+      attend_row(Q + (row * H + h) * D, Kh, Vh, causal ? i + 1 : len, kv_stride, D, sc, O + (row * H + h) * D);
+    }
+  }
+}
+
+void rope_avx2(const float* X, int64_t sT, int64_t sH, const float* C, const float* S, const int64_t* Pp, const float* NW, float* Y, int64_t T, int64_t Hn, int64_t D, float e, int threads) {
+  const int64_t half = D / 2;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * Hn * D >= kParallelElems)
   for (int64_t t = 0; t < T; ++t) {
     const float* c = C + Pp[t] * D;
@@ -328,8 +360,14 @@ void rope(py::array_t<float> x, Arr cos, Arr sin, py::array_t<int64_t, py::array
       }
     }
   }
-#endif
 }
+#pragma GCC pop_options
+#else
+void rms_norm_avx2(const float*, const float*, const float*, float*, float*, int64_t, int64_t, float, int) {}
+void swiglu_avx2(const float*, float*, int64_t, int64_t, int) {}
+void attention_avx2(const float*, const float*, const float*, float*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, float, int) {}
+void rope_avx2(const float*, int64_t, int64_t, const float*, const float*, const int64_t*, const float*, float*, int64_t, int64_t, int64_t, float, int) {}
+#endif
 
 }  // namespace
 

@@ -24,6 +24,7 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#include "cpu_features.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define JV5_X86 1
@@ -83,29 +84,41 @@ inline uint64_t load_tail(const uint8_t* p, size_t nbytes) {
   return v;
 }
 
-template <int W>  // W = B / 8 known at compile time (the common widths), B % 8 == 0
-void dist_scalar_fixed(const uint8_t* q, const uint8_t* rows, size_t n, size_t, int32_t* out) {
-  uint64_t qw[W];
-  for (int w = 0; w < W; ++w) qw[w] = load_u64(q + 8 * w);
-  for (size_t i = 0; i < n; ++i) {
-    const uint8_t* r = rows + i * (8 * W);
-    int32_t s = 0;
-    for (int w = 0; w < W; ++w) s += __builtin_popcountll(qw[w] ^ load_u64(r + 8 * w));
-    out[i] = s;
-  }
+// The scalar kernels, defined twice on x86: plain, and under target("popcnt") (the build has no ISA flags, so
+// only the second compiles __builtin_popcountll to the POPCNT instruction; picked when the CPU has it).
+#define JV5_SCALAR_KERNELS(SUFFIX) \
+template <int W> /* W = B / 8 known at compile time (the common widths), B % 8 == 0 */ \
+void dist_scalar_fixed##SUFFIX(const uint8_t* q, const uint8_t* rows, size_t n, size_t, int32_t* out) { \
+  uint64_t qw[W]; \
+  for (int w = 0; w < W; ++w) qw[w] = load_u64(q + 8 * w); \
+  for (size_t i = 0; i < n; ++i) { \
+    const uint8_t* r = rows + i * (8 * W); \
+    int32_t s = 0; \
+    for (int w = 0; w < W; ++w) s += __builtin_popcountll(qw[w] ^ load_u64(r + 8 * w)); \
+    out[i] = s; \
+  } \
+} \
+ \
+void dist_scalar_any##SUFFIX(const uint8_t* q, const uint8_t* rows, size_t n, size_t B, int32_t* out) { \
+  const size_t W = B / 8, tail = B % 8; \
+  const uint64_t qt = tail ? load_tail(q + 8 * W, tail) : 0; \
+  for (size_t i = 0; i < n; ++i) { \
+    const uint8_t* r = rows + i * B; \
+    int32_t s = 0; \
+    for (size_t w = 0; w < W; ++w) s += __builtin_popcountll(load_u64(q + 8 * w) ^ load_u64(r + 8 * w)); \
+    if (tail) s += __builtin_popcountll(qt ^ load_tail(r + 8 * W, tail)); \
+    out[i] = s; \
+  } \
 }
 
-void dist_scalar_any(const uint8_t* q, const uint8_t* rows, size_t n, size_t B, int32_t* out) {
-  const size_t W = B / 8, tail = B % 8;
-  const uint64_t qt = tail ? load_tail(q + 8 * W, tail) : 0;
-  for (size_t i = 0; i < n; ++i) {
-    const uint8_t* r = rows + i * B;
-    int32_t s = 0;
-    for (size_t w = 0; w < W; ++w) s += __builtin_popcountll(load_u64(q + 8 * w) ^ load_u64(r + 8 * w));
-    if (tail) s += __builtin_popcountll(qt ^ load_tail(r + 8 * W, tail));
-    out[i] = s;
-  }
-}
+JV5_SCALAR_KERNELS()
+#if defined(JV5_X86) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("popcnt")
+JV5_SCALAR_KERNELS(_popcnt)
+#pragma GCC pop_options
+#define JV5_HAVE_POPCNT_CLONES 1
+#endif
 
 #if defined(JV5_X86) && defined(__GNUC__)
 #define JV5_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
@@ -181,7 +194,7 @@ JV5_AVX512 void filter_avx512(const int32_t* d, size_t n, int64_t base, TopK& t)
 
 bool cpu_has_avx512_popcnt() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  return active_isa() >= JV5_ISA_AVX512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vpopcntdq");
 }
 
@@ -326,7 +339,7 @@ JV5_AVX2 void filter_avx2(const int32_t* d, size_t n, int64_t base, TopK& t) {
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+  return active_isa() >= JV5_ISA_AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 }
 #else
 bool cpu_has_avx512_popcnt() { return false; }
@@ -380,6 +393,22 @@ Kernel pick_kernel(size_t B, const std::string& simd) {
       }
     }
     return {dist_avx2<0, true>, filter_avx2, "avx2"};
+  }
+#endif
+#if defined(JV5_HAVE_POPCNT_CLONES)
+  if (__builtin_cpu_supports("popcnt")) {
+    if (B % 8 == 0) {
+      switch (B / 8) {
+        case 1: return {dist_scalar_fixed_popcnt<1>, filter_scalar, "scalar"};
+        case 2: return {dist_scalar_fixed_popcnt<2>, filter_scalar, "scalar"};
+        case 4: return {dist_scalar_fixed_popcnt<4>, filter_scalar, "scalar"};
+        case 8: return {dist_scalar_fixed_popcnt<8>, filter_scalar, "scalar"};
+        case 12: return {dist_scalar_fixed_popcnt<12>, filter_scalar, "scalar"};
+        case 16: return {dist_scalar_fixed_popcnt<16>, filter_scalar, "scalar"};
+        default: break;
+      }
+    }
+    return {dist_scalar_any_popcnt, filter_scalar, "scalar"};
   }
 #endif
   if (B % 8 == 0) {

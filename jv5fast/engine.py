@@ -87,7 +87,8 @@ class Engine:
     """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
 
     def __init__(self, model_name_or_path, *, task=None, device=None, dtype=None, max_length=None,
-                 max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None, quantize=None):
+                 max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None, quantize=None,
+                 cpu_precision="fp32"):
         if not isinstance(model_name_or_path, (str, os.PathLike)):
             raise TypeError(f"model_name_or_path must be a str or os.PathLike (a checkpoint folder, an ONNX export "
                             f"folder or a hub id), got {type(model_name_or_path).__name__}: "
@@ -104,6 +105,10 @@ class Engine:
         if cuda_graphs and backend != "torch":
             raise ValueError(f"cuda_graphs=True needs backend='torch' on a CUDA device; this engine is "
                              f"backend={backend!r}")
+        if cpu_precision not in ("fp32", "bf16"):
+            raise ValueError(f"cpu_precision must be 'fp32' or 'bf16' (opt-in: bf16 GEMMs, fp32 elsewhere); got "
+                             f"{cpu_precision!r}")
+        self.cpu_precision = cpu_precision
         self.backend = backend
         if backend == "onnx":
             folder = str(model_name_or_path)
@@ -184,8 +189,14 @@ class Engine:
         else:
             self.task = self._check_task(task)
         self._activate(self.task)
+        if cpu_precision != "fp32" and (backend != "torch" or self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(f"cpu_precision={cpu_precision!r} applies to the torch backend on CPU in float32; this "
+                             f"engine is backend={backend!r}, device={self.device}, dtype={self.dtype}")
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            self.model.pack_linears()  # prepacked GEMMs (jv5fast.ops.pack_linear): faster at every batch size
+            packed = self.model.pack_linears(precision=cpu_precision)  # prepacked GEMMs: faster at every size
+            if not packed and cpu_precision != "fp32":
+                raise RuntimeError(f"cpu_precision={cpu_precision!r} needs oneDNN's bf16 linear through torch and "
+                                   f"packed weights (JV5FAST_CPU_PACK=0 turns them off)")
         if not self._adapters:
             self._base = {}
         if cuda_graphs or (cuda_graphs is None and self.device.type == "cuda" and ops.uses_triton(self.device)):
@@ -239,6 +250,13 @@ class Engine:
     def __repr__(self):
         return (f"Engine({self.path!r}, family={self.args.family}, dim={self.dim}, task={self.task!r}, "
                 f"device={self.device}, dtype={self.dtype}, max_length={self.max_length})")
+
+    def describe(self) -> dict:
+        """What runs where: device, dtype, backend and, for the CPU fp32 torch path, the ISA of jv5fast's C++
+        kernels, the forward path, and per projection shape the GEMM it runs and why (with the timings in ms
+        that chose it). ``str(...)`` of it is one line per item (``jv5fast.cpu_tuning.format_description``)."""
+        from . import cpu_tuning
+        return cpu_tuning.describe(self)
 
     # ---- adapters ------------------------------------------------------------------------------
     def _check_task(self, task):

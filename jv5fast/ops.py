@@ -2,8 +2,9 @@
 
 Model code calls only ``jv5fast.ops.<op>``. Each op picks the Triton kernel from ``jv5fast.kernels``
 when its tensors are on CUDA and Triton imports; on CPU in fp32 outside autograd the C++ kernels of
-``jv5fast._C`` (csrc/: the packed GEMM, RMSNorm, RoPE, SwiGLU, short-sequence attention) where the extension
-has AVX2/FMA; and the plain-PyTorch ``*_ref`` otherwise.
+``jv5fast._C`` (csrc/: the packed GEMM, RMSNorm, RoPE, SwiGLU, short-sequence attention) where the CPU has
+AVX2/FMA (the ISA is picked at run time; ``JV5FAST_CPU_ISA=avx512|avx2|scalar`` caps it); and the
+plain-PyTorch ``*_ref`` otherwise.
 ``JV5FAST_BACKEND=torch`` forces the references, ``JV5FAST_BACKEND=triton`` forces the kernels
 (on CPU that needs ``TRITON_INTERPRET=1`` set before the kernels are imported).
 
@@ -124,11 +125,57 @@ def rope(x, cos, sin, position_ids, norm_weight=None, eps=1e-6):
 # JV5FAST_BACKEND=torch keeps the references.
 
 
+CPU_ISAS = ("avx512", "avx2", "scalar")  # JV5FAST_CPU_ISA: cap the C++ kernels' ISA (down only)
+
+
+def _apply_cpu_isa(C) -> None:
+    """Set jv5fast._C's ISA cap from JV5FAST_CPU_ISA (unset: the CPU's best). Forcing a level the CPU lacks is
+    an error naming what it has."""
+    want = os.environ.get("JV5FAST_CPU_ISA", "").strip().lower()
+    has = C.cpu_isa_supported() if C is not None and hasattr(C, "cpu_isa_supported") else "scalar"
+    if not want:
+        if C is not None and hasattr(C, "set_isa_limit"):
+            C.set_isa_limit("avx512")
+        return
+    if want not in CPU_ISAS:
+        raise ValueError(f"JV5FAST_CPU_ISA={want!r} is not valid; choose one of {list(CPU_ISAS)} (or unset it)")
+    if CPU_ISAS.index(want) < CPU_ISAS.index(has):
+        runs = ", ".join(CPU_ISAS[CPU_ISAS.index(has):])
+        why = "" if C is not None else " (jv5fast._C is not built)"
+        raise RuntimeError(f"JV5FAST_CPU_ISA={want}, but this CPU runs only {runs}{why}: jv5fast can force its "
+                           f"kernels down to a lower ISA, not up; unset it or choose one of those")
+    if hasattr(C, "set_isa_limit"):
+        C.set_isa_limit(want)
+
+
 @functools.cache
 def _cpu_ext():
-    """jv5fast._C where its AVX2/FMA kernels (sgemm, rms_norm, rope, swiglu, attention) run here, else None."""
+    """jv5fast._C where its AVX2/FMA kernels (sgemm, rms_norm, rope, swiglu, attention) run here (the CPU has
+    AVX2 + FMA and JV5FAST_CPU_ISA is not 'scalar'), else None. Applies JV5FAST_CPU_ISA on first use."""
     from ._hamming import _C  # imported after torch (this module's import): one libgomp for both
+    _apply_cpu_isa(_C)
     return _C if _C is not None and hasattr(_C, "avx2_fma_available") and _C.avx2_fma_available() else None
+
+
+_CPU_EXT = _cpu_ext  # the cached function itself, whatever a test patches ``_cpu_ext`` with
+
+
+def reset_cpu_isa() -> None:
+    """Re-read JV5FAST_CPU_ISA (tests and benchmarks that change it within one process)."""
+    _CPU_EXT.cache_clear()
+    _CPU_EXT()
+
+
+def cpu_isa() -> str:
+    """The ISA level jv5fast's C++ kernels run at now: 'avx512', 'avx2' or 'scalar' (references / oneDNN)."""
+    C = _cpu_ext()
+    return C.cpu_isa() if C is not None and hasattr(C, "cpu_isa") else "avx2" if C is not None else "scalar"
+
+
+def cpu_isa_supported() -> str:
+    """The highest ISA level this CPU gives jv5fast's C++ kernels ('scalar' without the extension)."""
+    from ._hamming import _C
+    return _C.cpu_isa_supported() if _C is not None and hasattr(_C, "cpu_isa_supported") else "scalar"
 
 
 def _cpu_fused(*tensors) -> bool:
@@ -205,11 +252,12 @@ def pack_bits(v):
 
 # ---- linear: prepacked weights on CPU ------------------------------------------------------------------
 # On CPU, F.linear re-reads the fp32 weight in its row-major layout on every call, which at the few rows of a
-# query batch streams at ~5 GB/s. A weight packed once runs the same GEMM faster: jv5fast's own AVX2 kernel
-# (csrc/sgemm.cpp: 16-column panels, 6 x 16 register tiles, threads split the panels) where the extension was
-# built with AVX2/FMA, else oneDNN's prepacked layout. The results are fp32 GEMMs either way (another
-# summation order only). ``JV5FAST_CPU_GEMM`` = auto | jv5fast | onednn picks one (for benchmarks and
-# tests); ``JV5FAST_CPU_PACK=0`` turns packing off (plain F.linear).
+# query batch streams at ~5 GB/s. A weight packed once runs the same GEMM faster: jv5fast's own kernel
+# (csrc/sgemm.cpp: 16-column panels, AVX-512 or AVX2 register tiles picked at run time, threads split the
+# panels) or oneDNN's prepacked layout. Which one is faster depends on the CPU, so under
+# ``JV5FAST_CPU_GEMM=auto`` the engine measures both per weight shape (jv5fast/cpu_tuning.py) and packs each
+# weight for the winner; ``jv5fast`` | ``onednn`` forces one. The results are fp32 GEMMs either way (another
+# summation order only). ``JV5FAST_CPU_PACK=0`` turns packing off (plain F.linear).
 
 CPU_GEMMS = ("auto", "jv5fast", "onednn")
 PANEL = 16  # columns per panel of jv5fast's packed layout (csrc/sgemm.cpp NR)
@@ -217,7 +265,10 @@ PANEL = 16  # columns per panel of jv5fast's packed layout (csrc/sgemm.cpp NR)
 
 class PackedLinear:
     """A CPU fp32 weight (N, K) prepacked for ``linear``: ``kind`` 'jv5fast' (panels (ceil(N/16), K, 16) as a
-    numpy array, zero-padded past N) or 'onednn' (oneDNN's blocked tensor)."""
+    numpy array, zero-padded past N), 'onednn' (oneDNN's blocked tensor) or 'onednn_bf16' (the weight rounded
+    to bf16 in oneDNN's layout; the opt-in ``Engine(cpu_precision="bf16")``: inputs rounded to bf16, products
+    summed in fp32, the result rounded to bf16 by oneDNN and handed on in fp32; AMX / AVX512-BF16 where the
+    CPU has them)."""
 
     __slots__ = ("kind", "data", "out_features")
 
@@ -225,15 +276,57 @@ class PackedLinear:
         self.kind, self.data, self.out_features = kind, data, out_features
 
 
-def cpu_gemm() -> str:
-    """The packed CPU GEMM in use: JV5FAST_CPU_GEMM checked (auto = jv5fast's kernel where it runs, else
-    oneDNN)."""
+def cpu_gemm_mode() -> str:
+    """JV5FAST_CPU_GEMM checked: 'auto' (measured per shape, jv5fast.cpu_tuning), 'jv5fast' or 'onednn'."""
     g = os.environ.get("JV5FAST_CPU_GEMM", "auto").strip().lower() or "auto"
     if g not in CPU_GEMMS:
         raise ValueError(f"JV5FAST_CPU_GEMM={g!r} is not valid; choose one of {list(CPU_GEMMS)} (or unset it)")
     if g == "jv5fast" and _cpu_ext() is None:
-        raise RuntimeError("JV5FAST_CPU_GEMM=jv5fast, but jv5fast._C.sgemm does not run here (extension not "
-                           "built, or built without AVX2/FMA); unset it or choose 'onednn'")
+        raise RuntimeError(f"JV5FAST_CPU_GEMM=jv5fast, but jv5fast._C.sgemm does not run here (extension not "
+                           f"built, a CPU without AVX2/FMA, or JV5FAST_CPU_ISA=scalar; this CPU runs "
+                           f"{cpu_isa_supported()}); unset it or choose 'onednn'")
+    return g
+
+
+@functools.cache
+def _onednn_linear_ok() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16), w, None, "none", [], "")
+        return True
+    except (RuntimeError, AttributeError):  # a torch build without these ops
+        return False
+
+
+@functools.cache
+def bf16_linear_ok() -> bool:
+    """Whether oneDNN's bf16 linear runs here (torch's mkldnn ops; fast where the CPU has AMX or AVX512-BF16)."""
+    if not _onednn_linear_ok():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), w, None, "none", [], "")
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def available_gemms() -> tuple:
+    """The packed CPU fp32 GEMMs that run here, jv5fast's first: a subset of ('jv5fast', 'onednn')."""
+    return tuple(k for k, ok in (("jv5fast", _cpu_ext() is not None), ("onednn", _onednn_linear_ok())) if ok)
+
+
+def cpu_packing() -> bool:
+    """Whether fp32 CPU weights get packed copies (JV5FAST_CPU_PACK is not '0' and some packed GEMM runs)."""
+    return os.environ.get("JV5FAST_CPU_PACK", "1") != "0" and bool(available_gemms())
+
+
+def cpu_gemm() -> str:
+    """The GEMM a weight is packed for when nothing measured it: JV5FAST_CPU_GEMM when forced, else jv5fast's
+    kernel where it runs, else oneDNN. Under 'auto' the engine measures instead (``jv5fast.cpu_tuning``)."""
+    g = cpu_gemm_mode()
     if g == "auto":
         g = "jv5fast" if _cpu_ext() is not None else "onednn"
     return g
@@ -270,14 +363,23 @@ def _on_huge_pages(a):
     return out
 
 
-def pack_linear(weight):
+def pack_linear(weight, kind=None):
     """A prepacked copy (``PackedLinear``) of a (out, in) fp32 CPU weight for ``linear``, or None where that
     does not apply (another device or dtype, a weight that needs gradients, JV5FAST_CPU_PACK=0, neither
-    jv5fast's kernel nor oneDNN here)."""
+    jv5fast's kernel nor oneDNN here). ``kind``: 'jv5fast' or 'onednn' (the engine's measured choice);
+    None = ``cpu_gemm()``. A kind that does not run here falls back to the other."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.requires_grad
             or os.environ.get("JV5FAST_CPU_PACK", "1") == "0"):
         return None
-    if cpu_gemm() == "jv5fast":
+    kind = kind or cpu_gemm()
+    if kind == "jv5fast" and _cpu_ext() is None:
+        kind = "onednn"
+    if kind == "onednn_bf16":
+        if not bf16_linear_ok():
+            return None
+        return PackedLinear(kind, torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach().to(torch.bfloat16).contiguous(), 64), weight.shape[0])
+    if kind == "jv5fast":
         return PackedLinear("jv5fast", _on_huge_pages(pack_panels(weight).numpy()), weight.shape[0])
     if not torch.backends.mkldnn.is_available():
         return None
@@ -290,12 +392,22 @@ def pack_linear(weight):
 
 def linear(x, weight, packed=None):
     """x (M, in) @ weight (out, in)^T -> (M, out); ``packed`` (from ``pack_linear(weight)``) runs the
-    prepacked GEMM on CPU. Inference only: the packed path has no autograd."""
+    prepacked GEMM on CPU (``weight`` is then only the fallback for other inputs). Inference only: the packed
+    path has no autograd."""
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         if packed.kind == "jv5fast":
             x = x.contiguous()
             out = torch.empty(x.shape[0], packed.out_features, dtype=torch.float32)
             _cpu_ext().sgemm(x.numpy(), packed.data, out.numpy(), torch.get_num_threads())
             return out
+        if packed.kind == "onednn_bf16":
+            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), packed.data, None, "none",
+                                                      [], "").float()
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.data, None, "none", [], "")
     return F.linear(x, weight)
+
+
+try:  # the ISA cap applies to every jv5fast._C kernel (the Hamming search too) from import on
+    _cpu_ext()
+except (ValueError, RuntimeError):  # a bad JV5FAST_CPU_ISA is reported by the first op that needs the kernels
+    _CPU_EXT.cache_clear()

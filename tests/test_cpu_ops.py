@@ -1,5 +1,7 @@
 """The fused CPU RMSNorm and RoPE (csrc/cpu_ops.cpp, reached through jv5fast.ops on fp32 CPU tensors outside
 autograd) against the plain-PyTorch references they replace, on ragged shapes and strided inputs."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,24 @@ from jv5fast.kernels.rope import rope_ref, rope_tables
 
 pytestmark = pytest.mark.skipif(ops._cpu_ext() is None, reason="jv5fast._C's CPU ops do not run here (extension "
                                 "not built, or no AVX2/FMA)")
+
+
+# Every test here runs at each ISA level this CPU has for the kernels (JV5FAST_CPU_ISA forces it down).
+_ISAS = [i for i in ("avx512", "avx2") if ops.CPU_ISAS.index(i) >= ops.CPU_ISAS.index(ops.cpu_isa_supported())]
+
+
+@pytest.fixture(autouse=True, params=_ISAS)
+def cpu_isa(request):
+    old = os.environ.get("JV5FAST_CPU_ISA")
+    os.environ["JV5FAST_CPU_ISA"] = request.param
+    ops.reset_cpu_isa()
+    assert ops.cpu_isa() == request.param
+    yield request.param
+    if old is None:
+        os.environ.pop("JV5FAST_CPU_ISA", None)
+    else:
+        os.environ["JV5FAST_CPU_ISA"] = old
+    ops.reset_cpu_isa()
 
 
 @pytest.fixture(autouse=True)

@@ -260,6 +260,20 @@ def test_round_trips_keep_the_engines_task_and_options(nano_ckpt):
         np.testing.assert_allclose(np.array(got, dtype=np.float32), want, rtol=0, atol=1e-6, err_msg=what)
 
 
+def test_a_bf16_cpu_engine_round_trips_as_bf16(nano_ckpt):
+    """``cpu_precision="bf16"`` (opt-in bf16 GEMMs) changes the vectors: a copy must keep it."""
+    import pickle
+
+    import jv5fast
+    from jv5fast.integrations.langchain import JV5FastEmbeddings
+    engine = jv5fast.Engine(nano_ckpt, device="cpu", cpu_precision="bf16")
+    texts = fresh_texts(4, seed=5)
+    want = np.array(JV5FastEmbeddings(engine).embed_documents(texts), dtype=np.float32)
+    other = pickle.loads(pickle.dumps(JV5FastEmbeddings(engine)))
+    assert other.engine.cpu_precision == "bf16"
+    np.testing.assert_allclose(np.array(other.embed_documents(texts), dtype=np.float32), want, rtol=0, atol=1e-6)
+
+
 def test_int8_engine_from_a_path_round_trips(nano_ckpt):
     """``quantize="int8"`` runs a cached ONNX export folder: a copy reloads that folder as an ONNX int8 engine (it
     once passed quantize="int8" again with the export folder, which is no checkpoint, and failed)."""

@@ -1,6 +1,7 @@
 """jv5fast's CPU fp32 GEMM on prepacked panels (csrc/sgemm.cpp via jv5fast.ops.linear) against float64
-matmul, on ragged shapes: rows that do not fill a 6-row tile, columns that do not fill a 16-wide panel,
-K that spans several 768-wide chunks or is not a multiple of anything."""
+matmul, on ragged shapes: rows that do not fill a 6-row (AVX2) or 12-row (AVX-512) tile, columns that do not
+fill a 16-wide panel or an odd number of panels, K that spans several 768-wide chunks or is not a multiple of
+anything; each at every ISA level the CPU has (the ``cpu_isa`` fixture), and bit-equal between them."""
 import os
 import subprocess
 import sys
@@ -13,6 +14,24 @@ from jv5fast import ops
 
 pytestmark = pytest.mark.skipif(ops._cpu_ext() is None, reason="jv5fast._C.sgemm does not run here (extension "
                                 "not built, or no AVX2/FMA)")
+
+
+# Every test here runs at each ISA level this CPU has for the kernels (JV5FAST_CPU_ISA forces it down).
+_ISAS = [i for i in ("avx512", "avx2") if ops.CPU_ISAS.index(i) >= ops.CPU_ISAS.index(ops.cpu_isa_supported())]
+
+
+@pytest.fixture(autouse=True, params=_ISAS)
+def cpu_isa(request):
+    old = os.environ.get("JV5FAST_CPU_ISA")
+    os.environ["JV5FAST_CPU_ISA"] = request.param
+    ops.reset_cpu_isa()
+    assert ops.cpu_isa() == request.param
+    yield request.param
+    if old is None:
+        os.environ.pop("JV5FAST_CPU_ISA", None)
+    else:
+        os.environ["JV5FAST_CPU_ISA"] = old
+    ops.reset_cpu_isa()
 
 
 def _ref(x, w):
@@ -51,6 +70,27 @@ def test_threads_and_noncontiguous_input():
     # threads split whole (rows x panels) items: each output's sum runs the same way whatever the split
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
     torch.testing.assert_close(ops.linear(x, w, p), want, atol=_tol(768), rtol=1e-5)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 33, 5), (13, 49, 1537), (25, 48, 2), (17, 2304, 768),
+                                     (131, 97, 800), (12, 16, 769), (600, 40, 100)])
+def test_bit_equal_across_isas_and_threads(m, n, k, cpu_isa):
+    """Summation order is fixed by K alone (csrc/sgemm.cpp): AVX2 and AVX-512, any thread count, same bits."""
+    g = torch.Generator().manual_seed(m + n + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    p = ops.pack_linear(w, kind="jv5fast")
+    outs = {}
+    for isa in _ISAS:
+        ops._cpu_ext().set_isa_limit(isa)
+        for t in (1, 2, 3):
+            out = torch.full((m, n), float("nan"))
+            ops._cpu_ext().sgemm(x.numpy(), p.data, out.numpy(), t)
+            outs[(isa, t)] = out
+    ops._cpu_ext().set_isa_limit(cpu_isa)
+    first = next(iter(outs.values()))
+    differ = [key for key, o in outs.items() if not torch.equal(o, first)]
+    assert not differ, differ
+    torch.testing.assert_close(first, _ref(x, w), atol=_tol(k), rtol=1e-5)
 
 
 def test_panels_layout():

@@ -49,6 +49,8 @@ def engine_spec(engine) -> dict:
         spec["task"] = engine.task
     if engine.backend == "torch":
         spec["dtype"] = str(engine.dtype).replace("torch.", "")
+        if getattr(engine, "cpu_precision", "fp32") != "fp32":  # opt-in bf16 GEMMs: other vectors than fp32's
+            spec["cpu_precision"] = engine.cpu_precision
     else:
         spec["backend"] = engine.backend
         # the graph file the engine runs (an int8 export may lack the quality record int8_quality comes from)

@@ -8,10 +8,12 @@ on CPU in fp32 inference, where ``cpu_forward`` calls the same fused kernels dir
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import cpu_tuning, ops
 from ..batching import PackedBatch
 from ..config import ModelArgs
 from . import cpu_forward
@@ -42,6 +44,7 @@ class Backbone:
         self._rope = None  # (cos, sin) fp32 tables, grown on demand
         self.version = 0   # bumped whenever a weight tensor is replaced (CUDA graphs hold addresses)
         self.packed = None  # (layer, name) -> ops.PackedLinear (CPU fp32 inference; see pack_linears)
+        self.gemm_choice = {}  # (N, K) -> cpu_tuning.GemmChoice: which packed GEMM each weight shape runs
 
     # ---- weights -------------------------------------------------------------------------------
     def set_static(self, weights: dict):
@@ -55,11 +58,27 @@ class Backbone:
                 if key in weights:
                     layer[ours] = weights[key].to(**cast)
 
-    def pack_linears(self):
-        """Keep a prepacked copy (``ops.pack_linear``: jv5fast's AVX2 GEMM panels, else oneDNN's layout) of
-        every fused projection for the default linear (CPU fp32 inference: faster GEMMs at every batch size,
-        at the cost of a second copy of the linear weights). ``set_linear`` keeps the copies current. Returns
+    def pack_linears(self, precision: str = "fp32"):
+        """Keep a prepacked copy (``ops.pack_linear``) of every fused projection for the default linear (CPU
+        fp32 inference: faster GEMMs at every batch size, at the cost of a second copy of the linear weights),
+        each for the GEMM ``cpu_tuning.choose`` picks for its shape (measured here under JV5FAST_CPU_GEMM=auto,
+        once per CPU and shape, cached on disk). ``precision="bf16"`` (opt-in, ``Engine(cpu_precision=...)``)
+        packs every projection for oneDNN's bf16 GEMM instead. ``set_linear`` keeps the copies current. Returns
         whether packing applies here."""
+        self.packed = None
+        if not ops.cpu_packing() or (precision == "bf16" and not ops.bf16_linear_ok()):
+            return False  # JV5FAST_CPU_PACK=0, or no packed GEMM here
+        by_shape: dict = {}
+        for (i, name), w in self._projections().items():
+            by_shape.setdefault(tuple(w.shape), []).append(w)
+        if precision == "bf16":
+            self.gemm_choice = {s: cpu_tuning.GemmChoice(s, "onednn_bf16", "cpu_precision='bf16' (opt-in)", {})
+                                for s in by_shape}
+        else:  # up to cpu_tuning.ROTATE weights per shape, spread over the layers
+            self.gemm_choice = cpu_tuning.choose({s: ws[::max(1, len(ws) // cpu_tuning.ROTATE)]
+                                                  for s, ws in by_shape.items()})
+        logging.getLogger("jv5fast").info("jv5fast: CPU fp32 GEMMs: %s", "; ".join(
+            f"{n}x{k} {c.kind} ({c.reason})" for (n, k), c in self.gemm_choice.items()))
         self.packed = {}
         for i, layer in enumerate(self.layers):
             for name in list(layer):
@@ -69,13 +88,30 @@ class Backbone:
             self.packed = None
         return self.packed is not None
 
+    def _projections(self) -> dict:
+        """{(layer, name): weight} of every projection that gets a packed copy (the last layer's q and k/v
+        row slices too)."""
+        out = {}
+        dq = self.args.num_heads * self.args.head_dim
+        for i, layer in enumerate(self.layers):
+            for name in ("wqkv", "wo", "w13", "w2"):
+                if name in layer:
+                    out[(i, name)] = layer[name]
+            if "wqkv" in layer and i == len(self.layers) - 1:
+                out[(i, "wq")], out[(i, "wkv")] = layer["wqkv"][:dq], layer["wqkv"][dq:]
+        return out
+
+    def _pack_one(self, w):
+        c = self.gemm_choice.get(tuple(w.shape))
+        return ops.pack_linear(w, kind=c.kind if c is not None else None)
+
     def _pack(self, i, name):
         w = self.layers[i][name]
-        self.packed[(i, name)] = ops.pack_linear(w)
+        self.packed[(i, name)] = self._pack_one(w)
         if name == "wqkv" and i == len(self.layers) - 1:  # the pruned last layer reads q and k/v apart
             dq = self.args.num_heads * self.args.head_dim
-            self.packed[(i, "wq")] = ops.pack_linear(w[:dq])
-            self.packed[(i, "wkv")] = ops.pack_linear(w[dq:])
+            self.packed[(i, "wq")] = self._pack_one(w[:dq])
+            self.packed[(i, "wkv")] = self._pack_one(w[dq:])
 
     def _linear(self, i, name, h):
         if name in ("wq", "wkv"):  # row slices of wqkv, for the pruned last layer

@@ -1,7 +1,9 @@
 """The backbone's inference forward on CPU in fp32 as one loop of jv5fast._C calls over numpy buffers.
 
-``Backbone.forward`` runs this where every op it needs has a fused CPU kernel (csrc/: the prepacked GEMM,
-RMSNorm with the residual add, RoPE with Qwen3's q/k norm, SwiGLU and short-sequence varlen attention).
+``Backbone.forward`` runs this where every op it needs has a fused CPU kernel (csrc/: RMSNorm with the
+residual add, RoPE with Qwen3's q/k norm, SwiGLU and short-sequence varlen attention) and every projection is
+prepacked, for jv5fast's GEMM (csrc/sgemm.cpp) or oneDNN's (called through torch on the same buffers), as
+the engine measured per shape (jv5fast/cpu_tuning.py).
 The ops, their order and their inputs are those of ``Backbone.hidden_states`` with the fused kernels, so
 the result is the same to the bit; what goes is the per-op torch work around each kernel call (tensor
 views, ``.numpy()``, empty tensors, dtype and device checks, environment lookups), ~100 calls per layer
@@ -20,7 +22,7 @@ _KERNELS = ("sgemm", "rms_norm", "rope", "swiglu", "attention")
 
 
 def usable(bb, batch: PackedBatch) -> bool:
-    """Whether ``forward`` applies: fp32 weights on CPU, every projection packed for jv5fast's GEMM, the
+    """Whether ``forward`` applies: fp32 weights on CPU, every projection packed (either GEMM), the
     fused kernels built here and not turned off (JV5FAST_BACKEND), sequences short enough for the
     attention kernel, and the batch's index dtypes as PackedBatch makes them."""
     if bb.device.type != "cpu" or bb.dtype != torch.float32 or bb.packed is None:
@@ -30,7 +32,7 @@ def usable(bb, batch: PackedBatch) -> bool:
     ext = ops._cpu_ext()
     if ext is None or not all(hasattr(ext, name) for name in _KERNELS):
         return False
-    if not all(p is not None and p.kind == "jv5fast" for p in bb.packed.values()):
+    if not all(p is not None and p.kind in ("jv5fast", "onednn", "onednn_bf16") for p in bb.packed.values()):
         return False
     last = len(bb.layers) - 1
     if not all((i, name) in bb.packed for i in range(last + 1) for name in ("wqkv", "wo", "w13", "w2")) or not (
@@ -55,6 +57,8 @@ def forward(bb, batch: PackedBatch, last_only: bool, between=None) -> torch.Tens
 
     def linear(x, i, name):
         p = packed[(i, name)]
+        if p.kind != "jv5fast":  # ops.linear's oneDNN call on the same (contiguous) rows: the same bits
+            return ops.linear(torch.from_numpy(np.ascontiguousarray(x)), None, p).numpy()
         out = np.empty((x.shape[0], p.out_features), dtype=np.float32)
         ext.sgemm(x, p.data, out, threads)
         return out

@@ -1,0 +1,328 @@
+"""Which CPU fp32 GEMM runs each projection shape: measured here, once, and remembered.
+
+jv5fast ships two prepacked GEMMs for CPU inference (``jv5fast.ops.linear``): its own (csrc/sgemm.cpp,
+16-column panels, AVX2 or AVX-512 picked at run time) and oneDNN's (through torch, its own blocked layout).
+Which is faster depends on the CPU: on a 2-core Zen3 (AVX2) jv5fast's won at every batch size, on AVX-512
+parts oneDNN is up to 2x faster at 8-32 queries. So under ``JV5FAST_CPU_GEMM=auto`` (the default) the engine
+times both on the model's own projection shapes at the row counts that matter (``M_BUCKETS``: one query,
+8 and 32 queries, the last also the CPU batch cap), interleaved, and keeps per shape the one with the lowest
+mean slowdown against the best at each M (``pick``). One layout per weight: choosing per M as well would keep
+both packed copies resident (another 0.45 GB for nano in fp32), so the choice is per shape only.
+
+The timings are cached in ``$JV5FAST_CACHE/cpu_gemm.json`` (else ``~/.cache/jv5fast``), keyed by the CPU
+(model name and flags), the ISA level in use, the thread count, the shape, the candidates and the jv5fast and
+torch versions; the file is untrusted (validated field by field; anything odd means measure again) and written
+atomically. Timings taken while other processes keep the CPUs busy (load average above the CPU count) pick
+that load's GEMMs but are not cached. ``JV5FAST_CPU_GEMM=jv5fast|onednn`` forces one kernel and measures
+nothing; delete the file to measure again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+log = logging.getLogger("jv5fast")
+
+M_BUCKETS = (16, 128, 512)  # rows: 1 query (~16 tokens), 8 queries, 32 queries (= the CPU batch cap)
+CACHE_FORMAT = 1
+CACHE_FILE = "cpu_gemm.json"
+MAX_CACHE_ENTRIES = 512    # oldest dropped first: the file never grows without bound
+BUDGET_S = 2.0             # measuring stops after the first round that ends past this (min 2 rounds)
+ROTATE = 4                 # weights of one shape cycled through, so small-M timings stream from memory
+BUSY_MARGIN = 0.5          # load average above the CPU count by more than this: timings are not cached
+REPS = {16: 6, 128: 2, 512: 1}  # samples per round at each M (the small ones are cheap and the most noisy)
+
+_memo: dict = {}           # in-process: (key fields, shape) -> timings
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmChoice:
+    shape: tuple           # (N, K): out, in features
+    kind: str              # "jv5fast" | "onednn"
+    reason: str            # "measured" | "cached" | "forced (JV5FAST_CPU_GEMM=...)" | "only candidate ..."
+    timings_ms: dict       # {kind: {M: ms}} (empty where nothing was timed)
+
+    def describe(self) -> dict:
+        return {"shape": list(self.shape), "kernel": self.kind, "reason": self.reason,
+                "timings_ms": {k: {str(m): round(v, 4) for m, v in t.items()} for k, t in self.timings_ms.items()}}
+
+
+def pick(timings: dict) -> str:
+    """The kernel with the lowest mean over M of (its time / the best time at that M); ties go to the earlier
+    candidate. ``timings``: {kind: {M: seconds or ms}}, every kind timed at the same M values."""
+    kinds = list(timings)
+    ms = sorted(set.intersection(*(set(t) for t in timings.values())))
+    if not ms:
+        return kinds[0]
+    best = {m: min(timings[k][m] for k in kinds) for m in ms}
+    score = {k: sum(timings[k][m] / best[m] for m in ms) / len(ms) for k in kinds}
+    return min(kinds, key=lambda k: (score[k], kinds.index(k)))
+
+
+# ---- cache -----------------------------------------------------------------------------------------------
+def cache_path() -> str:
+    from .int8 import cache_root
+    return os.path.join(cache_root(), CACHE_FILE)
+
+
+def cpu_id() -> tuple[str, str]:
+    """(CPU model name, sha of its flag set): another CPU, or the same one under another hypervisor mask, differs."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k == "model name" and not model:
+                    model = v.strip()
+                elif k in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(v.split()))
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine(), hashlib.sha256(flags.encode()).hexdigest()[:16]
+
+
+def key_fields(candidates, threads: int, isa: str) -> dict:
+    from . import __version__
+    model, flags = cpu_id()
+    return {"cpu": model, "cpu_flags": flags, "isa": isa, "threads": int(threads), "candidates": list(candidates),
+            "m": list(M_BUCKETS), "jv5fast": __version__, "torch": torch.__version__}
+
+
+def _valid_timings(t, candidates) -> dict | None:
+    """{kind: {M: ms}} from a cache entry's JSON, or None unless every candidate has a finite positive time at
+    every M bucket (and nothing else)."""
+    if not isinstance(t, dict) or set(t) != set(candidates):
+        return None
+    out = {}
+    for kind, row in t.items():
+        if not isinstance(row, dict) or set(row) != {str(m) for m in M_BUCKETS}:
+            return None
+        vals = {}
+        for m in M_BUCKETS:
+            v = row[str(m)]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                return None
+            vals[m] = float(v)
+        out[kind] = vals
+    return out
+
+
+def _read_entries(path) -> list:
+    """The cache file's entries, or [] when it is missing, unreadable or not in the expected format."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return []
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), list):
+        return []
+    return [e for e in data["entries"] if isinstance(e, dict) and isinstance(e.get("key"), dict)]
+
+
+def load_cached(path, fields: dict, shapes) -> dict:
+    """{shape: timings} for the shapes whose entry in ``path`` has exactly ``fields`` plus that shape as its key
+    and valid timings for exactly ``fields['candidates']``; other shapes are missing (to be measured)."""
+    found = {}
+    want = {tuple(s) for s in shapes}
+    for e in _read_entries(path):
+        key = dict(e["key"])
+        shape = key.pop("shape", None)
+        if key != fields or not isinstance(shape, list) or len(shape) != 2 or tuple(shape) not in want:
+            continue
+        t = _valid_timings(e.get("timings_ms"), fields["candidates"])
+        if t is not None:
+            found[tuple(shape)] = t
+    return found
+
+
+def save_cached(path, fields: dict, timings: dict) -> None:
+    """Add (or replace) the entries for ``timings`` ({shape: {kind: {M: ms}}}) in ``path``, atomically (a
+    temporary file in the same folder, then ``os.replace``); keeps others' valid-looking entries. Never raises:
+    a read-only cache only costs measuring again."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        mine = {tuple(s) for s in timings}
+        keep = [e for e in _read_entries(path)
+                if not ({k: v for k, v in e["key"].items() if k != "shape"} == fields
+                        and isinstance(e["key"].get("shape"), list) and tuple(e["key"]["shape"]) in mine)]
+        new = [{"key": {**fields, "shape": list(s)},
+                "timings_ms": {k: {str(m): v for m, v in row.items()} for k, row in t.items()}}
+               for s, t in timings.items()]
+        entries = (keep + new)[-MAX_CACHE_ENTRIES:]
+        fd, tmp = tempfile.mkstemp(prefix=".cpu_gemm.", suffix=".tmp", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"format": CACHE_FORMAT, "entries": entries}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        log.debug("jv5fast: could not write the CPU GEMM cache %s (%s)", path, e)
+
+
+# ---- measuring -------------------------------------------------------------------------------------------
+def measure(weights_by_shape: dict, candidates, threads: int, budget_s: float = BUDGET_S) -> dict:
+    """{shape: {kind: {M: ms}}}: the fastest of the rounds' times of ``ops.linear`` on each candidate's packed
+    copy of the given weights (cycled, so small-M rows stream weights from memory as in a forward), the
+    candidates interleaved (each round starts with another). The minimum, not the median: another process on
+    the machine only ever adds time (a preempted thread waits a scheduler quantum), so the fastest sample is the
+    kernel's own speed."""
+    from . import ops
+    packs = {(s, c): [ops.pack_linear(w, kind=c) for w in ws[:ROTATE]]
+             for s, ws in weights_by_shape.items() for c in candidates}
+    xs = {}
+    for (n, k) in weights_by_shape:
+        for m in M_BUCKETS:
+            xs.setdefault((k, m), torch.randn(m, k))
+    samples = {(s, c, m): [] for s in weights_by_shape for c in candidates for m in M_BUCKETS}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (s, c), ps in packs.items():  # warm-up: first-call costs (oneDNN primitive creation, page faults)
+            for p in ps:
+                ops.linear(xs[(s[1], M_BUCKETS[0])], None, p)
+        t_start, r = time.perf_counter(), 0
+        while True:
+            order = list(candidates[r % len(candidates):]) + list(candidates[:r % len(candidates)])
+            for s in weights_by_shape:
+                for m in M_BUCKETS:
+                    x = xs[(s[1], m)]
+                    for c in order:
+                        ps = packs[(s, c)]
+                        for j in range(REPS[m]):  # several cheap samples: one that no other process delayed
+                            p = ps[(r * REPS[m] + j) % len(ps)]
+                            t0 = time.perf_counter()
+                            ops.linear(x, None, p)
+                            samples[(s, c, m)].append((time.perf_counter() - t0) * 1e3)
+            r += 1
+            if r >= 2 and (time.perf_counter() - t_start > budget_s or r >= 9):
+                break
+    finally:
+        torch.set_num_threads(prev)
+    return {s: {c: {m: min(samples[(s, c, m)]) for m in M_BUCKETS} for c in candidates} for s in weights_by_shape}
+
+
+def _busy() -> str | None:
+    """Why timings taken now may not be the kernels' own (other processes running: the 1-minute load average
+    above the CPU count), or None. Such timings still pick this load's GEMMs, but are not cached."""
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except (OSError, AttributeError):
+        return None
+    return f"load {load:.1f} on {cpus} CPUs" if load > cpus + BUSY_MARGIN else None
+
+
+def choose(weights_by_shape: dict, *, threads: int | None = None, measure_fn=None, path: str | None = None) -> dict:
+    """{shape: GemmChoice} for the fp32 CPU weights ``{(N, K): [weights of that shape]}`` under
+    JV5FAST_CPU_GEMM: forced, or (auto) measured / read back from the cache. ``measure_fn(weights_by_shape,
+    candidates, threads)`` replaces ``measure`` (tests inject timings); ``path`` the cache file."""
+    from . import ops
+    mode = ops.cpu_gemm_mode()
+    shapes = [tuple(s) for s in weights_by_shape]
+    candidates = ops.available_gemms()
+    if mode != "auto":
+        return {s: GemmChoice(s, ops.cpu_gemm(), f"forced (JV5FAST_CPU_GEMM={mode})", {}) for s in shapes}
+    if len(candidates) < 2:
+        kind = candidates[0] if candidates else ops.cpu_gemm()
+        return {s: GemmChoice(s, kind, f"only candidate here ({', '.join(candidates) or 'none'})", {})
+                for s in shapes}
+    threads = int(threads or torch.get_num_threads())
+    fields = key_fields(candidates, threads, ops.cpu_isa())
+    memo_key = json.dumps(fields, sort_keys=True)
+    timings, reason = {}, {}
+    for s in shapes:
+        if (memo_key, s) in _memo:
+            timings[s], reason[s] = _memo[(memo_key, s)], "cached"
+    path = path or cache_path()
+    todo = [s for s in shapes if s not in timings]
+    if todo:
+        for s, t in load_cached(path, fields, todo).items():
+            timings[s], reason[s] = t, "cached"
+    todo = [s for s in shapes if s not in timings]
+    if todo:
+        t0, busy = time.perf_counter(), _busy()
+        got = (measure_fn or measure)({s: weights_by_shape[s] for s in todo}, candidates, threads)
+        busy = busy or _busy()
+        for s in todo:
+            t = _valid_timings({c: {str(m): v for m, v in got[s][c].items()} for c in got[s]}, candidates)
+            if t is None:
+                raise RuntimeError(f"CPU GEMM timings for {s} are incomplete: {got[s]!r}")
+            timings[s] = t
+            reason[s] = "measured" if busy is None else f"measured on a busy machine ({busy}; not cached)"
+        log.info("jv5fast: timed the CPU GEMMs on %d shapes in %.2f s%s", len(todo), time.perf_counter() - t0,
+                 "" if busy is None else f" on a busy machine ({busy}): not cached, measured again next load")
+        if busy is None:
+            save_cached(path, fields, {s: timings[s] for s in todo})
+    for s in shapes:
+        if not reason[s].startswith("measured on a busy"):
+            _memo[(memo_key, s)] = timings[s]
+    return {s: GemmChoice(s, pick(timings[s]), reason[s], timings[s]) for s in shapes}
+
+
+# ---- describing ------------------------------------------------------------------------------------------
+def describe(engine) -> dict:
+    """``Engine.describe()``: see there."""
+    from . import ops
+    out = {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+           "backend": engine.backend, "threads": torch.get_num_threads(),
+           "cpu_precision": getattr(engine, "cpu_precision", "fp32")}
+    bb = getattr(engine, "model", None)
+    if engine.backend != "torch" or bb is None or engine.device.type != "cpu":
+        return out
+    model, _ = cpu_id()
+    out["cpu"] = {"model": model, "isa_supported": ops.cpu_isa_supported(), "isa": ops.cpu_isa(),
+                  "JV5FAST_CPU_ISA": os.environ.get("JV5FAST_CPU_ISA") or None}
+    fused = ops._cpu_ext() is not None and ops.backend() == "auto" and engine.dtype == torch.float32
+    out["fused_ops"] = (f"jv5fast._C ({ops.cpu_isa()}): rms_norm, rope, swiglu, attention up to "
+                        f"{ops.CPU_ATTENTION_MAX_SEQLEN} tokens" if fused else "torch references")
+    if bb.packed is None:
+        out["gemm"] = {"mode": "unpacked (F.linear)", "shapes": []}
+        out["forward"] = "op-by-op (Backbone.hidden_states)"
+        return out
+    kinds = {}
+    for (i, name), p in bb.packed.items():
+        kinds.setdefault(p.kind, set()).add(name)
+    names = {}
+    for (i, name), w in bb._projections().items():
+        names.setdefault(tuple(w.shape), set()).add(name)
+    out["gemm"] = {"mode": ops.cpu_gemm_mode(), "cache": cache_path(),
+                   "shapes": [{**c.describe(), "projections": sorted(names.get(s, ()))}
+                              for s, c in bb.gemm_choice.items()]}
+    from .models import cpu_forward
+    one_loop = fused and all(p is not None for p in bb.packed.values()) and all(
+        hasattr(ops._cpu_ext(), k) for k in cpu_forward._KERNELS)
+    out["forward"] = (f"one loop of jv5fast._C calls (jv5fast/models/cpu_forward.py) for batches of sequences up to "
+                      f"{ops.CPU_ATTENTION_MAX_SEQLEN} tokens, op-by-op above" if one_loop
+                      else "op-by-op (Backbone.hidden_states)")
+    return out
+
+
+def format_description(d: dict) -> str:
+    """``Engine.describe()`` as text, one line per item (a `jv5fast info` command can print this)."""
+    lines = [(f"device {d['device']}, dtype {d['dtype']}, backend {d['backend']}, {d['threads']} threads, "
+              f"cpu_precision {d['cpu_precision']}")]
+    if "cpu" in d:
+        c = d["cpu"]
+        lines.append(f"cpu {c['model']}: kernels at {c['isa']} (CPU supports {c['isa_supported']}"
+                     + (f", JV5FAST_CPU_ISA={c['JV5FAST_CPU_ISA']}" if c["JV5FAST_CPU_ISA"] else "") + ")")
+        lines.append(f"fused ops: {d['fused_ops']}")
+        lines.append(f"forward: {d['forward']}")
+        g = d["gemm"]
+        lines.append(f"gemm: JV5FAST_CPU_GEMM={g['mode']}" + (f", cache {g['cache']}" if "cache" in g else ""))
+        for sh in g["shapes"]:
+            t = "; ".join(f"{k} " + "/".join(f"{v:.3g}" for v in row.values()) + " ms"
+                          for k, row in sh["timings_ms"].items())
+            lines.append(f"  {sh['shape'][0]}x{sh['shape'][1]} ({', '.join(sh['projections'])}): {sh['kernel']}, "
+                         f"{sh['reason']}" + (f" [M={'/'.join(map(str, M_BUCKETS))}: {t}]" if t else ""))
+    return "\n".join(lines)
