@@ -8,6 +8,7 @@ batches of 1, 8 and 32; p50 over 3 passes. Checks the vectors agree (cosine >= 0
 issue 13's CPU latency work; the peers (onnxruntime, sentence-transformers) belong in its latency suite.
 
     python bench/bench_cpu_pack.py [--families nano,small] [--out bench/results/cpu_pack.md]
+    python bench/bench_cpu_pack.py --kernels [--families nano] [--out ...]   # the GEMMs alone, per shape/ISA
     pytest bench/bench_cpu_pack.py          # pytest-benchmark, nano, 1 query: prepacked and plain entries
 """
 from __future__ import annotations
@@ -85,11 +86,77 @@ def run_family(family, tmp):
     return rows, cos
 
 
+SHAPES = {"nano": {"wqkv": (2304, 768), "wo": (768, 768), "w13": (6144, 768), "w2": (768, 3072)},
+          "small": {"wqkv": (4096, 1024), "wo": (1024, 2048), "w13": (6144, 1024), "w2": (1024, 3072)}}
+
+
+def kernel_rows(family, threads, rounds=15):
+    """GFLOP/s per (shape, M) of each packed GEMM this CPU runs: jv5fast's at every ISA level it has, oneDNN fp32
+    and (for reference, not exact) oneDNN bf16. Calls interleaved in one process, four weights cycled; the
+    fastest and the median call of ``rounds``."""
+    import torch
+
+    from jv5fast import ops
+    C = ops._cpu_ext()
+    isas = [i for i in ("avx512", "avx2") if C is not None and
+            ops.CPU_ISAS.index(i) >= ops.CPU_ISAS.index(ops.cpu_isa_supported())]
+    torch.set_num_threads(threads)
+    rows = []
+    for name, (n, k) in SHAPES[family].items():
+        ws = [torch.randn(n, k) for _ in range(4)]
+        kinds = {f"jv5fast {i}": ("jv5fast", i) for i in isas}
+        kinds.update({"oneDNN fp32": ("onednn", None), "oneDNN bf16": ("onednn_bf16", None)})
+        packs = {key: [ops.pack_linear(w, kind=kind) for w in ws] for key, (kind, _) in kinds.items()}
+        for m in (16, 128, 512):
+            x = torch.randn(m, k)
+            times = {key: [] for key in kinds}
+            for r in range(rounds):
+                for key, (kind, isa) in kinds.items():
+                    if isa is not None:
+                        C.set_isa_limit(isa)
+                    t0 = time.perf_counter()
+                    ops.linear(x, None, packs[key][r % 4])
+                    times[key].append(time.perf_counter() - t0)
+            if C is not None:
+                C.set_isa_limit("avx512")
+            flop = 2 * m * n * k
+            rows.append((name, n, k, m, threads, {key: (flop / min(t) / 1e9, flop / float(np.median(t)) / 1e9)
+                                                  for key, t in times.items()}))
+    return rows
+
+
+def kernels_main(a):
+    import torch
+    lines = ["# CPU fp32 GEMMs alone: jv5fast's (per ISA) vs oneDNN", "", f"{datetime.date.today()} · {machine()}",
+             "", (f"Command: `python bench/bench_cpu_pack.py --kernels --families {a.families}`; GFLOP/s as fastest "
+                  "/ median of 15 interleaved calls (four weights of the shape cycled); oneDNN bf16 (rounds inputs "
+                  "and outputs to bf16) for reference only."), ""]
+    for family in a.families.split(","):
+        for threads in (1, torch.get_num_threads()) if torch.get_num_threads() > 1 else (1,):
+            rows = kernel_rows(family, threads)
+            keys = list(rows[0][5])
+            lines += [f"| {family} | N x K | M | threads | " + " | ".join(keys) + " |",
+                      "|---|---|---|---|" + "---|" * len(keys)]
+            for name, n, k, m, t, g in rows:
+                lines.append(f"| {name} | {n}x{k} | {m} | {t} | " +
+                             " | ".join(f"{g[key][0]:.0f} / {g[key][1]:.0f}" for key in keys) + " |")
+            lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default="nano")
+    ap.add_argument("--kernels", action="store_true", help="time the GEMMs alone, per shape, ISA and M")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.kernels:
+        return kernels_main(a)
     lines = ["# CPU query latency by GEMM: jv5fast's own, oneDNN prepacked, plain F.linear", "",
              f"{datetime.date.today()} · {machine()}", "",
              f"Command: `python bench/bench_cpu_pack.py --families {a.families}`; full-size random weights, real "

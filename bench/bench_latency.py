@@ -6,12 +6,16 @@ stored in fp32, real tokenizer) and embeds queries of 4–24 words with the chec
 each is checked to feed its model jv5fast's token ids. Call k embeds the k-th slice of a fixed pool, so no
 two calls embed the same texts and every system embeds the same ones. Outputs are checked against jv5fast's
 fp32 vectors for the same texts: cosine >= 0.99999 for the fp32 systems, int8 and bf16 recorded only.
-CPU: ``jv5fast`` (``Engine`` defaults), ``jv5fast int8`` (``quantize="int8"``), onnxruntime on jv5fast's own
+CPU: ``jv5fast`` (``Engine`` defaults: the GEMM per shape measured at load, jv5fast/cpu_tuning.py),
+``jv5fast gemm=jv5fast`` / ``jv5fast gemm=onednn`` (``JV5FAST_CPU_GEMM`` forcing one GEMM for every shape),
+``jv5fast bf16`` (opt-in ``cpu_precision="bf16"``: bf16 GEMMs on oneDNN/AMX, fp32 elsewhere),
+``jv5fast int8`` (``quantize="int8"``), onnxruntime on jv5fast's own
 export (fp32, dynamic int8), sentence-transformers (Transformer + last-token Pooling + Normalize, batch 32),
 transformers' AutoModel (right-padded, last real token, L2 normalize). CUDA: jv5fast with and without CUDA
 graphs, transformers bf16. Timed from text to unit vector, tokenization included.
 
-    python bench/bench_latency.py [--families nano,small] [--out bench/results/latency_cpu.md]
+    python bench/bench_latency.py [--families nano,small] [--systems "jv5fast,onnxruntime fp32"]
+                                  [--out bench/results/latency_cpu.md]
     pytest bench/bench_latency.py [--bench-small]    # pytest-benchmark; small also with JV5FAST_BENCH_SMALL=1
 """
 from __future__ import annotations
@@ -46,8 +50,8 @@ ROUNDS = {1: 30, 8: 12, 32: 6}  # timed calls per entry: about 1-2 s of jv5fast 
 POOL = (WARMUP + ROUNDS[32]) * 32  # the largest number of texts one entry embeds: no slice repeats
 MIN_COSINE = 0.99999  # the fp32 systems against jv5fast's fp32 vectors
 SYSTEMS = {  # per device, in measuring order: jv5fast first, the others report their ratio to it
-    "cpu": ("jv5fast", "jv5fast int8", "onnxruntime fp32", "onnxruntime int8", "sentence-transformers",
-            "transformers"),
+    "cpu": ("jv5fast", "jv5fast gemm=jv5fast", "jv5fast gemm=onednn", "jv5fast bf16", "jv5fast int8",
+            "onnxruntime fp32", "onnxruntime int8", "sentence-transformers", "transformers"),
     "cuda": ("jv5fast", "jv5fast no cuda graphs", "transformers bf16"),
 }
 ST_PAD = {"nano": "<|pad|>", "small": "<|endoftext|>"}  # tokenizer_config.json names no pad token
@@ -102,6 +106,24 @@ def _jv5fast(eng, exact):
     return System(eng.encode_query, lambda texts: eng.tokenize(texts, prompt_name="query"), exact)
 
 
+def _jv5fast_forced(fam, gemm):
+    """The CPU fp32 engine with JV5FAST_CPU_GEMM=gemm while it loads (every projection on that GEMM)."""
+    old = os.environ.get("JV5FAST_CPU_GEMM")
+    os.environ["JV5FAST_CPU_GEMM"] = gemm
+    try:
+        eng = jv5fast.Engine(fam.checkpoint, device="cpu")
+    finally:
+        os.environ.pop("JV5FAST_CPU_GEMM") if old is None else os.environ.__setitem__("JV5FAST_CPU_GEMM", old)
+    assert {p.kind for p in eng.model.packed.values()} == {gemm}
+    return _jv5fast(eng, exact=True)
+
+
+def cpu_isa_note() -> str:
+    """The CPU model and the ISA level jv5fast's kernels ran at (recorded in every row)."""
+    from jv5fast import cpu_tuning, ops
+    return f"{cpu_tuning.cpu_id()[0]} ({ops.cpu_isa()})"
+
+
 def _jv5fast_cuda(fam, cuda_graphs):
     eng = jv5fast.Engine(fam.checkpoint, device="cuda", cuda_graphs=cuda_graphs)
     eng.warmup()  # compile the kernels and capture every graph bucket now, not inside timed calls
@@ -153,6 +175,10 @@ def _transformers(fam, device, dtype):
 
 BUILDERS = {
     ("cpu", "jv5fast"): lambda fam: _jv5fast(fam.engine, exact=True),
+    ("cpu", "jv5fast gemm=jv5fast"): lambda fam: _jv5fast_forced(fam, "jv5fast"),
+    ("cpu", "jv5fast gemm=onednn"): lambda fam: _jv5fast_forced(fam, "onednn"),
+    ("cpu", "jv5fast bf16"): lambda fam: _jv5fast(jv5fast.Engine(fam.checkpoint, device="cpu",
+                                                                 cpu_precision="bf16"), exact=False),
     ("cpu", "jv5fast int8"): lambda fam: _jv5fast(jv5fast.Engine(fam.checkpoint, device="cpu",
                                                                  quantize="int8"), exact=False),
     ("cpu", "onnxruntime fp32"): lambda fam: _onnxruntime(fam, "model.onnx", exact=True),
@@ -288,33 +314,43 @@ def versions():
             f"{sentence_transformers.__version__}, transformers {transformers.__version__}")
 
 
-def measure_family(family, devices, tmp):
-    """Rows of one model: per device and batch size, every system in turn (interleaved, so drift on a shared
-    machine hits all alike), jv5fast first."""
+def measure_family(family, devices, tmp, systems=None):
+    """Rows of one model: per device and batch size, the systems' calls interleaved (call k of every system,
+    then call k + 1, ...), so drift and other processes on a shared machine hit all alike; jv5fast first."""
     ckpt = merged_checkpoint(tmp, family)
     fam = Family(family, ckpt, lambda: onnx_export(os.path.join(tmp, f"{family}-export"), ckpt))
     rows = []
     for device in devices:
+        names = [s for s in SYSTEMS[device] if systems is None or s in systems]
         for n in BATCHES:
-            for name in SYSTEMS[device]:  # jv5fast first: base is its p50
-                rounds = Rounds(fam, fam.system(device, name), n)
-                row = dict(family=family, device=device, n=n, name=name,
-                           **rounds.result(name, rounds.time_all()))
-                if name == "jv5fast":
+            rounds = {name: Rounds(fam, fam.system(device, name), n) for name in names}
+            times = {name: [] for name in names}
+            for k in range(WARMUP + ROUNDS[n]):
+                for name in (names if k % 2 == 0 else names[::-1]):
+                    args, _ = rounds[name].next_call()
+                    t0 = time.perf_counter()
+                    rounds[name](*args)
+                    times[name].append(time.perf_counter() - t0)
+            for name in names:  # jv5fast first: base is its p50
+                row = dict(family=family, device=device, n=n, name=name, cpu=cpu_isa_note() if device == "cpu"
+                           else torch.cuda.get_device_name(), **rounds[name].result(name, times[name][WARMUP:]))
+                if name == names[0]:
                     base = row["p50_ms"]
                 row["slower_than_jv5fast_x"] = row["p50_ms"] / base
                 rows.append(row)
                 print(f"{group_name(family, device, n)}: {name}: p50 {row['p50_ms']:.1f} ms, p99 "
                       f"{row['p99_ms']:.1f} ms, {row['slower_than_jv5fast_x']:.2f}x jv5fast, min cosine "
                       f"{row['min_cosine']:.7f}", flush=True)
-    return rows
+    gemms = fam.engine.describe()
+    return rows, gemms
 
 
 def table(rows):
-    out = [("| model | device | queries per call | system | tokens per call | p50 ms | p99 ms "
-            "| p50 / jv5fast p50 | min cosine to jv5fast fp32 |"), "|---|---|---|---|---|---|---|---|---|"]
+    out = [("| model | device (ISA of jv5fast's kernels) | queries per call | system | tokens per call | p50 ms "
+            "| p99 ms | p50 / jv5fast p50 | min cosine to jv5fast fp32 |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['family']} | {r['device']} | {r['n']} | {r['name']} | {r['tokens_per_call']:.1f} | "
+        out.append(f"| {r['family']} | {r['device']}: {r['cpu']} | {r['n']} | {r['name']} | "
+                   f"{r['tokens_per_call']:.1f} | "
                    f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['slower_than_jv5fast_x']:.2f}× | "
                    f"{r['min_cosine']:.7f} |")
     return "\n".join(out)
@@ -324,24 +360,30 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default="nano")
     ap.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--systems", default=None, help="comma-separated subset of the systems (default: all)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    rows = []
+    systems = None if a.systems is None else [s.strip() for s in a.systems.split(",")]
+    rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         # Engine(quantize="int8") caches its export under a key that includes the checkpoint's mtimes: a fresh
         # temporary checkpoint would leave a new entry in ~/.cache on every run
         os.environ["JV5FAST_CACHE"] = os.path.join(tmp, "jv5fast-cache")
         for family in a.families.split(","):
-            rows += measure_family(family, a.devices.split(","), tmp)
+            fam_rows, d = measure_family(family, a.devices.split(","), tmp, systems)
+            rows += fam_rows
+            from jv5fast import cpu_tuning
+            notes += [f"{family}: the default engine's choice (`Engine.describe()`):", "", "```",
+                      cpu_tuning.format_description(d), "```", ""]
     args = shlex.join(sys.argv[1:] if argv is None else argv)
     calls = ", ".join(f"{ROUNDS[n]} timed at {n}" for n in BATCHES)
     how = (f"Full-size random weights (retrieval merged in fp32, stored in fp32), real tokenizer; queries of "
            f"4–24 words with the \"Query: \" prompt (every system checked to get jv5fast's token ids), timed "
            f"from text to unit vector. Call k embeds the k-th slice of a {POOL}-query pool; {WARMUP} warm-up "
-           f"calls, then {calls} queries per call. Per batch size the systems run one after another, jv5fast "
-           f"first.")
+           f"calls, then {calls} queries per call. Per batch size the systems' calls are interleaved (one call "
+           f"of each in turn, the order reversed every other call).")
     text = "\n".join(["# Query latency", "", f"{datetime.date.today()} · {machine()} · {versions()}", "",
-                      f"Command: `python bench/bench_latency.py {args}`", "", how, "", table(rows), ""])
+                      f"Command: `python bench/bench_latency.py {args}`", "", how, "", table(rows), "", *notes])
     print(text)
     if a.out:
         with open(a.out, "w") as f:
