@@ -367,12 +367,17 @@ def _version() -> str:
         return __version__
 
 
+CPU_PRECISIONS = ("fp32", "bf16")
+CPU_PRECISION_HELP = ("bf16: opt-in bf16 GEMMs on the CPU (oneDNN; AMX / AVX512-BF16 where present), fp32 "
+                      "elsewhere; not exact (cosine ~0.9999 to fp32), never the default")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jv5fast", description="Fast, exact jina-embeddings-v5-text engine: embed "
                                 "texts, export to ONNX, train adapters.", formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"jv5fast {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="{embed,index,search,embed-corpus,export-onnx,train,serve,"
-                           "make-checkpoint}")
+                           "make-checkpoint,info}")
     task_help = (f"task adapter, one of {', '.join(TASKS)} (default: retrieval, or the one task a merged "
                  f"checkpoint or ONNX export holds)")
 
@@ -399,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     e.add_argument("--backend", default="torch", choices=("torch", "onnx"),
                    help="onnx: --model is a folder written by export-onnx (needs jv5fast[onnx])")
+    e.add_argument("--cpu-precision", default="fp32", choices=CPU_PRECISIONS, help=CPU_PRECISION_HELP)
     e.add_argument("--quantize", default=None, choices=("int8",),
                    help="int8 on the CPU: the checkpoint's int8 ONNX export, built on first use and cached "
                    "($JV5FAST_CACHE); with --backend onnx the export's model_int8.onnx")
@@ -429,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace --output if it is a previous jv5fast export")
     _add_train_parser(sub)
     _add_make_checkpoint_parser(sub)
+    _add_info_parser(sub)
     _add_serve_parser(sub)
     _add_index_parsers(sub, task_help)
     from .distributed import cli as corpus_cli  # the parser only: Ray is imported when the command runs
@@ -469,6 +476,7 @@ def _add_serve_parser(sub):
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     s.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="engine backend")
+    s.add_argument("--cpu-precision", default="fp32", choices=CPU_PRECISIONS, help=CPU_PRECISION_HELP)
     s.add_argument("--quantize", default=None, choices=("int8",), help="int8 on the CPU (built on first use and "
                    "cached in $JV5FAST_CACHE); with --backend onnx the export's int8 graph")
     s.add_argument("--max-length", type=_positive_int, default=None, help="tokens per text, prompt included")
@@ -573,7 +581,7 @@ def main(argv=None):
         from .distributed import cli as corpus_cli
         return corpus_cli.run(a)
     run = {"embed": _embed, "export-onnx": _export, "train": _train, "serve": _serve, "index": _index,
-           "search": _search, "make-checkpoint": _make_checkpoint}[a.cmd]
+           "search": _search, "make-checkpoint": _make_checkpoint, "info": _info}[a.cmd]
     try:
         return run(a)
     except BrokenPipeError:  # stdout's reader is gone (| head): stop quietly, as cat and grep do
@@ -643,9 +651,55 @@ def _check_quantize(a):
 
 
 def _quantize_kw(a):
+    kw = {}
+    if getattr(a, "cpu_precision", "fp32") != "fp32":
+        kw["cpu_precision"] = a.cpu_precision
     if not a.quantize:
-        return {}
-    return {"onnx_quantize": a.quantize} if a.backend == "onnx" else {"quantize": a.quantize}
+        return kw
+    return {**kw, "onnx_quantize": a.quantize} if a.backend == "onnx" else {**kw, "quantize": a.quantize}
+
+
+def _add_info_parser(sub):
+    i = sub.add_parser("info", help="load a model and say what runs where (device, ISA, each GEMM and why)",
+                       formatter_class=_Help, description="Load --model as `embed` would and print "
+                       "Engine.describe(): device, dtype, the ISA of jv5fast's C++ kernels, the forward path and, "
+                       "on the CPU, which GEMM runs each projection shape and the timings that chose it.")
+    i.add_argument("--model", required=True, help="checkpoint folder (released layout), hub id, or ONNX export")
+    i.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    i.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    i.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="engine backend")
+    i.add_argument("--cpu-precision", default="fp32", choices=CPU_PRECISIONS, help=CPU_PRECISION_HELP)
+    i.add_argument("--quantize", default=None, choices=("int8",), help="as in embed")
+    i.add_argument("--json", action="store_true", help="print the description as one JSON object")
+
+
+def _info(a):
+    _check_quantize(a)
+    _check_cpu_precision(a)
+    _check_model(a.model, "--model", a.backend)
+    _check_device(a.device)
+    from .cpu_tuning import format_description
+    from .engine import Engine
+    eng = Engine(a.model, device=a.device, dtype=a.dtype, backend=a.backend, **_quantize_kw(a))
+    desc = eng.describe()
+    if a.json:
+        print(json.dumps({"model": eng.path, "family": eng.args.family, "dim": eng.dim, "task": eng.task, **desc}))
+    else:
+        print(f"{eng.path}: {eng.args.family}, {eng.dim}-d, task {eng.task}\n{format_description(desc)}")
+    return 0
+
+
+def _check_cpu_precision(a):
+    """--cpu-precision bf16: the torch engine on the CPU in float32, without --quantize (checked before loading)."""
+    if getattr(a, "cpu_precision", "fp32") == "fp32":
+        return
+    for bad, why in ((a.backend != "torch", f"--backend {a.backend}"), (bool(a.quantize), f"--quantize {a.quantize}"),
+                     (a.dtype not in (None, "float32"), f"--dtype {a.dtype}"),
+                     (a.device is not None and not a.device.startswith("cpu"), f"--device {a.device}")):
+        if bad:
+            raise CLIError(f"--cpu-precision {a.cpu_precision} runs the torch engine's GEMMs on the CPU from float32; "
+                           f"drop {why}")
 
 
 def _embed(a):
@@ -660,6 +714,7 @@ def _embed(a):
         raise CLIError(f"--text-column applies to jsonl, json and parquet input; --input {a.input} is read as txt "
                        f"(one text per line): pass --format, or leave out --text-column")
     _check_quantize(a)
+    _check_cpu_precision(a)
     if a.output is not None:
         _check_output_file(a.output, "--output", (".npy", ".jsonl"))
         if a.input not in (None, "-") and _same_file(a.output, a.input):
@@ -690,6 +745,7 @@ def _embed(a):
 
 def _serve(a):
     _check_quantize(a)
+    _check_cpu_precision(a)
     _check_model(a.model, "--model", a.backend)
     path = os.path.expanduser(a.model)
     if (os.path.isabs(path) or a.model.startswith((".", "~"))) and not os.path.isdir(path):

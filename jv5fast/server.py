@@ -562,7 +562,8 @@ def listen_socket(host: str, port: int):
 
 
 def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backend="torch", max_length=None,
-          onnx_quantize=None, quantize=None, log_level="info", drain_timeout=30.0, **app_options) -> int:
+          onnx_quantize=None, quantize=None, log_level="info", drain_timeout=30.0, cpu_precision="fp32",
+          **app_options) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code (0 after a clean drain). The socket is
     bound first (``port=0``: an ephemeral one) and its address printed as ``listening on http://HOST:PORT``,
     then the model loads while ``/health`` answers 503."""
@@ -590,7 +591,8 @@ def serve(model, *, host="127.0.0.1", port=8080, device=None, dtype=None, backen
     if not app_options.get("served_model_name"):  # a folder's name, or the hub id as given (not its snapshot hash)
         app_options["served_model_name"] = display_name(model) if os.path.isdir(model) else model
     app = create_app(loader=lambda: Engine(model, device=device, dtype=dtype, backend=backend, max_length=max_length,
-                                          onnx_quantize=onnx_quantize, quantize=quantize),
+                                          onnx_quantize=onnx_quantize, quantize=quantize,
+                                          cpu_precision=cpu_precision),
                      drain_timeout=drain_timeout, on_load_error=load_error, **app_options)
 
     class _Server(uvicorn.Server):

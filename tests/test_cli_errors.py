@@ -128,7 +128,7 @@ def test_every_flag_has_help_and_choices_are_listed():
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert set(subs) == {"embed", "index", "search", "embed-corpus", "export-onnx", "train", "serve",
-                         "make-checkpoint"}
+                         "make-checkpoint", "info"}
     from jv5fast.distributed import cli as corpus_cli  # keeps its own copies so that its parser imports no torch
     from jv5fast.postprocess import PRECISIONS
     assert corpus_cli.TASKS == TASKS and corpus_cli.PRECISIONS == PRECISIONS
