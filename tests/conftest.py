@@ -18,6 +18,25 @@ import pytest  # noqa: E402
 from jv5fast.testing import write_checkpoint  # noqa: E402
 
 
+def _kernel_isas():
+    """The ISA levels of jv5fast's C++ kernels this CPU runs (none without AVX2 or without the extension)."""
+    from jv5fast import ops
+    return [i for i in ("avx512", "avx2") if ops.CPU_ISAS.index(i) >= ops.CPU_ISAS.index(ops.cpu_isa_supported())]
+
+
+@pytest.fixture(params=_kernel_isas())
+def cpu_isa(request, monkeypatch):
+    """Run a test at each ISA level (JV5FAST_CPU_ISA forces it down); modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("cpu_isa")``."""
+    from jv5fast import ops
+    monkeypatch.setenv("JV5FAST_CPU_ISA", request.param)
+    ops.reset_cpu_isa()
+    assert ops.cpu_isa() == request.param
+    yield request.param
+    monkeypatch.undo()
+    ops.reset_cpu_isa()
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
 

@@ -1,6 +1,5 @@
 """The fused CPU RMSNorm and RoPE (csrc/cpu_ops.cpp, reached through jv5fast.ops on fp32 CPU tensors outside
 autograd) against the plain-PyTorch references they replace, on ragged shapes and strided inputs."""
-import os
 
 import numpy as np
 import pytest
@@ -14,22 +13,8 @@ pytestmark = pytest.mark.skipif(ops._cpu_ext() is None, reason="jv5fast._C's CPU
                                 "not built, or no AVX2/FMA)")
 
 
-# Every test here runs at each ISA level this CPU has for the kernels (JV5FAST_CPU_ISA forces it down).
-_ISAS = [i for i in ("avx512", "avx2") if ops.CPU_ISAS.index(i) >= ops.CPU_ISAS.index(ops.cpu_isa_supported())]
-
-
-@pytest.fixture(autouse=True, params=_ISAS)
-def cpu_isa(request):
-    old = os.environ.get("JV5FAST_CPU_ISA")
-    os.environ["JV5FAST_CPU_ISA"] = request.param
-    ops.reset_cpu_isa()
-    assert ops.cpu_isa() == request.param
-    yield request.param
-    if old is None:
-        os.environ.pop("JV5FAST_CPU_ISA", None)
-    else:
-        os.environ["JV5FAST_CPU_ISA"] = old
-    ops.reset_cpu_isa()
+# Every test here runs at each ISA level this CPU has for the kernels (the cpu_isa fixture, tests/conftest.py).
+pytestmark = [pytestmark, pytest.mark.usefixtures("cpu_isa")]
 
 
 @pytest.fixture(autouse=True)
