@@ -753,14 +753,11 @@ def _serve(a):
     _check_device(a.device)
     if not 0 <= a.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {a.port}")
-    # an empty key (--api-key "$KEY", KEY unset) must never mean "no authentication": refuse it before binding
-    key, flag = a.api_key, "--api-key"
-    if key is None:
-        key, flag = os.environ.get("JV5FAST_API_KEY"), "$JV5FAST_API_KEY"
-    if key is not None and not key.strip():
-        raise CLIError(f"{flag} is empty or blank ({key!r}); give the key clients must send, or leave out "
-                       f"--api-key and unset JV5FAST_API_KEY to serve without authentication")
-    from .server import serve
+    from .server import _api_key, serve
+    try:  # an empty key (--api-key "$KEY", KEY unset) must never mean "no authentication": refused before binding
+        _api_key(a.api_key, "--api-key")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     resident = {"auto": "auto", "true": True, "false": False}[a.resident_tasks]
     return serve(a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, backend=a.backend,
                  max_length=a.max_length, **_quantize_kw(a), log_level=a.log_level,

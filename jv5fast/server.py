@@ -386,19 +386,20 @@ def _wrap(app, metrics):
     return counted
 
 
-def _api_key(api_key):
+def _api_key(api_key, name="api_key"):
     """The configured API key, stripped as the client's key is (None: ``$JV5FAST_API_KEY``; unset: no key).
-    An empty or blank key is an error, never "no authentication" (``--api-key "$KEY"`` with KEY unset)."""
-    where = "api_key"
+    An empty or blank key is an error, never "no authentication" (``--api-key "$KEY"`` with KEY unset);
+    ``name`` is what the message calls the argument (the CLI's ``--api-key``)."""
+    where = name
     if api_key is None:
         api_key, where = os.environ.get("JV5FAST_API_KEY"), "$JV5FAST_API_KEY"
         if api_key is None:
             return None
     if not isinstance(api_key, str):
-        raise TypeError(f"api_key must be a str or None, got {type(api_key).__name__}")
+        raise TypeError(f"{name} must be a str or None, got {type(api_key).__name__}")
     if not api_key.strip():
         raise ValueError(f"{where} is empty or blank ({api_key!r}); give the key clients must send, or leave "
-                         f"it unset to serve without authentication")
+                         f"{name} and JV5FAST_API_KEY unset to serve without authentication")
     return api_key.strip()
 
 
@@ -521,7 +522,9 @@ def _dimensions(dimensions, engine):
 def _embedding_types(value):
     """The distinct embedding types asked for, in the order first named (so at most len(EMBEDDING_TYPES)):
     a name listed twice is collapsed, as the response has one key per type and each is encoded once."""
-    types = ["float" if value is None else value] if value is None or isinstance(value, str) else value
+    if value is None:
+        value = "float"
+    types = [value] if isinstance(value, str) else value
     if not types:
         raise APIError(400, "embedding_type is an empty list", param="embedding_type")
     types = list(dict.fromkeys(types))
