@@ -290,9 +290,6 @@ def describe(engine) -> dict:
         out["gemm"] = {"mode": "unpacked (F.linear)", "shapes": []}
         out["forward"] = "op-by-op (Backbone.hidden_states)"
         return out
-    kinds = {}
-    for (i, name), p in bb.packed.items():
-        kinds.setdefault(p.kind, set()).add(name)
     names = {}
     for (i, name), w in bb._projections().items():
         names.setdefault(tuple(w.shape), set()).add(name)

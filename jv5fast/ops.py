@@ -289,28 +289,21 @@ def cpu_gemm_mode() -> str:
 
 
 @functools.cache
-def _onednn_linear_ok() -> bool:
+def _onednn_linear_ok(dtype=torch.float32) -> bool:
+    """Whether oneDNN's prepacked linear (torch's mkldnn ops) runs here in ``dtype``."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16), 1)
-        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16), w, None, "none", [], "")
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=dtype), w, None, "none", [], "")
         return True
-    except (RuntimeError, AttributeError):  # a torch build without these ops
+    except (RuntimeError, AttributeError):  # a torch build without these ops (or without bf16 in them)
         return False
 
 
-@functools.cache
 def bf16_linear_ok() -> bool:
-    """Whether oneDNN's bf16 linear runs here (torch's mkldnn ops; fast where the CPU has AMX or AVX512-BF16)."""
-    if not _onednn_linear_ok():
-        return False
-    try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 1)
-        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), w, None, "none", [], "")
-        return True
-    except (RuntimeError, AttributeError):
-        return False
+    """Whether oneDNN's bf16 linear runs here (fast where the CPU has AMX or AVX512-BF16)."""
+    return _onednn_linear_ok(torch.bfloat16)
 
 
 def available_gemms() -> tuple:
