@@ -137,7 +137,7 @@ def load_cached(path, fields: dict, shapes) -> dict:
     for e in _read_entries(path):
         key = dict(e["key"])
         shape = key.pop("shape", None)
-        if key != fields or not isinstance(shape, list) or len(shape) != 2 or tuple(shape) not in want:
+        if key != fields or not isinstance(shape, list) or tuple(shape) not in want:
             continue
         t = _valid_timings(e.get("timings_ms"), fields["candidates"])
         if t is not None:
@@ -270,6 +270,137 @@ def choose(weights_by_shape: dict, *, threads: int | None = None, measure_fn=Non
     return {s: GemmChoice(s, pick(timings[s]), reason[s], timings[s]) for s in shapes}
 
 
+# ---- fused ops: jv5fast._C's kernel or the torch reference -----------------------------------------------
+FUSED_CANDIDATES = ("jv5fast", "torch")
+FUSED_BUDGET_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedChoice:
+    op: str                # one of ops.FUSED_OPS
+    key: tuple             # ops.fused_key: rms_norm (E,), rope (H, D), swiglu (2F,), attention (H, Hkv, D)
+    kind: str              # "jv5fast" | "torch"
+    reason: str
+    timings_ms: dict       # {kind: {M: ms}}
+
+    def describe(self) -> dict:
+        return {"op": self.op, "shape": list(self.key), "kernel": self.kind, "reason": self.reason,
+                "timings_ms": {k: {str(m): round(v, 4) for m, v in t.items()} for k, t in self.timings_ms.items()}}
+
+
+def fused_keys(args) -> list:
+    """[(op, key)] of the fused ops a forward of the model ``args`` runs (ops.fused_key's shapes)."""
+    H, Hkv, D = args.num_heads, args.num_kv_heads, args.head_dim
+    rope = [(H, D)] + ([(Hkv, D)] if Hkv != H else [])
+    return ([("rms_norm", (args.hidden_size,))] + [("rope", k) for k in rope]
+            + [("swiglu", (2 * args.intermediate_size,)), ("attention", (H, Hkv, D))])
+
+
+def _fused_calls(args, op, key, m):
+    """{kind: zero-argument callable} running ``op`` at ``key`` on m rows (sequences of 16 tokens, as queries)."""
+    from . import ops
+    from .kernels.attention import attention_varlen_ref
+    g = torch.Generator().manual_seed(m)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    eps = args.rms_norm_eps
+    if op == "rms_norm":
+        x, res, w = r(m, key[0]), r(m, key[0]), r(key[0])
+        return {"jv5fast": lambda: ops._rms_norm_cpu(x, w, eps, res), "torch": lambda: ops.rms_norm_ref(x, w, eps, res)}
+    if op == "rope":
+        x = r(m, *key)
+        cos, sin = ops.rope_tables(args.rope_theta, key[1], 512)
+        pos = torch.arange(m, dtype=torch.int64) % 16
+        nw = r(key[1]) if args.qk_norm else None
+        return {"jv5fast": lambda: ops._rope_cpu(x, cos, sin, pos, nw, eps),
+                "torch": lambda: ops.rope_ref(x, cos, sin, pos, nw, eps)}
+    if op == "swiglu":
+        x = r(m, key[0])
+        return {"jv5fast": lambda: ops._swiglu_cpu(x), "torch": lambda: ops.swiglu_ref(x)}
+    H, Hkv, D = key
+    q, k, v = r(m, H, D), r(m, Hkv, D), r(m, Hkv, D)
+    cu = torch.arange(0, m + 1, 16, dtype=torch.int32)
+    causal = args.causal
+    return {"jv5fast": lambda: ops._attention_cpu(q, k, v, cu, causal, False, None),
+            "torch": lambda: attention_varlen_ref(q, k, v, cu, 16, causal=causal)}
+
+
+def measure_fused(args, keys, threads: int, budget_s: float = FUSED_BUDGET_S) -> dict:
+    """{(op, key): {kind: {M: ms}}}: the fastest of the rounds' times of each fused op's two implementations,
+    interleaved, at the M buckets (as ``measure`` does for the GEMMs)."""
+    calls = {(op, key, m): _fused_calls(args, op, key, m) for op, key in keys for m in M_BUCKETS}
+    samples = {(op, key, c, m): [] for op, key in keys for c in FUSED_CANDIDATES for m in M_BUCKETS}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fns in calls.values():  # warm-up
+            for f in fns.values():
+                f()
+        t_start, r = time.perf_counter(), 0
+        while True:
+            order = FUSED_CANDIDATES[r % 2:] + FUSED_CANDIDATES[:r % 2]
+            for (op, key, m), fns in calls.items():
+                for c in order:
+                    for _ in range(REPS[m]):
+                        t0 = time.perf_counter()
+                        fns[c]()
+                        samples[(op, key, c, m)].append((time.perf_counter() - t0) * 1e3)
+            r += 1
+            if r >= 2 and (time.perf_counter() - t_start > budget_s or r >= 9):
+                break
+    finally:
+        torch.set_num_threads(prev)
+    return {(op, key): {c: {m: min(samples[(op, key, c, m)]) for m in M_BUCKETS} for c in FUSED_CANDIDATES}
+            for op, key in keys}
+
+
+def choose_fused(args, *, threads: int | None = None, measure_fn=None, path: str | None = None) -> list:
+    """[FusedChoice] for the fused ops of model ``args`` on CPU fp32, under JV5FAST_CPU_FUSED (forced, or
+    measured / cached like the GEMMs, in the same file with the op in the key), and records each in
+    ``ops.set_fused_choice``. [] where jv5fast._C's fused kernels do not run (nothing to choose)."""
+    from . import ops
+    if ops._cpu_ext() is None or ops.backend() != "auto":
+        return []
+    keys = fused_keys(args)
+    mode = ops.cpu_fused_mode()
+    if mode != "auto":
+        return [FusedChoice(op, key, mode, f"forced (JV5FAST_CPU_FUSED={mode})", {}) for op, key in keys]
+    threads = int(threads or torch.get_num_threads())
+    base = key_fields(FUSED_CANDIDATES, threads, ops.cpu_isa())
+    path = path or cache_path()
+    timings, reason = {}, {}
+    for op, key in keys:
+        fields = {**base, "op": op}
+        memo_key = (json.dumps(fields, sort_keys=True), key)
+        if memo_key in _memo:
+            timings[(op, key)], reason[(op, key)] = _memo[memo_key], "cached"
+            continue
+        found = load_cached(path, fields, [key])
+        if key in found:
+            timings[(op, key)], reason[(op, key)] = found[key], "cached"
+    todo = [k for k in keys if k not in timings]
+    if todo:
+        busy = _busy()
+        got = (measure_fn or measure_fused)(args, todo, threads)
+        busy = busy or _busy()
+        for op, key in todo:
+            t = _valid_timings({c: {str(m): v for m, v in got[(op, key)][c].items()} for c in got[(op, key)]},
+                               FUSED_CANDIDATES)
+            if t is None:
+                raise RuntimeError(f"CPU {op} timings for {key} are incomplete: {got[(op, key)]!r}")
+            timings[(op, key)] = t
+            reason[(op, key)] = "measured" if busy is None else f"measured on a busy machine ({busy}; not cached)"
+            if busy is None:
+                save_cached(path, {**base, "op": op}, {key: t})
+    out = []
+    for op, key in keys:
+        if not reason[(op, key)].startswith("measured on a busy"):
+            _memo[(json.dumps({**base, "op": op}, sort_keys=True), key)] = timings[(op, key)]
+        c = FusedChoice(op, key, pick(timings[(op, key)]), reason[(op, key)], timings[(op, key)])
+        ops.set_fused_choice(op, key, c.kind)
+        out.append(c)
+    return out
+
+
 # ---- describing ------------------------------------------------------------------------------------------
 def describe(engine) -> dict:
     """``Engine.describe()``: see there."""
@@ -286,6 +417,7 @@ def describe(engine) -> dict:
     fused = ops._cpu_ext() is not None and ops.backend() == "auto" and engine.dtype == torch.float32
     out["fused_ops"] = (f"jv5fast._C ({ops.cpu_isa()}): rms_norm, rope, swiglu, attention up to "
                         f"{ops.CPU_ATTENTION_MAX_SEQLEN} tokens" if fused else "torch references")
+    out["fused"] = {"mode": ops.cpu_fused_mode(), "ops": [c.describe() for c in getattr(bb, "fused_choice", [])]}
     if bb.packed is None:
         out["gemm"] = {"mode": "unpacked (F.linear)", "shapes": []}
         out["forward"] = "op-by-op (Backbone.hidden_states)"
@@ -296,9 +428,7 @@ def describe(engine) -> dict:
     out["gemm"] = {"mode": ops.cpu_gemm_mode(), "cache": cache_path(),
                    "shapes": [{**c.describe(), "projections": sorted(names.get(s, ()))}
                               for s, c in bb.gemm_choice.items()]}
-    from .models import cpu_forward
-    one_loop = fused and all(p is not None for p in bb.packed.values()) and all(
-        hasattr(ops._cpu_ext(), k) for k in cpu_forward._KERNELS)
+    one_loop = bb.one_loop_ready()
     out["forward"] = (f"one loop of jv5fast._C calls (jv5fast/models/cpu_forward.py) for batches of sequences up to "
                       f"{ops.CPU_ATTENTION_MAX_SEQLEN} tokens, op-by-op above" if one_loop
                       else "op-by-op (Backbone.hidden_states)")
@@ -314,6 +444,11 @@ def format_description(d: dict) -> str:
         lines.append(f"cpu {c['model']}: kernels at {c['isa']} (CPU supports {c['isa_supported']}"
                      + (f", JV5FAST_CPU_ISA={c['JV5FAST_CPU_ISA']}" if c["JV5FAST_CPU_ISA"] else "") + ")")
         lines.append(f"fused ops: {d['fused_ops']}")
+        for c in d.get("fused", {}).get("ops", []):
+            t = "; ".join(f"{k} " + "/".join(f"{v:.3g}" for v in row.values()) + " ms"
+                          for k, row in c["timings_ms"].items())
+            lines.append(f"  {c['op']} {'x'.join(map(str, c['shape']))}: {c['kernel']}, {c['reason']}"
+                         + (f" [M={'/'.join(map(str, M_BUCKETS))}: {t}]" if t else ""))
         lines.append(f"forward: {d['forward']}")
         g = d["gemm"]
         lines.append(f"gemm: JV5FAST_CPU_GEMM={g['mode']}" + (f", cache {g['cache']}" if "cache" in g else ""))

@@ -106,7 +106,7 @@ def attention_last(q_last, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None):
 
 def rms_norm(x, weight, eps, residual=None):
     """RMSNorm over the last axis; with ``residual`` returns (norm(x + residual), x + residual)."""
-    if _cpu_fused(x, weight, residual):
+    if _cpu_fused(x, weight, residual) and fused_kind("rms_norm", fused_key("rms_norm", x)) == "jv5fast":
         return _rms_norm_cpu(x, weight, eps, residual)
     return _pick("rmsnorm", "rms_norm", rms_norm_ref, x)(x, weight, eps, residual)
 
@@ -114,7 +114,7 @@ def rms_norm(x, weight, eps, residual=None):
 def rope(x, cos, sin, position_ids, norm_weight=None, eps=1e-6):
     """Rotate-half RoPE on x (T, H, D) at ``position_ids`` (T,), optionally after a per-head RMSNorm."""
     if (_cpu_fused(x, cos, sin, norm_weight) and x.stride(-1) == 1 and x.shape[-1] <= 1024
-            and position_ids.dtype == torch.int64):
+            and position_ids.dtype == torch.int64 and fused_kind("rope", fused_key("rope", x)) == "jv5fast"):
         return _rope_cpu(x, cos, sin, position_ids, norm_weight, eps)
     return _pick("rope", "rope", rope_ref, x)(x, cos, sin, position_ids, norm_weight, eps)
 
@@ -178,6 +178,46 @@ def cpu_isa_supported() -> str:
     return _C.cpu_isa_supported() if _C is not None and hasattr(_C, "cpu_isa_supported") else "scalar"
 
 
+# ---- which fused CPU op runs (measured per shape at engine load: jv5fast.cpu_tuning.choose_fused) ----------
+# Each fused C++ op has an alternative, its plain-torch reference. jv5fast's kernel is the default (it wins on
+# the CPUs measured so far); the engine times both on its model's shapes and records a loser here, so a CPU on
+# which ATen's vectorized ops beat the C++ ones (the scalar build on ARM, say) runs the references.
+# ``JV5FAST_CPU_FUSED=jv5fast|torch`` forces one for every op and shape.
+CPU_FUSED = ("auto", "jv5fast", "torch")
+FUSED_OPS = ("rms_norm", "rope", "swiglu", "attention")
+_fused_choice: dict = {}  # (op, shape key) -> 'jv5fast' | 'torch'
+
+
+def cpu_fused_mode() -> str:
+    """JV5FAST_CPU_FUSED checked: 'auto' (the measured choice per op and shape), 'jv5fast' or 'torch'."""
+    m = os.environ.get("JV5FAST_CPU_FUSED", "auto").strip().lower() or "auto"
+    if m not in CPU_FUSED:
+        raise ValueError(f"JV5FAST_CPU_FUSED={m!r} is not valid; choose one of {list(CPU_FUSED)} (or unset it)")
+    return m
+
+
+def fused_key(op: str, x, k=None) -> tuple:
+    """The shape key a fused op's choice is kept under: rms_norm (E,), rope (H, D), swiglu (2F,), attention
+    (H, Hkv, D) (``k`` the keys)."""
+    if op == "attention":
+        return (int(x.shape[-2]), int(k.shape[-2]), int(x.shape[-1]))
+    if op == "rope":
+        return (int(x.shape[-2]), int(x.shape[-1]))
+    return (int(x.shape[-1]),)
+
+
+def set_fused_choice(op: str, key: tuple, kind: str) -> None:
+    if op not in FUSED_OPS or kind not in ("jv5fast", "torch"):
+        raise ValueError(f"fused op {op!r} / kind {kind!r}: choose an op of {list(FUSED_OPS)} and 'jv5fast' or 'torch'")
+    _fused_choice[(op, tuple(key))] = kind
+
+
+def fused_kind(op: str, key: tuple) -> str:
+    """Which implementation of fused ``op`` runs at shape ``key`` on CPU: forced, measured, else 'jv5fast'."""
+    m = cpu_fused_mode()
+    return m if m != "auto" else _fused_choice.get((op, tuple(key)), "jv5fast")
+
+
 def _cpu_fused(*tensors) -> bool:
     ts = [t for t in tensors if t is not None]
     return (ts[0].device.type == "cpu" and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
@@ -190,7 +230,8 @@ CPU_ATTENTION_MAX_SEQLEN = 512  # csrc/cpu_ops.cpp takes up to 1024; above ~512 
 
 def _cpu_attention(q, k, v, cu_seqlens, max_seqlen) -> bool:
     return (int(max_seqlen) <= CPU_ATTENTION_MAX_SEQLEN and _cpu_fused(q, k, v) and q.dim() == 3
-            and cu_seqlens.dtype == torch.int32 and hasattr(_cpu_ext(), "attention"))
+            and cu_seqlens.dtype == torch.int32 and hasattr(_cpu_ext(), "attention")
+            and fused_kind("attention", fused_key("attention", q, k)) == "jv5fast")
 
 
 def _attention_cpu(q, k, v, cu_seqlens, causal, last_only, softmax_scale):
@@ -225,12 +266,17 @@ def _rope_cpu(x, cos, sin, position_ids, norm_weight, eps):
     return y
 
 
+def _swiglu_cpu(gate_up):
+    y = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=torch.float32)
+    _cpu_ext().swiglu(gate_up.contiguous().numpy(), y.numpy(), torch.get_num_threads())
+    return y
+
+
 def swiglu(gate_up):
     """gate_up (T, 2F) = [gate | up] -> silu(gate) * up (T, F)."""
-    if _cpu_fused(gate_up) and gate_up.dim() == 2 and gate_up.shape[-1] % 2 == 0 and hasattr(_cpu_ext(), "swiglu"):
-        y = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=torch.float32)
-        _cpu_ext().swiglu(gate_up.contiguous().numpy(), y.numpy(), torch.get_num_threads())
-        return y
+    if (_cpu_fused(gate_up) and gate_up.dim() == 2 and gate_up.shape[-1] % 2 == 0 and hasattr(_cpu_ext(), "swiglu")
+            and fused_kind("swiglu", fused_key("swiglu", gate_up)) == "jv5fast"):
+        return _swiglu_cpu(gate_up)
     return _pick("swiglu", "swiglu", swiglu_ref, gate_up)(gate_up)
 
 

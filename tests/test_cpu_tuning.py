@@ -1,7 +1,8 @@
 """The measured CPU GEMM choice (jv5fast/cpu_tuning.py): the pick rule on injected timings, the on-disk cache
 (corrupt, foreign and wrong-key files are measured again, never trusted; writes are atomic), the
 JV5FAST_CPU_GEMM override, JV5FAST_CPU_ISA forcing, and that the engine's vectors stay within fp32 tolerance
-whichever GEMM each shape gets."""
+whichever GEMM each shape gets; the same for the fused ops (jv5fast._C's kernel or the torch reference,
+JV5FAST_CPU_FUSED)."""
 import json
 import math
 import os
@@ -27,7 +28,9 @@ def _fresh(monkeypatch, tmp_path):
     """Each test: its own cache folder, no in-process memo, JV5FAST_CPU_GEMM unset."""
     monkeypatch.setenv("JV5FAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("JV5FAST_CPU_GEMM", raising=False)
+    monkeypatch.delenv("JV5FAST_CPU_FUSED", raising=False)
     monkeypatch.setattr(cpu_tuning, "_memo", {})
+    monkeypatch.setattr(ops, "_fused_choice", {})
     monkeypatch.setattr(cpu_tuning, "_busy", lambda: None)  # the test machine may be shared
 
 
@@ -277,3 +280,105 @@ def test_forced_scalar_runs_references_and_onednn(ckpt_factory, monkeypatch):
             os.environ["JV5FAST_CPU_ISA"] = old
         ops.reset_cpu_isa()
     assert ops.cpu_isa() == before
+
+
+# ---- fused ops: jv5fast._C's kernel or the torch reference, measured per op and shape ----------------------
+needs_ext = pytest.mark.skipif(ops._cpu_ext() is None, reason="needs jv5fast._C's fused CPU kernels")
+FAST_C = {"jv5fast": _t(1, 1, 1), "torch": _t(3, 2, 1.5)}
+FAST_T = {"jv5fast": _t(2, 2, 2), "torch": _t(1, 1, 1)}
+
+
+class FakeFused:
+    """An injected measure_fused(): per op, the timings ``by_op`` gives (FAST_C by default); counts calls."""
+
+    def __init__(self, by_op=None):
+        self.by_op, self.asked = by_op or {}, []
+
+    def __call__(self, args, keys, threads):
+        self.asked += list(keys)
+        return {(op, key): {c: dict(self.by_op.get(op, FAST_C)[c]) for c in cpu_tuning.FUSED_CANDIDATES}
+                for op, key in keys}
+
+
+@needs_ext
+@pytest.mark.parametrize("family", ["nano", "small"])
+def test_fused_ops_follow_the_measurement(family, ckpt_factory, monkeypatch):
+    """A reference measured faster for one op: that op runs the reference (the one-loop forward steps aside), the
+    others stay fused, describe() says so, and the vectors match the all-reference engine."""
+    path = ckpt_factory(family, seed=13)
+    texts = ["a", "a somewhat longer text, with punctuation and more words", "x y z " * 30]
+    monkeypatch.setenv("JV5FAST_BACKEND", "torch")
+    ref = jv5fast.Engine(path, device="cpu").embed(texts)
+    monkeypatch.delenv("JV5FAST_BACKEND")
+    for slow_op in (None, "rms_norm", "rope", "swiglu", "attention"):
+        monkeypatch.setattr(ops, "_fused_choice", {})
+        cpu_tuning._memo.clear()
+        monkeypatch.setenv("JV5FAST_CACHE", os.path.join(os.environ["JV5FAST_CACHE"], str(slow_op)))
+        fake = FakeFused({slow_op: FAST_T} if slow_op else {})
+        monkeypatch.setattr(cpu_tuning, "measure_fused", fake)
+        calls = {"c": 0, "ref": 0}
+        c_name = {"rms_norm": "_rms_norm_cpu", "rope": "_rope_cpu", "swiglu": "_swiglu_cpu",
+                  "attention": "_attention_cpu"}
+        if slow_op:  # count which implementation of the slow op runs
+            for name, real in ((c_name[slow_op], getattr(ops, c_name[slow_op])),
+                               (f"{slow_op}_ref" if slow_op != "attention" else "attention_varlen_ref",
+                                getattr(ops, f"{slow_op}_ref" if slow_op != "attention" else "attention_varlen_ref"))):
+                def counted(*a, _real=real, _k="c" if name.endswith("_cpu") else "ref", _calls=calls, **k):
+                    _calls[_k] += 1
+                    return _real(*a, **k)
+                monkeypatch.setattr(ops, name, counted)
+        eng = jv5fast.Engine(path, device="cpu")
+        assert {(op, tuple(key)) for op, key in fake.asked} == set(cpu_tuning.fused_keys(eng.model.args))
+        d = eng.describe()
+        kinds = {c["op"]: c["kernel"] for c in d["fused"]["ops"]}
+        assert all(k == ("torch" if op == slow_op else "jv5fast") for op, k in kinds.items()), kinds
+        assert all(c["reason"] == "measured" for c in d["fused"]["ops"])
+        assert ("one loop" in d["forward"]) == (slow_op is None)
+        assert (slow_op or "rms_norm") in cpu_tuning.format_description(d)
+        got = eng.embed(texts)
+        np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+        if slow_op:
+            assert calls["c"] == 0 and calls["ref"] > 0, (slow_op, calls)
+
+
+@needs_ext
+def test_fused_choice_is_cached_and_forcible(tmp_path, monkeypatch, small_ckpt):
+    from jv5fast.config import load_model_args
+    args = load_model_args(small_ckpt)
+    path = str(tmp_path / "c.json")
+    fake = FakeFused({"swiglu": FAST_T})
+    got = cpu_tuning.choose_fused(args, measure_fn=fake, path=path)
+    assert [c.kind for c in got if c.op == "swiglu"] == ["torch"] and all(c.reason == "measured" for c in got)
+    assert ops.fused_kind("swiglu", (2 * args.intermediate_size,)) == "torch"
+    cpu_tuning._memo.clear()
+    monkeypatch.setattr(ops, "_fused_choice", {})
+    again = FakeFused()
+    got2 = cpu_tuning.choose_fused(args, measure_fn=again, path=path)  # from the file, not measured
+    assert not again.asked and [(c.op, c.kind) for c in got2] == [(c.op, c.kind) for c in got]
+    assert all(c.reason == "cached" for c in got2)
+    # the GEMM entries and the fused entries share the file without mixing
+    assert cpu_tuning.load_cached(path, cpu_tuning.key_fields(("jv5fast", "onednn"), 2, ops.cpu_isa()),
+                                  [(2 * args.intermediate_size,)]) == {}
+    monkeypatch.setenv("JV5FAST_CPU_FUSED", "torch")
+    forced = cpu_tuning.choose_fused(args, measure_fn=again, path=path)
+    assert not again.asked and {c.kind for c in forced} == {"torch"}
+    assert all(c.reason == "forced (JV5FAST_CPU_FUSED=torch)" for c in forced)
+    assert ops.fused_kind("rms_norm", (args.hidden_size,)) == "torch"
+    monkeypatch.setenv("JV5FAST_CPU_FUSED", "c++")
+    with pytest.raises(ValueError, match=r"JV5FAST_CPU_FUSED='c\+\+' is not valid; choose one of \['auto', "
+                                         r"'jv5fast', 'torch'\]"):
+        ops.fused_kind("rms_norm", (args.hidden_size,))
+
+
+@needs_ext
+@pytest.mark.parametrize("family", ["nano", "small"])
+def test_real_fused_measurement_is_complete_and_bounded(family, ckpt_factory):
+    from jv5fast.config import load_model_args
+    args = load_model_args(ckpt_factory(family, seed=14))
+    keys = cpu_tuning.fused_keys(args)
+    assert {op for op, _ in keys} == set(ops.FUSED_OPS)
+    got = cpu_tuning.measure_fused(args, keys, 2, budget_s=0.05)
+    assert set(got) == set(keys)
+    for t in got.values():
+        assert set(t) == set(cpu_tuning.FUSED_CANDIDATES)
+        assert all(set(row) == set(M) and all(v > 0 for v in row.values()) for row in t.values())

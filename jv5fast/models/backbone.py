@@ -45,6 +45,7 @@ class Backbone:
         self.version = 0   # bumped whenever a weight tensor is replaced (CUDA graphs hold addresses)
         self.packed = None  # (layer, name) -> ops.PackedLinear (CPU fp32 inference; see pack_linears)
         self.gemm_choice = {}  # (N, K) -> cpu_tuning.GemmChoice: which packed GEMM each weight shape runs
+        self.fused_choice = []  # [cpu_tuning.FusedChoice]: jv5fast._C's fused op or the torch reference, per shape
 
     # ---- weights -------------------------------------------------------------------------------
     def set_static(self, weights: dict):
@@ -64,8 +65,11 @@ class Backbone:
         each for the GEMM ``cpu_tuning.choose`` picks for its shape (measured here under JV5FAST_CPU_GEMM=auto,
         once per CPU and shape, cached on disk). ``precision="bf16"`` (opt-in, ``Engine(cpu_precision=...)``)
         packs every projection for oneDNN's bf16 GEMM instead. ``set_linear`` keeps the copies current. Returns
-        whether packing applies here."""
+        whether packing applies here. The fused ops (RMSNorm, RoPE, SwiGLU, attention) are chosen here too, by
+        measurement against their torch references (``cpu_tuning.choose_fused``)."""
         self.packed = None
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self.fused_choice = cpu_tuning.choose_fused(self.args)
         if not ops.cpu_packing() or (precision == "bf16" and not ops.bf16_linear_ok()):
             return False  # JV5FAST_CPU_PACK=0, or no packed GEMM here
         by_shape: dict = {}
@@ -153,6 +157,10 @@ class Backbone:
                 self.layers[i][n] = w
         if packed is not None:
             self.packed = dict(packed)
+
+    def one_loop_ready(self) -> bool:
+        """Whether CPU batches of short sequences run as one loop of jv5fast._C calls (``cpu_forward.ready``)."""
+        return cpu_forward.ready(self)
 
     def rope_tables(self, n_positions: int):
         if self._rope is None or self._rope[0].shape[0] < n_positions:

@@ -21,10 +21,10 @@ from ..batching import PackedBatch
 _KERNELS = ("sgemm", "rms_norm", "rope", "swiglu", "attention")
 
 
-def usable(bb, batch: PackedBatch) -> bool:
-    """Whether ``forward`` applies: fp32 weights on CPU, every projection packed (either GEMM), the
-    fused kernels built here and not turned off (JV5FAST_BACKEND), sequences short enough for the
-    attention kernel, and the batch's index dtypes as PackedBatch makes them."""
+def ready(bb) -> bool:
+    """Whether ``forward`` applies to this backbone for short enough batches: fp32 weights on CPU, every
+    projection packed (either GEMM), the fused kernels built here, not turned off (JV5FAST_BACKEND) and each
+    measured faster than its reference (``Backbone.fused_choice``)."""
     if bb.device.type != "cpu" or bb.dtype != torch.float32 or bb.packed is None:
         return False
     if ops.backend() != "auto" or bb.args.head_dim > 1024:
@@ -34,11 +34,17 @@ def usable(bb, batch: PackedBatch) -> bool:
         return False
     if not all(p is not None and p.kind in ("jv5fast", "onednn", "onednn_bf16") for p in bb.packed.values()):
         return False
+    if not bb.fused_choice or not all(ops.fused_kind(c.op, c.key) == "jv5fast" for c in bb.fused_choice):
+        return False  # not chosen, or a reference measured faster here for some op: the op-by-op path runs it
     last = len(bb.layers) - 1
-    if not all((i, name) in bb.packed for i in range(last + 1) for name in ("wqkv", "wo", "w13", "w2")) or not (
-            (last, "wq") in bb.packed and (last, "wkv") in bb.packed):
-        return False
-    return (batch.input_ids.device.type == "cpu" and 0 < batch.max_seqlen <= ops.CPU_ATTENTION_MAX_SEQLEN
+    return all((i, name) in bb.packed for i in range(last + 1) for name in ("wqkv", "wo", "w13", "w2")) and (
+        (last, "wq") in bb.packed and (last, "wkv") in bb.packed)
+
+
+def usable(bb, batch: PackedBatch) -> bool:
+    """Whether ``forward`` applies to ``batch``: ``ready(bb)``, sequences short enough for the attention
+    kernel, and the batch's index dtypes as PackedBatch makes them."""
+    return (ready(bb) and batch.input_ids.device.type == "cpu" and 0 < batch.max_seqlen <= ops.CPU_ATTENTION_MAX_SEQLEN
             and batch.position_ids.dtype == torch.int64 and batch.cu_seqlens.dtype == torch.int32)
 
 
