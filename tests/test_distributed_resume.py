@@ -303,7 +303,7 @@ def test_glob_covering_output_leaves_it_out(tmp_path, nano_ckpt, fake):
 
 # ---- 8. driver memory and unbounded lines -------------------------------------------------------------------
 def test_overlong_line_is_refused_naming_file_and_line(tmp_path, nano_ckpt, fake, monkeypatch):
-    monkeypatch.setattr(corpus, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr("jv5fast.distributed.plan.MAX_LINE_BYTES", 1000)  # read by Planner._scan_jsonl
     src = tmp_path / "in.jsonl"
     wj(src, [{"id": 1, "text": "x" * 900}, {"id": 2, "text": "x" * 1000}])
     fake()

@@ -1,9 +1,10 @@
 """Corpus-scale embedding on Ray Data (the ``distributed`` extra). Importing ``jv5fast`` never imports Ray.
 
-``embed_dataset(ds, model, ...)``: a Ray Dataset plus an ``embedding`` column, from a pool of actors that
-each load one ``Engine`` (jv5fast/distributed/dataset.py). ``jv5fast embed-corpus``: Parquet / JSON Lines
-in, Parquet parts and a manifest out, resumable (jv5fast/distributed/corpus.py, cli.py). Ray is imported
-only when a dataset is built or a run starts.
+dataset.py   ``embed_dataset(ds, model, ...)``: a Ray Dataset plus an ``embedding`` column from Engine actors
+plan.py      embed-corpus planning: the input files, each one's sha256, rows and bad rows, its units
+manifest.py  embed-corpus's output folder: manifest format and checks, part files, lock, atomic writes
+corpus.py    ``run_corpus``: resume checks, the ``UnitWorker`` actors, commits; re-exports the two above
+Ray is imported only when a dataset is built or a run starts.
 """
 from .dataset import embed_dataset
 
