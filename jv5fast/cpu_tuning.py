@@ -6,8 +6,10 @@ Which is faster depends on the CPU: on a 2-core Zen3 (AVX2) jv5fast's won at eve
 parts oneDNN is up to 2x faster at 8-32 queries. So under ``JV5FAST_CPU_GEMM=auto`` (the default) the engine
 times both on the model's own projection shapes at the row counts that matter (``M_BUCKETS``: one query,
 8 and 32 queries, the last also the CPU batch cap), interleaved, and keeps per shape the one with the lowest
-mean slowdown against the best at each M (``pick``). One layout per weight: choosing per M as well would keep
-both packed copies resident (another 0.45 GB for nano in fp32), so the choice is per shape only.
+mean slowdown against the best at each M (``pick``). Where that one is more than ``SPLIT_GAIN`` slower than
+the other at some M, the shape is split by rows (``split``): both packed copies are kept (more memory: up to
+another copy of that shape's weights, 0.45 GB for all of nano in fp32) and each input runs the GEMM that won at
+the nearest measured M (``split_bounds``). ``JV5FAST_CPU_GEMM_SPLIT=0`` keeps one copy per shape.
 
 The timings are cached in ``$JV5FAST_CACHE/cpu_gemm.json`` (else ``~/.cache/jv5fast``), keyed by the CPU
 (model name and flags), the ISA level in use, the thread count, the shape, the candidates and the jv5fast and
@@ -41,6 +43,8 @@ ROTATE = 4                 # weights of one shape cycled through, so small-M tim
 BUSY_MARGIN = 0.5          # load average above the CPU count by more than this: timings are not cached
 REPS = {16: 6, 128: 2, 512: 1}  # samples per round at each M (the small ones are cheap and the most noisy)
 
+SPLIT_GAIN = 0.15         # split a shape by rows only where the single pick is >15% slower at some M
+
 _memo: dict = {}           # in-process: (key fields, shape) -> timings
 
 
@@ -50,9 +54,16 @@ class GemmChoice:
     kind: str              # "jv5fast" | "onednn"
     reason: str            # "measured" | "cached" | "forced (JV5FAST_CPU_GEMM=...)" | "only candidate ..."
     timings_ms: dict       # {kind: {M: ms}} (empty where nothing was timed)
+    kinds_by_m: dict = dataclasses.field(default_factory=dict)  # {M: kind} where split by rows, else {}
+
+    @property
+    def split(self) -> bool:
+        return len(set(self.kinds_by_m.values())) > 1
 
     def describe(self) -> dict:
-        return {"shape": list(self.shape), "kernel": self.kind, "reason": self.reason,
+        kernel = self.kind if not self.split else "split: " + ", ".join(
+            f"{k} up to {b} rows" if b else k for b, k in zip(*split_bounds(self.kinds_by_m)))
+        return {"shape": list(self.shape), "kernel": kernel, "reason": self.reason,
                 "timings_ms": {k: {str(m): round(v, 4) for m, v in t.items()} for k, t in self.timings_ms.items()}}
 
 
@@ -66,6 +77,35 @@ def pick(timings: dict) -> str:
     best = {m: min(timings[k][m] for k in kinds) for m in ms}
     score = {k: sum(timings[k][m] / best[m] for m in ms) / len(ms) for k in kinds}
     return min(kinds, key=lambda k: (score[k], kinds.index(k)))
+
+
+def split(timings: dict) -> dict:
+    """{M: kind}: the fastest kind at each M where ``pick``'s single kind is more than SPLIT_GAIN slower than
+    it at some M (and JV5FAST_CPU_GEMM_SPLIT is not '0'), else {} (one kind for every size)."""
+    if os.environ.get("JV5FAST_CPU_GEMM_SPLIT", "1").strip() == "0":
+        return {}
+    one = pick(timings)
+    ms = sorted(set.intersection(*(set(t) for t in timings.values())))
+    best = {m: min(timings, key=lambda k: (timings[k][m], list(timings).index(k))) for m in ms}
+    if all(timings[one][m] <= (1 + SPLIT_GAIN) * timings[best[m]][m] for m in ms):
+        return {}
+    return best
+
+
+def split_bounds(kinds_by_m: dict) -> tuple:
+    """({M: kind}) -> (bounds, kinds): runs of equal kinds merged; each run serves inputs up to the geometric
+    mean of its last M and the next run's first M (rows), the last run any size (bound None)."""
+    ms = sorted(kinds_by_m)
+    bounds, kinds = [], []
+    for j, m in enumerate(ms):
+        if kinds and kinds[-1] == kinds_by_m[m]:
+            bounds[-1] = None
+        else:
+            bounds.append(None)
+            kinds.append(kinds_by_m[m])
+        if j + 1 < len(ms) and kinds_by_m[ms[j + 1]] != kinds_by_m[m]:
+            bounds[-1] = int(math.sqrt(m * ms[j + 1]))
+    return bounds, kinds
 
 
 # ---- cache -----------------------------------------------------------------------------------------------
@@ -267,7 +307,7 @@ def choose(weights_by_shape: dict, *, threads: int | None = None, measure_fn=Non
     for s in shapes:
         if not reason[s].startswith("measured on a busy"):
             _memo[(memo_key, s)] = timings[s]
-    return {s: GemmChoice(s, pick(timings[s]), reason[s], timings[s]) for s in shapes}
+    return {s: GemmChoice(s, pick(timings[s]), reason[s], timings[s], split(timings[s])) for s in shapes}
 
 
 # ---- fused ops: jv5fast._C's kernel or the torch reference -----------------------------------------------

@@ -322,6 +322,29 @@ class PackedLinear:
         self.kind, self.data, self.out_features = kind, data, out_features
 
 
+class SplitLinear:
+    """One weight packed for two GEMMs, each run where it measured faster: ``packs[j]`` serves inputs of up to
+    ``bounds[j]`` rows (the last bound is None: any row count). Kept only where the single best GEMM loses
+    clearly at some batch size (``jv5fast.cpu_tuning``), since it holds a second packed copy."""
+
+    __slots__ = ("bounds", "packs", "out_features")
+    kind = "split"
+
+    def __init__(self, bounds, packs):
+        self.bounds, self.packs, self.out_features = tuple(bounds), tuple(packs), packs[0].out_features
+
+    def for_rows(self, m: int) -> PackedLinear:
+        for b, p in zip(self.bounds, self.packs):
+            if b is None or m <= b:
+                return p
+        return self.packs[-1]
+
+
+def for_rows(packed, m: int):
+    """The PackedLinear that runs ``m`` rows: ``packed`` itself, or a SplitLinear's choice for that size."""
+    return packed.for_rows(m) if isinstance(packed, SplitLinear) else packed
+
+
 def cpu_gemm_mode() -> str:
     """JV5FAST_CPU_GEMM checked: 'auto' (measured per shape, jv5fast.cpu_tuning), 'jv5fast' or 'onednn'."""
     g = os.environ.get("JV5FAST_CPU_GEMM", "auto").strip().lower() or "auto"
@@ -434,6 +457,7 @@ def linear(x, weight, packed=None):
     prepacked GEMM on CPU (``weight`` is then only the fallback for other inputs). Inference only: the packed
     path has no autograd."""
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        packed = for_rows(packed, x.shape[0])
         if packed.kind == "jv5fast":
             x = x.contiguous()
             out = torch.empty(x.shape[0], packed.out_features, dtype=torch.float32)

@@ -222,6 +222,55 @@ def test_engine_vectors_agree_whichever_gemm_is_picked(ckpt_factory, monkeypatch
         assert float((got * ref).sum(1).min()) > 0.99999
 
 
+def test_split_by_rows_only_where_one_kernel_loses_clearly(monkeypatch):
+    # jv5fast 2x faster at one query, oneDNN 2x faster at 8 and 32: keep both, switch between 16 and 128 rows
+    t = {"jv5fast": _t(1, 4, 8), "onednn": _t(2, 2, 4)}
+    assert cpu_tuning.split(t) == {16: "jv5fast", 128: "onednn", 512: "onednn"}
+    assert cpu_tuning.split_bounds(cpu_tuning.split(t)) == ([45, None], ["jv5fast", "onednn"])
+    # within SPLIT_GAIN everywhere: one kernel
+    assert cpu_tuning.split({"jv5fast": _t(1, 1.1, 1.1), "onednn": _t(1.05, 1, 1)}) == {}
+    assert cpu_tuning.split_bounds({16: "a", 128: "b", 512: "a"}) == ([45, 256, None], ["a", "b", "a"])
+    assert cpu_tuning.split_bounds({16: "a", 128: "a", 512: "a"}) == ([None], ["a"])
+    monkeypatch.setenv("JV5FAST_CPU_GEMM_SPLIT", "0")
+    assert cpu_tuning.split(t) == {}
+
+
+@needs_both
+@pytest.mark.parametrize("family", ["nano", "small"])
+def test_engine_split_gemm_runs_each_kernel_where_it_won(family, ckpt_factory, monkeypatch):
+    """A shape split by rows: short inputs run jv5fast's GEMM, long ones oneDNN's (counted), describe() says
+    so, and the vectors match the unpacked reference at both sizes."""
+    path = ckpt_factory(family, seed=15)
+    short, long_ = ["q"], ["a longer text " * 30] * 3  # 1 + specials rows vs > 45 rows
+    monkeypatch.setenv("JV5FAST_BACKEND", "torch")
+    monkeypatch.setenv("JV5FAST_CPU_PACK", "0")
+    ref = jv5fast.Engine(path, device="cpu")
+    want_s, want_l = ref.embed(short), ref.embed(long_)
+    monkeypatch.delenv("JV5FAST_BACKEND")
+    monkeypatch.delenv("JV5FAST_CPU_PACK")
+    split_t = {"jv5fast": _t(1, 4, 8), "onednn": _t(2, 2, 4)}
+    eng = _engine(path, monkeypatch, lambda s: split_t)
+    assert all(isinstance(p, ops.SplitLinear) for p in eng.model.packed.values())
+    shapes = eng.describe()["gemm"]["shapes"]
+    assert all(sh["kernel"] == "split: jv5fast up to 45 rows, onednn" for sh in shapes)
+    assert "one loop" in eng.describe()["forward"]
+    seen = []
+    real = ops.for_rows
+    monkeypatch.setattr(ops, "for_rows", lambda p, m: seen.append((m, real(p, m).kind)) or real(p, m))
+    got_s = eng.embed(short)
+    assert seen and all(k == "jv5fast" for m, k in seen if m <= 45)
+    seen.clear()
+    got_l = eng.embed(long_)
+    assert any(m > 45 for m, _ in seen) and all(k == "onednn" for m, k in seen if m > 45)
+    np.testing.assert_allclose(got_s, want_s, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(got_l, want_l, atol=2e-5, rtol=0)
+    cpu_tuning._memo.clear()
+    monkeypatch.setenv("JV5FAST_CACHE", os.path.join(os.environ["JV5FAST_CACHE"], "nosplit"))
+    monkeypatch.setenv("JV5FAST_CPU_GEMM_SPLIT", "0")
+    one = _engine(path, monkeypatch, lambda s: split_t)
+    assert {p.kind for p in one.model.packed.values()} == {cpu_tuning.pick(split_t)}
+
+
 def test_isa_forcing_errors(monkeypatch):
     class FakeC:
         def __init__(self, has):

@@ -82,7 +82,7 @@ class Backbone:
             self.gemm_choice = cpu_tuning.choose({s: ws[::max(1, len(ws) // cpu_tuning.ROTATE)]
                                                   for s, ws in by_shape.items()})
         logging.getLogger("jv5fast").info("jv5fast: CPU fp32 GEMMs: %s", "; ".join(
-            f"{n}x{k} {c.kind} ({c.reason})" for (n, k), c in self.gemm_choice.items()))
+            f"{n}x{k} {c.describe()['kernel']} ({c.reason})" for (n, k), c in self.gemm_choice.items()))
         self.packed = {}
         for i, layer in enumerate(self.layers):
             for name in list(layer):
@@ -107,7 +107,13 @@ class Backbone:
 
     def _pack_one(self, w):
         c = self.gemm_choice.get(tuple(w.shape))
-        return ops.pack_linear(w, kind=c.kind if c is not None else None)
+        if c is None or not c.split:
+            return ops.pack_linear(w, kind=c.kind if c is not None else None)
+        by_kind = {k: ops.pack_linear(w, kind=k) for k in dict.fromkeys(c.kinds_by_m.values())}
+        if any(p is None or p.kind != k for k, p in by_kind.items()):
+            return ops.pack_linear(w, kind=c.kind)  # one of the two cannot pack here after all
+        bounds, packs = cpu_tuning.split_bounds(c.kinds_by_m)
+        return ops.SplitLinear(bounds, [by_kind[k] for k in packs])
 
     def _pack(self, i, name):
         w = self.layers[i][name]
