@@ -486,7 +486,7 @@ def test_rescore_in_query_blocks_equals_one_block(store, monkeypatch):
         Sr, Ir = _rescore_unchunked(index, queries, k, mult)
         block = min(k * mult, len(docs)) * dim * 4  # bytes of one query's gathered float32 rows
         for budget in (1, block, 3 * block + 5, 7 * block, 10**9):  # blocks of 1, 1, 3, 7, all queries
-            monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", budget)
+            monkeypatch.setattr(index_mod.embedding, "_RESCORE_BUDGET_BYTES", budget)
             S, I = index.search(queries, k, rescore_multiplier=mult)
             np.testing.assert_array_equal(I, Ir, err_msg=f"{store} k={k} budget={budget}")
             np.testing.assert_array_equal(S, Sr, err_msg=f"{store} k={k} budget={budget}")
@@ -510,7 +510,7 @@ def test_rescore_memory_does_not_grow_with_queries(store, monkeypatch):
     index = EmbeddingIndex(dim, store=store)
     index.add(rng.standard_normal((3000, dim)).astype(np.float32))
     budget = 4 << 20
-    monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", budget)
+    monkeypatch.setattr(index_mod.embedding, "_RESCORE_BUDGET_BYTES", budget)
     peaks = {}
     for nq in (50, 2000):
         queries = rng.standard_normal((nq, dim)).astype(np.float32)
@@ -661,7 +661,7 @@ def test_shortlists_are_found_in_query_blocks(monkeypatch):
     search = index.binary.search
     monkeypatch.setattr(index.binary, "search", lambda qq, k, threads=None: sizes.append(len(qq)) or search(qq, k, threads))
     # shortlist 20 x dim 24: rescoring blocks of 240000 // 1920 = 125 queries, shortlists for 1000 at a time
-    monkeypatch.setattr(index_mod, "_RESCORE_BUDGET_BYTES", 240000)
+    monkeypatch.setattr(index_mod.embedding, "_RESCORE_BUDGET_BYTES", 240000)
     got = index.search(q, 5)
     assert sizes == [1000, 1000, 500]
     for g, w in zip(got, want):
@@ -999,13 +999,13 @@ def test_from_parquet_manifest_is_bounded_and_inside_the_folder(tmp_path, case, 
         match = r"manifest.json is a link to .*elsewhere.json, outside"
     else:
         size = (d / "manifest.json").stat().st_size
-        monkeypatch.setattr(index_mod, "_MAX_MANIFEST_BYTES", size - 1)
+        monkeypatch.setattr(index_mod.parquet_interop, "_MAX_MANIFEST_BYTES", size - 1)
         match = "manifest.json is over the .* limit of a manifest"
     for cls in (HammingIndex, EmbeddingIndex):
         with pytest.raises(ValueError, match=match):
             cls.from_parquet(d)
     if case == "too-big":
-        monkeypatch.setattr(index_mod, "_MAX_MANIFEST_BYTES", size)
+        monkeypatch.setattr(index_mod.parquet_interop, "_MAX_MANIFEST_BYTES", size)
         assert len(HammingIndex.from_parquet(d)) == 97
 
 
