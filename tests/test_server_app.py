@@ -44,12 +44,12 @@ def _on_event_loop() -> bool:
 # ---- 1. embedding_type lists, and the event loop ----------------------------------------------------------
 def test_duplicate_embedding_types_are_encoded_once_each_off_the_event_loop(eng, monkeypatch):
     calls = []
-    encode = server._encode
+    encode = server.encoding._encode
 
     def counted(emb, kind, base64_floats):
         calls.append((kind, _on_event_loop()))
         return encode(emb, kind, base64_floats)
-    monkeypatch.setattr(server, "_encode", counted)
+    monkeypatch.setattr(server.encoding, "_encode", counted)
     with TestClient(server.create_app(eng)) as tc:
         _ready(tc)
         types = ["ubinary", "float"] * 20000  # 40,000 names, 360 KB
@@ -67,14 +67,14 @@ def test_duplicate_embedding_types_are_encoded_once_each_off_the_event_loop(eng,
 
 def test_health_answers_while_a_response_is_being_built(eng, monkeypatch):
     entered, release, done = threading.Event(), threading.Event(), threading.Event()
-    encode = server._encode
+    encode = server.encoding._encode
 
     def blocking(emb, kind, base64_floats):
         entered.set()
         release.wait(5)  # the test releases it at once; on the event loop it would stall /health for 5 s
         done.set()
         return encode(emb, kind, base64_floats)
-    monkeypatch.setattr(server, "_encode", blocking)
+    monkeypatch.setattr(server.encoding, "_encode", blocking)
     with TestClient(server.create_app(eng)) as tc:
         _ready(tc)
         out = {}
