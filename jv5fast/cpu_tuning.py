@@ -15,7 +15,8 @@ The timings are cached in ``$JV5FAST_CACHE/cpu_gemm.json`` (else ``~/.cache/jv5f
 (model name and flags), the ISA level in use, the thread count, the shape, the candidates and the jv5fast and
 torch versions; the file is untrusted (validated field by field; anything odd means measure again) and written
 atomically. Timings taken while other processes keep the CPUs busy (load average above the CPU count) pick
-that load's GEMMs but are not cached. ``JV5FAST_CPU_GEMM=jv5fast|onednn`` forces one kernel and measures
+that load's GEMMs for this process (every engine it loads gets the same choice, so the same bits) but are not
+written to the file. ``JV5FAST_CPU_GEMM=jv5fast|onednn`` forces one kernel and measures
 nothing; delete the file to measure again.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ REPS = {16: 6, 128: 2, 512: 1}  # samples per round at each M (the small ones ar
 
 SPLIT_GAIN = 0.15         # split a shape by rows only where the single pick is >15% slower at some M
 
-_memo: dict = {}           # in-process: (key fields, shape) -> timings
+_memo: dict = {}           # in-process: (key fields, shape) -> (timings, measured on a busy machine)
+BUSY_AGAIN = "measured on a busy machine earlier in this process (not cached on disk)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +285,8 @@ def choose(weights_by_shape: dict, *, threads: int | None = None, measure_fn=Non
     timings, reason = {}, {}
     for s in shapes:
         if (memo_key, s) in _memo:
-            timings[s], reason[s] = _memo[(memo_key, s)], "cached"
+            timings[s], was_busy = _memo[(memo_key, s)]
+            reason[s] = BUSY_AGAIN if was_busy else "cached"
     path = path or cache_path()
     todo = [s for s in shapes if s not in timings]
     if todo:
@@ -301,12 +304,11 @@ def choose(weights_by_shape: dict, *, threads: int | None = None, measure_fn=Non
             timings[s] = t
             reason[s] = "measured" if busy is None else f"measured on a busy machine ({busy}; not cached)"
         log.info("jv5fast: timed the CPU GEMMs on %d shapes in %.2f s%s", len(todo), time.perf_counter() - t0,
-                 "" if busy is None else f" on a busy machine ({busy}): not cached, measured again next load")
+                 "" if busy is None else f" on a busy machine ({busy}): not cached on disk")
         if busy is None:
             save_cached(path, fields, {s: timings[s] for s in todo})
     for s in shapes:
-        if not reason[s].startswith("measured on a busy"):
-            _memo[(memo_key, s)] = timings[s]
+        _memo[(memo_key, s)] = (timings[s], reason[s].startswith("measured on a busy"))
     return {s: GemmChoice(s, pick(timings[s]), reason[s], timings[s], split(timings[s])) for s in shapes}
 
 
@@ -412,7 +414,8 @@ def choose_fused(args, *, threads: int | None = None, measure_fn=None, path: str
         fields = {**base, "op": op}
         memo_key = (json.dumps(fields, sort_keys=True), key)
         if memo_key in _memo:
-            timings[(op, key)], reason[(op, key)] = _memo[memo_key], "cached"
+            timings[(op, key)], was_busy = _memo[memo_key]
+            reason[(op, key)] = BUSY_AGAIN if was_busy else "cached"
             continue
         found = load_cached(path, fields, [key])
         if key in found:
@@ -433,8 +436,8 @@ def choose_fused(args, *, threads: int | None = None, measure_fn=None, path: str
                 save_cached(path, {**base, "op": op}, {key: t})
     out = []
     for op, key in keys:
-        if not reason[(op, key)].startswith("measured on a busy"):
-            _memo[(json.dumps({**base, "op": op}, sort_keys=True), key)] = timings[(op, key)]
+        _memo[(json.dumps({**base, "op": op}, sort_keys=True), key)] = (
+            timings[(op, key)], reason[(op, key)].startswith("measured on a busy"))
         c = FusedChoice(op, key, pick(timings[(op, key)]), reason[(op, key)], timings[(op, key)])
         ops.set_fused_choice(op, key, c.kind)
         out.append(c)
