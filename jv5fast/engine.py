@@ -7,13 +7,16 @@ precision, with results restored to input order.
 Task adapters: the base linear weights stay in memory in their storage dtype next to each adapter's
 (A, B) factors; switching task re-merges W + s·B·A in fp32 and casts once (no disk access). One lock
 serialises the forward pass, so one engine may be shared by several threads.
+
+What runs the packed batch is a backend from ``jv5fast.backends.BACKENDS`` (torch, onnx, int8): the
+engine asks it where the model is and to load it. What stays here is the one difference the API shows:
+a checkpoint switches task adapters (``checkpoint.merge``), an export holds one task merged in.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import re
 import reprlib
 import threading
 import warnings
@@ -22,51 +25,25 @@ import numpy as np
 import torch
 
 from . import ops, st_compat
+from .backends import BACKENDS, DTYPES, choose
+from .backends import resolve_dtype as _resolve_dtype  # the name jv5fast.distributed imports
 from .batching import PackedBatch, plan_batches
-from .config import TASKS, load_model_args
+from .checkpoint import check_task, check_truncate_dim, default_task, merge
+from .checkpoint import merged_task_from_name  # noqa: F401 (jv5fast.engine.merged_task_from_name: public)
+from .config import load_model_args
 from .devices import check_device
-from .loading import load_adapters, load_prompts, load_weights, resolve_checkpoint
-from .models.backbone import FUSED, Backbone
+from .loading import load_prompts
 from .postprocess import check_precision, quantize
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("jv5fast")
 
 _UNMERGED = object()  # Engine._active while no task is (consistently) merged into the layers
-_MERGED_NAME = re.compile(r"^jina-embeddings-v5-text-(?:small|nano)-(" + "|".join(TASKS) + r")$", re.IGNORECASE)
-
-
-def merged_task_from_name(name_or_path: str):
-    """The task of a per-task merged repo by its released name (``jinaai/jina-embeddings-v5-text-small-
-    retrieval`` or a folder of that name), else None: those repos' files do not record it."""
-    path = os.path.normpath(name_or_path)
-    name = os.path.basename(path)
-    parent = os.path.dirname(path)
-    repo = os.path.basename(os.path.dirname(parent))
-    if os.path.basename(parent) == "snapshots" and repo.startswith("models--"):  # hub cache: .../snapshots/<sha>
-        name = repo.rsplit("--", 1)[-1]
-    m = _MERGED_NAME.match(name)
-    return m.group(1).lower() if m else None
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 _PROGRESS_MIN_BATCHES = 8  # show_progress_bar=None shows a bar beyond this many batches
 # On CPU, fp32 GEMMs and the memory-bound elementwise ops run fastest on ~512-token batches (they stay
 # in cache): measured 1.19x faster than 16,384-token batches on full-size nano (bench/bench_engine.py).
 CPU_BATCH_TOKENS = 512
-
-
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype {dtype!r} is not supported; choose one of 'float32', 'bfloat16', 'float16'")
 
 
 def _free_memory(device: torch.device) -> int:
@@ -93,13 +70,7 @@ class Engine:
             raise TypeError(f"model_name_or_path must be a str or os.PathLike (a checkpoint folder, an ONNX export "
                             f"folder or a hub id), got {type(model_name_or_path).__name__}: "
                             f"{reprlib.repr(model_name_or_path)}")
-        if backend not in ("torch", "onnx"):
-            raise ValueError(f"backend {backend!r} is not valid; choose 'torch' or 'onnx'")
-        self.int8_quality = None
-        if quantize is not None:  # the int8 CPU path: a cached ONNX export (jv5fast/int8.py)
-            model_name_or_path, task = self._int8_source(model_name_or_path, task, device, dtype, backend,
-                                                         onnx_quantize, cuda_graphs, quantize)
-            backend, onnx_quantize, device, dtype = "onnx", "int8", "cpu", None
+        locate, load = BACKENDS[choose(backend, quantize)]  # jv5fast/backends.py
         if cuda_graphs not in (None, True, False):
             raise ValueError(f"cuda_graphs must be None (auto), True or False; got {cuda_graphs!r}")
         if cuda_graphs and backend != "torch":
@@ -108,23 +79,19 @@ class Engine:
         if cpu_precision not in ("fp32", "bf16"):
             raise ValueError(f"cpu_precision must be 'fp32' or 'bf16' (opt-in: bf16 GEMMs, fp32 elsewhere); got "
                              f"{cpu_precision!r}")
+        options = dict(task=task, device=device, dtype=dtype, backend=backend, quantize=quantize,
+                       onnx_quantize=onnx_quantize, cuda_graphs=cuda_graphs)
+        src = locate(model_name_or_path, options)  # int8: its cached export, built on first use
         self.cpu_precision = cpu_precision
-        self.backend = backend
-        if backend == "onnx":
-            folder = str(model_name_or_path)
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"ONNX export folder not found: {folder!r} (write one with "
-                                        f"jv5fast.export_onnx or `jv5fast export-onnx`)")
-            from .onnx_runtime import read_metadata
-            meta = read_metadata(folder)
-        else:
-            folder, meta = resolve_checkpoint(str(model_name_or_path)), None
-        self.path = folder
+        self.backend = backend = src.backend
+        self.path = folder = src.folder
+        meta = src.meta  # an ONNX export's record: it fixes the dtype and the default length
         self.args = args = load_model_args(folder)
+        device = src.device if src.device is not None else device
         self.device = check_device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"))
         if meta is not None:
-            if dtype is not None and _resolve_dtype(dtype, self.device) != _DTYPES[meta["dtype"]]:
+            if dtype is not None and _resolve_dtype(dtype, self.device) != DTYPES[meta["dtype"]]:
                 raise ValueError(f"{folder} was exported in {meta['dtype']}; dtype={dtype!r} cannot change that")
             dtype = meta["dtype"]
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -142,9 +109,7 @@ class Engine:
         self.prompts, self.default_prompt_name = load_prompts(folder)
         self._lock = threading.RLock()
         self._active = _UNMERGED
-        self._adapters, self._base = {}, {}
-        self._onnx_task = self._merged_task = None
-        self._export_dim = None
+        self._export_dim = meta.get("truncate_dim") if meta is not None else None
         self._graphs = None
         self._resident = None  # task -> its merged projections, when kept resident (keep_tasks_resident)
         if cuda_graphs and self.device.type != "cuda":
@@ -154,40 +119,13 @@ class Engine:
                              f"synchronise with the host and cannot be captured): install triton and leave "
                              f"JV5FAST_BACKEND unset or 'triton' (it is {ops.backend()!r})")
 
-        if meta is not None:
-            from .onnx_runtime import OnnxBackbone, onnx_file_for
-            if meta.get("dim") not in (None, args.hidden_size) or (meta.get("truncate_dim") or 0) > args.hidden_size:
-                raise ValueError(f"{folder}/jv5fast_onnx.json: fields 'dim' ({meta.get('dim')}) and 'truncate_dim' "
-                                 f"({meta.get('truncate_dim')}) do not fit hidden_size {args.hidden_size} of its "
-                                 f"config.json")
-            self.model = OnnxBackbone(folder, onnx_file_for(folder, onnx_quantize), str(self.device))
-            if onnx_quantize == "int8":
-                from .int8 import quality_line
-                self.int8_quality = meta.get("int8") if isinstance(meta.get("int8"), dict) else None
-                warnings.warn(f"jv5fast int8 model ({folder}): {quality_line(meta)}; its embeddings approximate "
-                              f"the fp32 ones", stacklevel=2)
-            # one task is merged into the graph; it is the only valid task
-            self._onnx_task, self._export_dim = meta.get("task"), meta.get("truncate_dim")
-            self.task = self._onnx_task if task is None else self._check_task(task)
+        loaded = load(src, args, self.device, self.dtype)
+        self.model, self._adapters, self._base, self._merged_task, self.int8_quality = loaded
+        # the task merged into the weights (an export, a merged repo) or an adapter's, switched per call
+        self.task = default_task(self._adapters, self._merged_task) if task is None else self._check_task(task)
+        if backend == "onnx":  # one task is merged into the graph; it is the only valid task
             self._active = self.task
             return
-        if onnx_quantize is not None:
-            raise ValueError("onnx_quantize applies to backend='onnx' only")
-        weights = load_weights(folder, args)
-        self._adapters = {t: a.to(self.device) for t, a in load_adapters(folder, args).items()}
-        self.model = Backbone(args, self.device, self.dtype)
-        self.model.set_static(weights)
-        # Linear weights in their storage dtype, kept only when an adapter may need re-merging.
-        self._base = {k: v.to(self.device) for k, v in weights.items() if k.endswith("_proj.weight")}
-        del weights
-        # A merged repo records no task; its released name does (jina-embeddings-v5-text-small-retrieval).
-        self._merged_task = None if self._adapters else merged_task_from_name(str(model_name_or_path))
-        if task is None:
-            task = self._merged_task if not self._adapters else \
-                "retrieval" if "retrieval" in self._adapters else next(iter(self._adapters))
-            self.task = task
-        else:
-            self.task = self._check_task(task)
         self._activate(self.task)
         if cpu_precision != "fp32" and (backend != "torch" or self.device.type != "cpu" or self.dtype != torch.float32):
             raise ValueError(f"cpu_precision={cpu_precision!r} applies to the torch backend on CPU in float32; this "
@@ -202,26 +140,6 @@ class Engine:
         if cuda_graphs or (cuda_graphs is None and self.device.type == "cuda" and ops.uses_triton(self.device)):
             from .graphs import CudaGraphRunner
             self._graphs = CudaGraphRunner(self.model)
-
-    @staticmethod
-    def _int8_source(model_name_or_path, task, device, dtype, backend, onnx_quantize, cuda_graphs, quantize):
-        """Check ``quantize`` and the options it fixes; returns (the cached int8 export folder, its task)."""
-        if quantize != "int8":
-            raise ValueError(f"quantize {quantize!r} is not valid; choose None (exact fp32) or 'int8'")
-        if backend != "torch" or onnx_quantize is not None or cuda_graphs:
-            raise ValueError("quantize='int8' builds and caches its own ONNX export from a checkpoint; leave backend, "
-                             "onnx_quantize and cuda_graphs unset (for an export folder of your own use "
-                             "Engine.from_onnx(folder, quantize='int8'))")
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError(f"quantize='int8' runs on the CPU (onnxruntime's dynamic int8); device={device!r} is not "
-                             f"valid with it: pass device='cpu' or leave it unset")
-        if dtype is not None and _resolve_dtype(dtype, torch.device("cpu")) != torch.float32:
-            raise ValueError(f"quantize='int8' quantizes the float32 graph; dtype={dtype!r} is not valid with it "
-                             f"(leave it unset)")
-        if task is not None and task not in TASKS:
-            raise ValueError(f"task {task!r} is not valid; choose one of {list(TASKS)}")
-        from .int8 import int8_export
-        return int8_export(model_name_or_path, resolve_checkpoint(str(model_name_or_path)), task), task
 
     @classmethod
     def from_onnx(cls, folder, *, device="cpu", quantize=None, max_length=None, max_batch_tokens=16384):
@@ -241,8 +159,6 @@ class Engine:
     def tasks(self) -> tuple:
         """The tasks this engine can serve: its adapters, or the one task merged into the weights when the
         checkpoint (or its released name, for a merged repo) records it; () when unknown."""
-        if self.backend == "onnx":
-            return (self._onnx_task,) if self._onnx_task else ()
         if not self._adapters:
             return (self._merged_task,) if self._merged_task else ()
         return tuple(self._adapters)
@@ -265,25 +181,13 @@ class Engine:
         record which (a merged repo under another name), only ``task=None`` is accepted."""
         if task is None:
             return self.task
-        if not isinstance(task, str):
-            raise TypeError(f"task must be a str or None, got {type(task).__name__}")
-        if self._adapters:
-            if task not in self._adapters:
-                raise ValueError(f"unknown task {task!r}; valid tasks: {list(self._adapters)}")
-            return task
-        if task in self.tasks:
-            return task
-        if self.backend == "onnx":
-            holds = (f"this ONNX export holds only the {self._onnx_task!r} adapter, merged into its graph"
-                     if self._onnx_task else "this ONNX export was made from a merged checkpoint whose task "
+        if self.backend == "onnx" and isinstance(task, str) and task not in self.tasks:
+            holds = (f"this ONNX export holds only the {self._merged_task!r} adapter, merged into its graph"
+                     if self._merged_task else "this ONNX export was made from a merged checkpoint whose task "
                      "is not recorded")
             raise ValueError(f"task {task!r} requested, but {holds} ({self.path}); pass task=None, or export "
                              f"the task you need")
-        holds = (f"its task is {self._merged_task!r}" if self._merged_task else
-                 "which task is merged into its weights is not recorded")
-        raise ValueError(f"task {task!r} requested, but {self.path} has no adapters/ folder (a per-task merged "
-                         f"checkpoint; {holds}); pass task=None to use it as it is, or load the base checkpoint "
-                         f"with adapters/ to choose a task")
+        return check_task(task, self._adapters, self._merged_task, self.path)
 
     def _activate(self, task):
         """Make the model's linear weights base + adapter(task), merged in fp32 and cast once.
@@ -303,20 +207,7 @@ class Engine:
             return
         adapter = self._adapters.get(task) if task is not None else None
         self._active = _UNMERGED
-        for i in range(self.args.num_layers):
-            for name, parts in FUSED.items():
-                ws = []
-                for part in parts:
-                    key = f"layers.{i}.{part}"
-                    w = self._base[key]
-                    delta = adapter.delta(key) if adapter is not None else None
-                    ws.append(w if delta is None else w.float() + delta)
-                if adapter is not None:  # merged parts are fp32; bring untouched parts to fp32 too
-                    ws = [w.float() for w in ws]
-                fused = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
-                if self._adapters and len(ws) == 1 and fused.data_ptr() == self._base[key].data_ptr():
-                    fused = fused.clone()  # task switches overwrite the layer tensor in place: never the base
-                self.model.set_linear(i, name, fused)
+        merge(self.model, self._base, adapter, keep_base=bool(self._adapters))
         self._active = task
 
     def keep_tasks_resident(self, enable="auto") -> bool:
@@ -508,18 +399,7 @@ class Engine:
         return items
 
     def _check_truncate_dim(self, truncate_dim) -> int:
-        if truncate_dim is None:
-            return self.dim
-        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
-            raise TypeError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
-        if not 1 <= truncate_dim <= self.dim:
-            if self._export_dim:
-                raise ValueError(f"truncate_dim={truncate_dim} is out of range 1..{self.dim}: this ONNX export "
-                                 f"was made for truncate_dim={self._export_dim}; export again for a larger one")
-            dims = [d for d in (32, 64, 128, 256, 512, 768, 1024) if d <= self.dim]
-            raise ValueError(f"truncate_dim={truncate_dim} is out of range 1..{self.dim}; the Matryoshka "
-                             f"dims are {dims}")
-        return int(truncate_dim)
+        return check_truncate_dim(truncate_dim, self.dim, self._export_dim)
 
     def _prefix(self, prompt_name, prompt) -> str:
         if prompt is not None:

@@ -24,11 +24,17 @@ The folder is built in a temporary sibling and moved into place only when comple
 replaces only a previous export (valid ``jv5fast_onnx.json``, nothing but files an export writes; any
 other file is listed in the refusal, never deleted): the old folder is renamed aside, the new one moved
 in, and the old one deleted last, or put back if the move fails.
+
+The model comes from the checkpoint code (``checkpoint.py``: backbone, adapters, one task merged), not from
+the engine, which runs exports through its ``onnx`` and ``int8`` backends; ``quantize="int8"`` hands the
+float graph to ``int8.quantize_int8``. One file: the graph, its export and the folder it lands in change
+together (the metadata names the graph's inputs and outputs; ``EXPORT_FILES`` is what overwrite may replace).
 """
 from __future__ import annotations
 
 import json
 import os
+import reprlib
 import shutil
 import tempfile
 import warnings
@@ -38,29 +44,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import (check_task, check_truncate_dim, default_task, merge, merged_task_from_name,
+                         open_checkpoint)
+from .config import load_model_args
+from .int8 import QUALITY_TEXTS, quantize_int8, top10_overlap  # noqa: F401 (top10_overlap: bench_onnx)
 from .kernels.rmsnorm import rms_norm_ref
+from .loading import load_prompts, resolve_checkpoint
+from .onnx_runtime import require_onnx
+from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "config_sentence_transformers.json", "config.json")
-QUALITY_TEXTS = [
-    "How fast does light travel in a vacuum?", "The speed of light is 299,792,458 metres per second.",
-    "Photosynthesis converts light energy into chemical energy.", "Plants need sunlight, water and CO2.",
-    "The Eiffel Tower is in Paris.", "Paris is the capital of France.", "Berlin ist die Hauptstadt Deutschlands.",
-    "Le chat dort sur le canapé.", "A cat is sleeping on the sofa.", "Stock markets fell sharply on Monday.",
-    "Interest rates were raised by the central bank.", "The match ended in a draw after extra time.",
-    "Python is a popular programming language.", "Rust guarantees memory safety without a garbage collector.",
-    "Mount Everest is the highest mountain above sea level.", "The Pacific is the largest ocean on Earth.",
-    "東京は日本の首都です。", "Water boils at 100 degrees Celsius at sea level.", "Ice melts at zero degrees.",
-    "The mitochondria is the powerhouse of the cell.", "DNA carries genetic information.",
-    "Shakespeare wrote Hamlet.", "Beethoven composed nine symphonies.", "The moon orbits the Earth.",
-    "Mars is called the red planet.", "Jupiter has dozens of moons.", "Electric cars use batteries.",
-    "Bicycles are an efficient way to travel.", "Coffee contains caffeine.", "Tea is popular in Britain.",
-    "The library opens at nine in the morning.", "Museums preserve cultural heritage.",
-]
-
-
 ATTENTION_CHUNK = 256  # query rows per Loop iteration: (B, H, 256, S) fp32 scores live at a time
 MASKED = -1e30  # not -inf: a row with no visible key (a left-padding query) stays finite
 EXPORT_FILES = frozenset(("model.onnx", "model.onnx_data", "model_int8.onnx", "jv5fast_onnx.json")
@@ -255,16 +251,6 @@ class PaddedBackbone(nn.Module):
         return hidden, pooled
 
 
-def _metadata(eng, task, dtype, opset, truncate_dim, external):
-    return {
-        "format": "jv5fast-onnx", "format_version": FORMAT_VERSION, "model_type": eng.args.family,
-        "task": task, "dim": eng.dim, "truncate_dim": truncate_dim, "max_length": eng.max_length,
-        "prompts": eng.prompts, "default_prompt_name": eng.default_prompt_name, "dtype": dtype,
-        "opset": opset, "external_data": external, "inputs": ["input_ids", "attention_mask"],
-        "outputs": ["last_hidden_state", "sentence_embedding"], "padding": "right or left",
-    }
-
-
 def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opset=None, truncate_dim=None,
                 quantize=None, external_data=None, overwrite=False):
     """Export ``model_name_or_path`` with ``task``'s adapter merged to ``out_dir``; returns the metadata dict.
@@ -275,9 +261,6 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
     ``task`` None: the engine's default (retrieval, or the task a merged checkpoint holds).
     """
     onnx = require_onnx("onnx")
-
-    from .engine import Engine
-
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype {dtype!r} is not supported for export; choose 'float32' or 'float16'")
     if quantize not in (None, "int8"):
@@ -296,13 +279,31 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
         if not overwrite:
             raise FileExistsError(f"output folder {out_dir} exists; pass overwrite=True to replace it")
         _check_replaceable(out_dir)  # fail before the (long) export, not after
-    eng = Engine(model_name_or_path, task=task, device="cpu", dtype="float32")
+    # the checkpoint with the task's adapter merged in fp32, as the torch engine serves it (checkpoint.py)
+    if not isinstance(model_name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model_name_or_path must be a str or os.PathLike (a checkpoint folder or a hub id), "
+                        f"got {type(model_name_or_path).__name__}: {reprlib.repr(model_name_or_path)}")
+    folder = resolve_checkpoint(str(model_name_or_path))
+    args = load_model_args(folder)
+    tokenizer = Tokenizer(folder, args.max_position_embeddings)
+    prompts, default_prompt_name = load_prompts(folder)
+    model, adapters, base = open_checkpoint(folder, args, torch.device("cpu"), torch.float32)
+    merged = None if adapters else merged_task_from_name(str(model_name_or_path))
+    task = default_task(adapters, merged) if task is None else check_task(task, adapters, merged, folder)
+    merge(model, base, adapters.get(task) if task is not None else None)
+    del adapters, base
     if truncate_dim is not None:
-        truncate_dim = eng._check_truncate_dim(truncate_dim)  # a plain int (numpy ints are not JSON)
-    module = PaddedBackbone(eng.model, truncate_dim, getattr(torch, dtype)).eval()
+        truncate_dim = check_truncate_dim(truncate_dim, args.hidden_size)  # a plain int (numpy ints are not JSON)
+    module = PaddedBackbone(model, truncate_dim, getattr(torch, dtype)).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = bool(external_data) if external_data is not None else n_bytes > EXTERNAL_DATA_THRESHOLD
-    meta = _metadata(eng, eng.task, dtype, opset, truncate_dim, external)
+    meta = {
+        "format": "jv5fast-onnx", "format_version": FORMAT_VERSION, "model_type": args.family,
+        "task": task, "dim": args.hidden_size, "truncate_dim": truncate_dim, "max_length": tokenizer.max_length,
+        "prompts": prompts, "default_prompt_name": default_prompt_name, "dtype": dtype,
+        "opset": opset, "external_data": external, "inputs": ["input_ids", "attention_mask"],
+        "outputs": ["last_hidden_state", "sentence_embedding"], "padding": "right or left",
+    }
 
     parent = os.path.dirname(out_dir)
     created = []  # parent folders this export makes, removed again (if still empty) when it fails
@@ -342,11 +343,13 @@ def export_onnx(model_name_or_path, out_dir, *, task=None, dtype="float32", opse
         shutil.rmtree(os.path.dirname(raw))
         onnx.checker.check_model(model_path)
         for name in COPIED_FILES:
-            src = os.path.join(eng.path, name)
+            src = os.path.join(folder, name)
             if os.path.exists(src):
                 shutil.copy(src, os.path.join(tmp, name))
-        if quantize == "int8":
-            meta["int8"] = _quantize_int8(model_path, os.path.join(tmp, "model_int8.onnx"), eng)
+        if quantize == "int8":  # quality measured on the texts as the engine feeds them: default prompt first
+            prefix = prompts[default_prompt_name] if default_prompt_name is not None else ""
+            ids, _ = tokenizer.encode([prefix + t for t in QUALITY_TEXTS])
+            meta["int8"] = quantize_int8(model_path, os.path.join(tmp, "model_int8.onnx"), ids)
         with open(os.path.join(tmp, "jv5fast_onnx.json"), "w") as f:
             json.dump(meta, f, indent=2)
         # mkdtemp made the staging folder 0700 (private while incomplete); the finished export follows the
@@ -451,57 +454,3 @@ def _move_into_place(tmp, out_dir, overwrite):
                                   f"one back; the previous export is at {old}") from e
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def require_onnx(name: str):
-    """Import ``onnx`` / ``onnxruntime``, or say which extra installs it."""
-    import importlib
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        raise ModuleNotFoundError(f"{name} is not installed; the ONNX export and backend need the onnx extra: "
-                                  f'pip install "jv5fast[onnx]"', name=name) from None
-
-
-def top10_overlap(a, b):
-    """Mean fraction of each row's 10 nearest other rows (dot product) that ``a`` and ``b`` agree on."""
-    import numpy as np
-    ta = np.argsort(-(a @ a.T), axis=1)[:, 1:11]
-    tb = np.argsort(-(b @ b.T), axis=1)[:, 1:11]
-    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb)]))
-
-
-def _quantize_int8(src, dst, eng):
-    """Dynamic int8 quantization (weights int8, activations quantized at run time) plus its quality on a
-    fixed multilingual corpus: cosine to the float graph per text and top-10 retrieval overlap."""
-    import logging
-
-    import numpy as np
-    require_onnx("onnxruntime")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # quantize_dynamic logs advice ("consider pre-processing") on the root logger; the quality report
-    # below is what a user needs to see
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
-    finally:
-        logging.disable(previous)
-    from .onnx_runtime import OnnxSession
-    texts = QUALITY_TEXTS
-    ids = eng.tokenize(texts)
-    ref = OnnxSession(src).pooled(ids)
-    q8 = OnnxSession(dst).pooled(ids)
-    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-    q8 = q8 / np.linalg.norm(q8, axis=1, keepdims=True)
-    cos = (ref * q8).sum(1)
-    overlap = top10_overlap(ref, q8)
-    quality = {"file": "model_int8.onnx", "texts": len(texts), "cosine_mean": float(cos.mean()),
-               "cosine_min": float(cos.min()), "top10_overlap": overlap}
-    warnings.warn(f"int8 ONNX model quality vs float: mean cosine {quality['cosine_mean']:.4f}, "
-                  f"min {quality['cosine_min']:.4f}, top-10 overlap {overlap:.3f} on {len(texts)} texts",
-                  stacklevel=3)
-    return quality

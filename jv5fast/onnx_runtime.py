@@ -2,7 +2,8 @@
 
 The engine keeps its own tokenization, prompts, batching and post-processing; this module turns a
 packed batch into the right-padded (B, S) arrays the graph takes and returns each sequence's last
-hidden state (B, E) — the same contract as ``Backbone.forward(batch, last_only=True)``.
+hidden state (B, E) — the same contract as ``Backbone.forward(batch, last_only=True)``. ``require_onnx``
+is the one place that says which extra installs onnx / onnxruntime (the export uses it too).
 """
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ import numpy as np
 import torch
 
 from .batching import PackedBatch
+
+
+def require_onnx(name: str):
+    """Import ``onnx`` / ``onnxruntime``, or say which extra installs it."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise ModuleNotFoundError(f"{name} is not installed; the ONNX export and backend need the onnx extra: "
+                                  f'pip install "jv5fast[onnx]"', name=name) from None
 
 
 def read_metadata(folder: str) -> dict:
@@ -45,7 +58,6 @@ class OnnxSession:
     """An onnxruntime session over one exported graph (CUDA provider first when available)."""
 
     def __init__(self, model_path: str, device: str = "cpu"):
-        from .onnx_export import require_onnx
         ort = require_onnx("onnxruntime")
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"missing file: {model_path}")
