@@ -32,8 +32,8 @@ SETTINGS_KEYS = ["model", "task", "prompt_name", "prompt", "truncate_dim", "dim"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-             logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
+             log_to_driver=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
