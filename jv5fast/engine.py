@@ -2,7 +2,8 @@
 
 text → prompt prefix → token ids (truncated, specials kept) → length-sorted token-budget batches →
 packed varlen forward → last token (after the final norm) → Matryoshka truncation → L2 normalize →
-precision, with results restored to input order.
+precision, with results restored to input order. A text longer than ``max_length`` is truncated, refused,
+or embedded in windows whose vectors are averaged (``overflow=``, jv5fast/overflow.py).
 
 Task adapters: the base linear weights stay in memory in their storage dtype next to each adapter's
 (A, B) factors; switching task re-merges W + s·B·A in fp32 and casts once (no disk access). One lock
@@ -33,6 +34,7 @@ from .checkpoint import merged_task_from_name  # noqa: F401 (jv5fast.engine.merg
 from .config import load_model_args
 from .devices import check_device
 from .loading import load_prompts
+from .overflow import Splitter, check_chunk_options, check_window, embed_chunked, group_budget, resolve_overflow
 from .postprocess import check_precision, quantize
 from .tokenizer import Tokenizer
 
@@ -62,6 +64,8 @@ def _free_memory(device: torch.device) -> int:
 
 class Engine:
     """Embedding engine for jina-embeddings-v5-text small / nano checkpoints (base or per-task merged)."""
+
+    _splitter = None  # overflow='chunk': an overflow.Splitter of this engine's tokenizer, built on first use
 
     def __init__(self, model_name_or_path, *, task=None, device=None, dtype=None, max_length=None,
                  max_batch_tokens=16384, backend="torch", onnx_quantize=None, cuda_graphs=None, quantize=None,
@@ -241,27 +245,87 @@ class Engine:
 
     # ---- embedding -----------------------------------------------------------------------------
     def embed(self, texts, *, prompt_name=None, prompt=None, task=None, truncate_dim=None, normalize=True,
-              precision="float32", truncate=True, show_progress_bar=None, convert_to_tensor=False):
+              precision="float32", truncate=None, overflow=None, chunk_overlap=0, return_chunks=False,
+              show_progress_bar=None, convert_to_tensor=False):
         """Embed ``texts`` (a str or a list of str). Returns (N, D') numpy (or torch with
-        ``convert_to_tensor``); a single str returns (D',). See README for every option."""
+        ``convert_to_tensor``); a single str returns (D',). See README for every option.
+
+        ``overflow``: what happens to a text over ``max_length`` tokens: "truncate" (the default), "error", or
+        "chunk": windows of ``chunk_overlap`` overlapping tokens, embedded with the prompt, their unit vectors
+        averaged by token count (jv5fast/overflow.py). ``truncate`` is its older alias (True = "truncate",
+        False = "error"). ``return_chunks=True`` (chunk only) returns ``(embeddings, chunks)``: one
+        ``overflow.Chunks`` per text (a str: one), its windows' vectors and token / character spans."""
         single = isinstance(texts, str)
         items = self._check_texts(texts)
         check_precision(precision)
+        policy = resolve_overflow(overflow, truncate)
+        chunk_overlap = check_chunk_options(policy, chunk_overlap, return_chunks, normalize)
         task = self.task if task is None else self._check_task(task)
         k = self._check_truncate_dim(truncate_dim)
         prefix = self._prefix(prompt_name, prompt)
         n = len(items)
+        chunks = [] if return_chunks else None
         if n == 0:
             width = k if precision in ("float32", "float16") else (k + 7) // 8
             dt = {"float32": np.float32, "float16": np.float16, "binary": np.int8, "ubinary": np.uint8}[precision]
-            out = np.zeros((0, width), dtype=dt)
-            return torch.from_numpy(out) if convert_to_tensor else out
-
-        ids = self._encode([prefix + t for t in items], truncate)
-        res = self._embed_ids(ids, task, k, normalize, precision, show_progress_bar)
+            res = np.zeros((0, width), dtype=dt)
+        elif policy == "chunk":
+            res, chunks, _ = self._embed_chunked(items, prefix, task, k, precision, chunk_overlap, return_chunks,
+                                                 show_progress_bar)
+        else:
+            ids = self._encode([prefix + t for t in items], policy == "truncate")
+            res = self._embed_ids(ids, task, k, normalize, precision, show_progress_bar)
         if single:
             res = res[0]
-        return torch.from_numpy(np.ascontiguousarray(res)) if convert_to_tensor else res
+            chunks = chunks[0] if chunks else chunks
+        res = torch.from_numpy(np.ascontiguousarray(res)) if convert_to_tensor else res
+        return (res, chunks) if return_chunks else res
+
+    def _embed_chunked(self, items, prefix, task, k, precision, overlap, keep, show_progress_bar):
+        """``embed`` with overflow='chunk' (arguments checked): texts that fit take ``_embed_ids`` exactly as
+        with truncation; the others are streamed in windows (jv5fast/overflow.py). Returns ``(rows, chunks or
+        None, tokens the model saw)``."""
+        ids, truncated = self._tokenize([prefix + t for t in items])
+        splitter = self._chunk_splitter() if keep or any(truncated) else None
+        budget = min(self.max_batch_tokens, CPU_BATCH_TOKENS) if self.device.type == "cpu" else self.max_batch_tokens
+        bar = None
+        if show_progress_bar and any(truncated):  # a window count is known only as each text is tokenized whole
+            from tqdm.auto import tqdm
+            bar = tqdm(unit="window", desc="embed windows")
+        try:
+            res, chunks, tokens = embed_chunked(
+                splitter, prefix, items, ids, truncated, overlap=overlap, k=k, precision=precision, keep=keep,
+                embed_fit=lambda seqs: self._embed_ids(seqs, task, k, True, precision, show_progress_bar),
+                embed_ids=lambda seqs: self._embed_ids(seqs, task, self.dim, True, "float32", False),
+                group_tokens=group_budget(budget, self.max_length), on_group=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if any(truncated):
+            log.info("%d of %d texts were longer than max_length=%d tokens and embedded in windows (first: index %d)",
+                     sum(truncated), len(items), self.max_length, truncated.index(True))
+        return res, chunks, tokens
+
+    def _chunk_splitter(self) -> Splitter:
+        """The ``overflow.Splitter`` of this engine's tokenizer (built once; two threads racing build two equal
+        ones, and either serves)."""
+        if self._splitter is None:
+            self._splitter = Splitter(self.tokenizer.untruncated(), self.max_length)
+        return self._splitter
+
+    def _windows(self, prefix, items, ids, truncated, overlap, label="texts"):
+        """``{i: overflow.TextWindows}`` of the over-long texts of a chunked call (``ids``/``truncated``:
+        ``_tokenize`` of ``prefix + items[i]``): every text's window is checked against ``overlap`` first, then
+        each is tokenized whole. For ``jv5fast.scheduler.Batcher``, which schedules the windows itself."""
+        over = [i for i, t in enumerate(truncated) if t]
+        if not over:
+            return {}
+        sp = self._chunk_splitter()
+        plans = {}
+        for i in over:
+            plans[i] = sp.prompt_len(prefix, ids[i])
+            check_window(sp.window(plans[i]), overlap, f"{label}[{i}]")
+        return {i: sp.windows(i, prefix, items[i], plans[i], overlap, first=ids[i]) for i in over}
 
     def _embed_ids(self, ids, task, k, normalize, precision, show_progress_bar):
         """``embed`` from token ids (``_encode``'s, non-empty; arguments checked): (N, width) numpy. Also for
@@ -311,15 +375,21 @@ class Engine:
         ids, _ = self.tokenizer.encode([prefix + t for t in items])
         return ids[0] if single else ids
 
-    def _encode(self, prefixed, truncate=True, label="texts", fix="pass truncate=True to cut it", plural="texts"):
-        """Token ids of prompt-prefixed texts, refusing a text with no tokens and, with ``truncate=False``,
-        one over ``max_length`` (errors name ``label[i]``; ``fix`` says how to allow truncation). Shared by
-        ``embed`` and ``jv5fast.scheduler.Batcher``."""
+    def _tokenize(self, prefixed, label="texts"):
+        """(token ids, was-truncated flags) of prompt-prefixed texts, refusing a text with no tokens."""
         ids, truncated = self.tokenizer.encode(prefixed)
         for i, seq in enumerate(ids):
             if len(seq) == 0:
                 raise ValueError(f"{label}[{i}] produced no tokens (empty text with an empty prompt); "
                                  f"give it a prompt or some text")
+        return ids, truncated
+
+    def _encode(self, prefixed, truncate=True, label="texts", fix="pass truncate=True to cut it", plural="texts",
+                flags=False):
+        """Token ids of prompt-prefixed texts, refusing a text with no tokens and, with ``truncate=False``,
+        one over ``max_length`` (errors name ``label[i]``; ``fix`` says how to allow truncation). Shared by
+        ``embed`` and ``jv5fast.scheduler.Batcher``; ``flags=True`` returns ``(ids, was-truncated flags)``."""
+        ids, truncated = self._tokenize(prefixed, label)
         if any(truncated):
             idx = [i for i, t in enumerate(truncated) if t]
             if not truncate:
@@ -329,7 +399,7 @@ class Engine:
                                  + (f" ({len(idx)} {plural} are too long)" if len(idx) > 1 else ""))
             log.info("%d of %d texts were truncated to max_length=%d tokens (first: index %d)",
                      len(idx), len(ids), self.max_length, idx[0])
-        return ids
+        return (ids, truncated) if flags else ids
 
     def warmup(self, max_tokens=None):
         """Do now what the first calls would otherwise pay for: compile the kernels (one eager batch of

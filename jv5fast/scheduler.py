@@ -18,7 +18,15 @@ text-embeddings-inference, plus what an embedding server with task adapters need
   batch (on CPU a 512-token batch of nano takes ~0.8 s, a layer ~70 ms);
 - a cancelled job (its caller went away) has its texts that have not started dropped;
 - ``max_queue_tokens`` bounds the queue: a job that would overflow it is refused with ``Overloaded``
-  (with a retry delay from the measured throughput), never queued without bound.
+  (with a retry delay from the measured throughput), never queued without bound. What counts is the work
+  that would run before the job: for a small job the small jobs queued and the texts in its tokenizer (bulk
+  jobs run behind it), for a bulk job everything;
+- ``overflow="chunk"`` (jv5fast/overflow.py): a text over ``max_length`` becomes a stream of windows, the
+  job's units after its fitting texts. Windows are cut one at a time as batches take them (a 1M-token text
+  holds its token ids, never all its windows), ride in batches like any bulk text (so with other texts'
+  windows, behind small jobs), and are pooled per text by a running ``overflow.WeightedMean``. Such texts count
+  at their real token count against the queue, and are tokenized on a second thread, so a megabyte document
+  never holds up the tokenization of short requests.
 
 Results equal ``Engine.embed`` of the same texts and options: the same tokenization, forward pass,
 pooling and quantization, only the batch composition differs (row-wise ops; GEMMs agree to fp rounding).
@@ -27,18 +35,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import ops
 from .engine import CPU_BATCH_TOKENS
+from .overflow import WeightedMean, check_chunk_options, finish, resolve_overflow
 from .postprocess import check_precision, quantize
 
 log = logging.getLogger("jv5fast")
@@ -67,23 +78,85 @@ class BatchFailed(RuntimeError):
 @dataclass(frozen=True)
 class EmbedResult:
     embeddings: np.ndarray  # (N, D') in the requested precision, rows in input order
-    tokens: int             # tokens the model saw, prompts and special tokens included, after truncation
+    tokens: int             # tokens the model saw, prompts and special tokens included (every window's)
+    truncated: int = 0      # texts cut at max_length (overflow="truncate")
+    chunked: int = 0        # texts over max_length embedded in windows (overflow="chunk")
+    windows: int = 0        # the windows of those texts
+
+
+class Tokenized(list):
+    """``Batcher.tokenize``'s token id lists, one per text (an over-long text's: its first window), plus what
+    tokenizing found: ``truncated``, the indices of texts cut at ``max_length``, and in chunk mode ``windows``,
+    ``{index: overflow.TextWindows}`` of the texts over it (their ids, cut into windows only when scheduled)."""
+
+    def __init__(self, ids, truncated=(), windows=None):
+        super().__init__(ids)
+        self.truncated, self.windows = list(truncated), dict(windows or {})
+
+
+class _Unit(NamedTuple):
+    """One sequence of a job to run: a whole text (``weight`` None) or one window of an over-long one."""
+    row: int                   # the text's row in the job's output
+    seq: list                  # its token ids
+    weight: Optional[int]      # a window's text tokens (its weight in the text's mean); None: a whole text
 
 
 class _Job:
-    """One ``embed`` call: its token ids, options, and the rows filled in as batches finish."""
+    """One ``embed`` call: its units (texts, then the windows of over-long texts, cut lazily), options, and the
+    rows filled in as batches finish."""
 
-    def __init__(self, ids, task, k, normalize, precision):
+    def __init__(self, ids, task, k, normalize, precision, windows=None, full_dim=None, truncated=0):
         self.ids, self.task, self.k, self.normalize, self.precision = ids, task, k, normalize, precision
-        self.lengths = [len(s) for s in ids]
-        self.tokens = sum(self.lengths)
+        self.windows = windows or {}  # row -> overflow.TextWindows of a chunked text
+        self.full_dim = full_dim      # windows are pooled at the model's full width (then averaged)
+        self.truncated = truncated
+        self.tokens = (sum(len(s) for i, s in enumerate(ids) if i not in self.windows)
+                       + sum(tw.tokens for tw in self.windows.values()))
+        self.units = len(ids) - len(self.windows) + sum(tw.num_windows for tw in self.windows.values())
+        self.left = self.tokens      # tokens of the units not yet scheduled
         self.out = torch.empty(len(ids), k, dtype=torch.float32)
-        self.next = 0        # next text to schedule
-        self.done = 0        # texts whose rows are written
-        self.started = None  # when its first text entered a batch
-        self.submitted = self.served = time.monotonic()  # served: when a batch last took one of its texts
+        self._means = {}             # row -> [WeightedMean, windows not yet added] of a chunked text in flight
+        self._units = self._iter_units()
+        self.peek = next(self._units, None)  # the next unit to schedule (None: all scheduled)
+        self.next = 0        # units scheduled
+        self.done = 0        # units whose rows are written
+        self.started = None  # when its first unit entered a batch
+        self.submitted = self.served = time.monotonic()  # served: when a batch last took one of its units
         self.cancelled = False
         self.future = concurrent.futures.Future()
+
+    def _iter_units(self):
+        for i, seq in enumerate(self.ids):
+            tw = self.windows.get(i)
+            if tw is None:
+                yield _Unit(i, seq, None)
+                continue
+            for span in tw.spans():  # lazily: only the window being scheduled exists
+                yield _Unit(i, tw.ids(span), max(span[1] - span[0], 1))
+
+    def take(self) -> _Unit:
+        """The next unit, now scheduled (under the batcher's lock)."""
+        u = self.peek
+        self.peek = next(self._units, None)
+        self.next += 1
+        self.left -= len(u.seq)
+        return u
+
+    def add_window(self, row, vector, weight):
+        """A window's full-width unit vector; the text's last one writes its row: the token-weighted mean,
+        renormalized, Matryoshka-truncated and renormalized (as ``Engine.embed``). A mean that cannot be
+        normalized (a non-finite window) leaves a NaN row, which fails the job naming the input."""
+        acc = self._means.get(row)
+        if acc is None:
+            acc = self._means[row] = [WeightedMean(vector.shape[0]), self.windows[row].num_windows]
+        acc[0].add(vector, weight)
+        acc[1] -= 1
+        if acc[1] == 0:
+            del self._means[row]
+            try:
+                self.out[row] = torch.from_numpy(finish(acc[0].result()[None], self.k, "float32")[0])
+            except FloatingPointError:
+                self.out[row] = float("nan")
 
 
 class Batcher:
@@ -93,7 +166,8 @@ class Batcher:
     ``max_wait_ms`` is how long a job that finds the engine idle waits for company; ``max_queue_tokens``
     bounds the tokens waiting ("auto": 262,144 or 64 batches, whichever is more; None: unbounded), counting
     texts still being tokenized at ~4 characters a token but at most ``max_length`` each (what one text can
-    cost once truncated, special tokens included; an over-long text with truncation off is refused);
+    cost once truncated, special tokens included; an over-long text with truncation off is refused), except
+    in chunk mode, where a text costs all its tokens;
     ``resident_tasks`` is passed to ``Engine.keep_tasks_resident`` ("auto": when memory allows).
     ``observer(texts, tokens, forward_s, queue_waits)`` is called after each batch (metrics), from the
     scheduler thread."""
@@ -120,7 +194,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue = deque()       # jobs with texts not yet scheduled, in arrival order
         self._queued_tokens = 0     # tokens of those texts
+        self._queued_small = 0      # the part of them in small jobs (that fit one batch: they run first)
         self._pending_tokens = 0    # estimated tokens of texts being tokenized (admitted, not yet queued)
+        self._pending_long = 0      # the part of them on the second tokenizer thread (chunked long texts)
         self.failed = None          # why the scheduler thread died, if it did (nothing is served then)
         self._running = False       # a batch is in the engine (jobs out of the queue finish with it)
         self._active = {}           # id -> job, for the jobs of the batch(es) in the engine
@@ -130,14 +206,17 @@ class Batcher:
         self._stop = False
         self._rate = None           # tokens/s of recent batches (EMA), for Retry-After
         self._tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jv5fast-tokenize")
+        # chunk mode: texts over max_length (tokenized twice, whole: seconds for a megabyte) on their own thread
+        self._long_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jv5fast-tokenize-long")
         self._thread = threading.Thread(target=self._loop, name="jv5fast-batcher", daemon=True)
         self._thread.start()
 
     # ---- callers -------------------------------------------------------------------------------
     @property
     def queued_texts(self) -> int:
+        """Sequences waiting for a batch: texts, a chunked text counting once per window."""
         with self._cond:
-            return sum(len(j.ids) - j.next for j in self._queue)
+            return sum(j.units - j.next for j in self._queue)
 
     @property
     def queued_tokens(self) -> int:
@@ -161,79 +240,135 @@ class Batcher:
         prefix = eng._prefix(prompt_name, prompt)
         return [prefix + t for t in items], opts
 
-    def tokenize(self, prefixed, truncate=True):
-        """Token ids of prompt-prefixed texts; with ``truncate=False`` a text over ``max_length`` is a
-        ValueError naming its index, as in ``Engine.embed``. Blocking: run it off the event loop."""
-        return self.engine._encode(prefixed, truncate, label="input", fix="allow truncation to cut it",
-                                    plural="inputs")
+    def tokenize(self, prefixed, truncate=True, *, prefix="", chunk_overlap=0) -> Tokenized:
+        """Token ids of prompt-prefixed texts (a ``Tokenized``), as ``Engine.embed`` tokenizes them.
+        ``truncate``: True / False (a text over ``max_length`` is then a ValueError naming its index, as in
+        ``Engine.embed``), or an ``overflow`` policy; with "chunk" the over-long texts are tokenized whole and
+        planned into windows of ``chunk_overlap`` tokens of overlap (``prefix``: the prompt every text starts
+        with). Blocking: run it off the event loop."""
+        eng = self.engine
+        policy = truncate if isinstance(truncate, str) else resolve_overflow(None, truncate)
+        if policy != "chunk":
+            ids, flags = eng._encode(prefixed, policy == "truncate", label="input", fix="allow truncation to cut it",
+                                     plural="inputs", flags=True)
+            return Tokenized(ids, [i for i, t in enumerate(flags) if t])
+        check_chunk_options(policy, chunk_overlap, False)
+        if not all(t.startswith(prefix) for t in prefixed):
+            raise ValueError("every prompt-prefixed text must start with prefix (the prompt)")
+        ids, flags = eng._tokenize(prefixed, label="input")
+        items = [t[len(prefix):] for t in prefixed]
+        return Tokenized(ids, windows=eng._windows(prefix, items, ids, flags, chunk_overlap, label="input"))
 
     def submit_ids(self, ids, *, task, k, normalize=True, precision="float32", _admitted=False
                    ) -> concurrent.futures.Future:
-        """Queue token id lists (from ``tokenize``) and return a future of ``EmbedResult``. Cancelling the
-        future drops the texts that have not started. Raises ``Overloaded`` or ``Closed``."""
+        """Queue token id lists (from ``tokenize``: a ``Tokenized`` also brings the windows of chunked texts) and
+        return a future of ``EmbedResult``. Cancelling the future drops the texts (and windows) that have not
+        started. Raises ``Overloaded`` or ``Closed``."""
         vocab, limit_len = self.engine.args.vocab_size, self.engine.max_length
         for i, seq in enumerate(ids):  # one bad row would fail every job of its batch
             a = np.asarray(seq)
             if (not 0 < a.size <= max(limit_len, 1) or a.ndim != 1 or a.dtype.kind not in "iu" or a.min() < 0
                     or a.max() >= vocab):
                 raise ValueError(f"ids[{i}] must hold 1..{limit_len} integer token ids in 0..{vocab - 1}")
-        job = _Job(ids, task, k, normalize, precision)
+        windows = getattr(ids, "windows", None) or {}
+        for i, tw in windows.items():
+            if not 0 <= i < len(ids) or (tw.content.size and not 0 <= tw.content.min() <= tw.content.max() < vocab):
+                raise ValueError(f"windows of ids[{i}] must hold token ids in 0..{vocab - 1}")
+        if windows and not normalize:
+            raise ValueError("overflow='chunk' averages the windows' unit vectors; pass normalize=True")
+        job = _Job(ids, task, k, normalize, precision, windows, self.engine.dim,
+                   len(getattr(ids, "truncated", ())))
         with self._cond:
             if self._closing or self.failed:
                 raise Closed(self.failed or "the server is shutting down and takes no new requests")
             if not ids:
                 job.future.set_result(EmbedResult(quantize(job.out.numpy(), precision), 0))
                 return job.future
-            # an embed() call was admitted on its estimate; its check now counts only what is already queued,
-            # not requests admitted after it that are still being tokenized
+            # an embed() call was admitted on its estimate; its check now counts only what is already queued
+            # ahead of it, not requests admitted after it that are still being tokenized
             self._admit(job.tokens, pending=not _admitted)
             self._queue.append(job)
             self._queued_tokens += job.tokens
+            if self._small(job):
+                self._queued_small += job.tokens
             self._cond.notify_all()
         job.future.add_done_callback(lambda f: f.cancelled() and self._cancel(job))
         return job.future
 
     async def embed(self, texts, *, task=None, prompt_name=None, prompt=None, truncate_dim=None, normalize=True,
-                    precision="float32", truncate=True) -> EmbedResult:
-        """``Engine.embed`` through the batcher, awaitable: the same options (always a list of rows) and the
-        same vectors. Cancelling the awaiting task drops the texts that have not started."""
+                    precision="float32", truncate=None, overflow=None, chunk_overlap=0) -> EmbedResult:
+        """``Engine.embed`` through the batcher, awaitable: the same options (always a list of rows; no
+        ``return_chunks``) and the same vectors. Cancelling the awaiting task drops the texts (and windows) that
+        have not started."""
+        policy = resolve_overflow(overflow, truncate)
+        chunk_overlap = check_chunk_options(policy, chunk_overlap, False, normalize)
         prefixed, opts = self.prepare(texts, task=task, prompt_name=prompt_name, prompt=prompt,
                                       truncate_dim=truncate_dim, normalize=normalize, precision=precision)
-        estimate = self.estimate_tokens(prefixed)
+        estimate = self.estimate_tokens(prefixed, chunk=policy == "chunk")
+        long = policy == "chunk" and any(len(t) // 4 + 1 > self.engine.max_length for t in prefixed)
         with self._cond:  # admission before tokenizing: the tokenizer's backlog counts against the queue
             if self._closing or self.failed:
                 raise Closed(self.failed or "the server is shutting down and takes no new requests")
             self._admit(estimate, estimate=True)
             self._pending_tokens += estimate
+            self._pending_long += estimate if long else 0
         try:
+            if policy == "chunk":
+                prefix = self.engine._prefix(prompt_name, prompt)
+                work = functools.partial(self.tokenize, prefixed, "chunk", prefix=prefix, chunk_overlap=chunk_overlap)
+            else:  # the two-argument call (prefixed, truncate) that wrappers of tokenize (tests) expect
+                work = functools.partial(self.tokenize, prefixed, policy == "truncate")
             loop = asyncio.get_running_loop()
             try:
-                work = loop.run_in_executor(self._tok_pool, self.tokenize, prefixed, truncate)
+                fut = loop.run_in_executor(self._long_pool if long else self._tok_pool, work)
             except RuntimeError:  # the pool was shut down by close() in the meantime
                 raise Closed("the server is shutting down and takes no new requests") from None
-            ids = await work
+            ids = await fut
         finally:
             with self._cond:
                 self._pending_tokens -= estimate
+                self._pending_long -= estimate if long else 0
         return await asyncio.wrap_future(self.submit_ids(ids, **opts, _admitted=True))
 
-    def estimate_tokens(self, prefixed) -> int:
+    def estimate_tokens(self, prefixed, chunk=False) -> int:
         """Tokens that prompt-prefixed texts can cost before they are tokenized: ~4 characters a token, but
         at most ``max_length`` a text (truncation cuts it there, special tokens included; with truncation
-        off a longer text is refused), so one long text never counts as if it were queued whole."""
+        off a longer text is refused), so one long text never counts as if it were queued whole. In chunk mode
+        (``chunk=True``) a text costs all its tokens: every one of them is embedded."""
+        if chunk:
+            return sum(len(t) // 4 + 1 for t in prefixed)
         cap = self.engine.max_length
         return sum(min(cap, len(t) // 4 + 1) for t in prefixed)
 
+    def _small(self, job) -> bool:
+        """A small job fits one batch: it is taken whole, ahead of bulk jobs."""
+        return job.tokens <= self.max_batch_tokens
+
     def _admit(self, tokens, estimate=False, pending=True):
-        """Raise Overloaded if ``tokens`` more would overflow ``max_queue_tokens`` (under the lock). A
-        request alone is never refused: an empty queue takes one of any size (``max_inputs`` and the
-        request-size limit bound it)."""
-        limit, waiting = self.max_queue_tokens, self._queued_tokens + (self._pending_tokens if pending else 0)
+        """Raise Overloaded if ``tokens`` more would overflow ``max_queue_tokens`` (under the lock), counting the
+        work that runs before them: for a small request (it fits one batch) the small jobs queued and the texts
+        in the short-text tokenizer, since small jobs go before bulk ones; for a bulk request everything queued
+        and being tokenized. ``pending=False`` is the exact check of a call admitted on its estimate: it counts
+        only the queued jobs of its kind (not those admitted after it). A request alone is never refused: an
+        empty queue takes one of any size (``max_inputs`` and the request-size limit bound it)."""
+        limit = self.max_queue_tokens
+        if tokens <= self.max_batch_tokens:
+            waiting = self._queued_small + (self._pending_tokens - self._pending_long if pending else 0)
+        elif pending:
+            waiting = self._queued_tokens + self._pending_tokens
+        else:
+            waiting = self._queued_tokens - self._queued_small
         if limit is not None and waiting > 0 and waiting + tokens > limit:
             wait = max(1, math.ceil(waiting / self._rate)) if self._rate else 1
             raise Overloaded(f"overloaded: {waiting} tokens are queued and this request adds "
                              f"{'about ' if estimate else ''}{tokens} "
                              f"(limit {limit}); retry in {wait} s", retry_after=wait)
+
+    def _unqueue(self, job, tokens):
+        """``tokens`` of ``job`` left the queue (under the lock)."""
+        self._queued_tokens -= tokens
+        if self._small(job):
+            self._queued_small -= tokens
 
     def close(self, timeout=None) -> bool:
         """Stop taking work, finish every job already queued (up to ``timeout`` seconds), then stop the
@@ -251,11 +386,12 @@ class Batcher:
             for job in list(self._queue) + list(self._active.values()):
                 self._fail(job, Closed("the server shut down before this request was embedded"))
             self._queue.clear()
-            self._queued_tokens = 0
+            self._queued_tokens = self._queued_small = 0
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout=None if drained else 1.0)
         self._tok_pool.shutdown(wait=False)
+        self._long_pool.shutdown(wait=False)
         return drained
 
     # ---- scheduler thread ----------------------------------------------------------------------
@@ -264,7 +400,7 @@ class Batcher:
             job.cancelled = True
             if job in self._queue:
                 self._queue.remove(job)
-                self._queued_tokens -= sum(job.lengths[job.next:])
+                self._unqueue(job, job.left)  # its unscheduled texts and windows are dropped with it
                 self._cond.notify_all()
 
     def _loop(self):
@@ -277,7 +413,7 @@ class Batcher:
                 for job in list(self._queue) + list(self._active.values()):
                     self._fail(job, Closed(self.failed))
                 self._queue.clear()
-                self._queued_tokens = 0
+                self._queued_tokens = self._queued_small = 0
                 self._cond.notify_all()
 
     def _schedule(self):
@@ -306,7 +442,8 @@ class Batcher:
         first of: the job that has waited longest past ``BULK_WAIT_S`` since it was last served (so neither
         kind can starve the other, whatever the task), else the oldest small job, else the bulk job to serve
         next (not started first, then least recently served). That job goes first; small jobs are taken whole,
-        first come first served, while they fit; bulk jobs take turns one text at a time."""
+        first come first served, while they fit; bulk jobs take turns one unit (a text, or a window of a chunked
+        one) at a time."""
         budget, now = self.max_batch_tokens, time.monotonic()
 
         def turn(j):
@@ -332,29 +469,29 @@ class Batcher:
                 j.started = now
                 waits.append(now - j.submitted)
             j.served = now
-            entries.append((j, j.next))
-            used += j.lengths[j.next]
-            j.next += 1
+            u = j.take()
+            entries.append((j, u))
+            used += len(u.seq)
+            self._unqueue(j, len(u.seq))
         if not bulk:  # whole jobs, first come first served (none skipped, so none can be overtaken for good)
             for j in jobs:
                 if entries and used + j.tokens > budget:
                     break
-                while j.next < len(j.ids):
+                while j.peek is not None:
                     take(j)
         else:
             progress = True
             while progress and used < budget:
                 progress = False
                 for j in jobs:
-                    if j.next < len(j.ids) and (not entries or used + j.lengths[j.next] <= budget):
+                    if j.peek is not None and (not entries or used + len(j.peek.seq) <= budget):
                         take(j)
                         progress = True
                         if used >= budget:
                             break
         for j in jobs:
-            if j.next == len(j.ids):
+            if j.peek is None:
                 self._queue.remove(j)
-        self._queued_tokens -= used
         self._running = True
         return task, entries, waits
 
@@ -384,13 +521,14 @@ class Batcher:
                     continue
                 j.started = now
                 waits.append(now - j.submitted)
-                entries += [(j, i) for i in range(j.next, len(j.ids))]
-                j.next, used = len(j.ids), used + j.tokens
+                while j.peek is not None:
+                    entries.append((j, j.take()))
+                used += j.tokens
             if not entries:
                 return
             for j in {id(j): j for j, _ in entries}.values():
                 self._queue.remove(j)
-            self._queued_tokens -= used
+                self._unqueue(j, j.tokens)
         self._nested, t0 = True, time.perf_counter()
         try:
             self._run_batch(task, entries, waits)
@@ -402,7 +540,7 @@ class Batcher:
 
     def _run_batch(self, task, entries, waits, between=None):
         eng = self.engine
-        seqs = [j.ids[i] for j, i in entries]
+        seqs = [u.seq for _, u in entries]
         t0, nested0 = time.perf_counter(), self._nested_s
         with self._cond:
             self._active.update((id(j), j) for j, _ in entries)
@@ -416,7 +554,7 @@ class Batcher:
                 for j in {id(j): j for j, _ in entries}.values():
                     if j in self._queue:
                         self._queue.remove(j)
-                        self._queued_tokens -= sum(j.lengths[j.next:])
+                        self._unqueue(j, j.left)
                     err = BatchFailed(f"embedding failed on the server ({type(e).__name__}); see the server log")
                     err.__cause__ = e
                     self._fail(j, err)
@@ -431,7 +569,7 @@ class Batcher:
             self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
             for j, _ in entries:
                 j.done += 1
-                if j.done == len(j.ids):
+                if j.done == j.units:
                     finished.append(j)
             for j, _ in entries:
                 self._active.pop(id(j), None)
@@ -445,18 +583,23 @@ class Batcher:
 
     @staticmethod
     def _put(entries, lo, hi, rows):
-        """Pool rows (B, E) of ``entries[lo:hi]`` with each job's options into its output rows."""
+        """Pool rows (B, E) of ``entries[lo:hi]`` with each job's options into its output rows; a window's row
+        is pooled at full width, unit norm, into its text's running mean."""
         groups = {}
         for p in range(lo, hi):
-            j, _ = entries[p]
-            groups.setdefault((j.k, j.normalize), []).append(p)
-        for (k, normalize), ps in groups.items():
+            j, u = entries[p]
+            key = (j.k, j.normalize, False) if u.weight is None else (j.full_dim, True, True)
+            groups.setdefault(key, []).append(p)
+        for (k, normalize, window), ps in groups.items():
             sel = rows if len(ps) == hi - lo else rows[torch.as_tensor([p - lo for p in ps], device=rows.device)]
             one_each = torch.arange(sel.shape[0] + 1, device=sel.device, dtype=torch.int32)
             emb = ops.pool_last(sel, one_each, truncate_dim=k, normalize=normalize).float().cpu()  # (B', k)
             for r, p in enumerate(ps):
-                j, i = entries[p]
-                j.out[i] = emb[r]
+                j, u = entries[p]
+                if window:
+                    j.add_window(u.row, emb[r].numpy(), u.weight)
+                else:
+                    j.out[u.row] = emb[r]
 
     def _finish(self, job):
         if job.cancelled:
@@ -469,7 +612,9 @@ class Batcher:
                 f"the server's weights or dtype need attention (float32 avoids overflow)")
         else:
             res = out.numpy()
-            result = EmbedResult(res if job.precision == "float32" else quantize(res, job.precision), job.tokens)
+            result = EmbedResult(res if job.precision == "float32" else quantize(res, job.precision), job.tokens,
+                                 truncated=job.truncated, chunked=len(job.windows),
+                                 windows=sum(tw.num_windows for tw in job.windows.values()))
         with self._cond:  # close() may fail the same future from another thread
             if job.future.done() or not job.future.set_running_or_notify_cancel():
                 return

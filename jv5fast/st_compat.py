@@ -9,8 +9,10 @@ default ``None`` means True: jv5fast's vectors are always unit norm (ST's ``enco
 differs only when ``truncate_dim`` is set, and then only in norm: same direction, same binary codes; int8/uint8
 buckets, calibrated on the values, differ).
 ``batch_size`` caps texts per forward pass (the engine's token budget still applies); the default None
-leaves batching to the budget alone. Precisions follow ``sentence_transformers.quantization``, int8/uint8
-calibrated on the returned batch as ST's ``encode`` does. Nothing here imports sentence-transformers.
+leaves batching to the budget alone. ``overflow`` / ``chunk_overlap`` are ``embed``'s (a text over
+``max_length``: "truncate", as ST does, "error", or "chunk" into averaged windows). Precisions follow
+``sentence_transformers.quantization``, int8/uint8 calibrated on the returned batch as ST's ``encode`` does.
+Nothing here imports sentence-transformers.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import re
 import numpy as np
 import torch
 
+from .overflow import resolve_overflow
 from .postprocess import quantize
 
 log = logging.getLogger("jv5fast")
@@ -27,17 +30,18 @@ _NAMED_TEXTS = re.compile(r"texts\[([0-9, ]+)\]")
 
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")  # ST's five plus jv5fast's float16
 _DOCUMENT_PROMPTS = ("document", "passage", "corpus")  # encode_document's default: the first one present
-_VALID_EXTRA = ("task", "normalize", "truncate")  # keywords beyond SentenceTransformer.encode's own
+_VALID_EXTRA = ("task", "normalize", "truncate", "overflow", "chunk_overlap")  # beyond ST's encode keywords
 _INPUT_NAMES = ("inputs", "sentences", "texts")  # ST >= 5.4, older ST, jv5fast's embed
 
 
 def encode(engine, inputs=None, prompt_name=None, prompt=None, batch_size=None, show_progress_bar=None,
            output_value="sentence_embedding", precision="float32", convert_to_numpy=True, convert_to_tensor=False,
            device=None, normalize_embeddings=None, truncate_dim=None, pool=None, chunk_size=None, *, task=None,
-           normalize=None, truncate=True, **kwargs):
+           normalize=None, truncate=None, overflow=None, chunk_overlap=0, **kwargs):
     """``SentenceTransformer.encode`` on this engine. ``inputs`` (also ``sentences=``/``texts=``): a str →
     (D,), a list → (N, D) (an empty list → (0, D)). ``task`` picks the adapter (``engine.tasks``);
-    ``normalize`` / ``truncate`` are ``embed``'s own. See the module docstring for ``normalize_embeddings``."""
+    ``normalize`` / ``truncate`` / ``overflow`` / ``chunk_overlap`` are ``embed``'s own. See the module
+    docstring for ``normalize_embeddings``."""
     inputs = _one_input(inputs, kwargs)
     if kwargs:
         extra = "'processing_kwargs' is not supported: tokenization is fixed when the Engine is built " \
@@ -77,7 +81,7 @@ def encode(engine, inputs=None, prompt_name=None, prompt=None, batch_size=None, 
         normalize = True
         slice_after = normalize_embeddings is not None and not normalize_embeddings and k < engine.dim
     kw = {"prompt_name": prompt_name, "prompt": prompt, "task": task, "normalize": normalize, "truncate": truncate,
-          "truncate_dim": None if slice_after else k}
+          "overflow": overflow, "chunk_overlap": chunk_overlap, "truncate_dim": None if slice_after else k}
     out = _embed_capped(engine, items, batch_size, show_progress_bar, kw)   # (N, K or dim) float32
     if slice_after:
         out = np.ascontiguousarray(out[:, :k])
@@ -205,14 +209,16 @@ def _embed_capped(engine, items, batch_size, show_progress_bar, kw):
         for chunk in chunks:
             try:
                 part = engine.embed([items[i] for i in chunk], show_progress_bar=False, **kw)
-            except ValueError:
+            except ValueError as e:
                 # a text-level error names its index within the chunk: check the whole input for the real one
-                engine._encode([engine._prefix(kw["prompt_name"], kw["prompt"]) + t for t in items], kw["truncate"])
-                raise
+                policy = resolve_overflow(kw["overflow"], kw["truncate"])
+                if policy != "chunk":
+                    engine._encode([engine._prefix(kw["prompt_name"], kw["prompt"]) + t for t in items],
+                                   policy == "truncate")
+                    raise
+                raise ValueError(_renamed(str(e), chunk)) from None  # a window that cannot hold the overlap
             except FloatingPointError as e:  # "non-finite embedding for texts[2, 5] ...": chunk positions
-                raise FloatingPointError(_NAMED_TEXTS.sub(
-                    lambda m: "texts[" + ", ".join(str(chunk[int(i)]) for i in m.group(1).split(",")) + "]",
-                    str(e), count=1)) from None
+                raise FloatingPointError(_renamed(str(e), chunk)) from None
             if out is None:
                 out = np.empty((n, part.shape[1]), dtype=np.float32)
             out[chunk] = part
@@ -222,6 +228,12 @@ def _embed_capped(engine, items, batch_size, show_progress_bar, kw):
         if bar is not None:
             bar.close()
     return out
+
+
+def _renamed(message, chunk):
+    """``message`` with its first ``texts[i, j]`` naming positions in the whole input instead of in ``chunk``."""
+    return _NAMED_TEXTS.sub(lambda m: "texts[" + ", ".join(str(chunk[int(i)]) for i in m.group(1).split(",")) + "]",
+                            message, count=1)
 
 
 def _to_precision(x, precision):

@@ -42,13 +42,18 @@ class Tokenizer:
         encs = self._tok.encode_batch([clean_text(t) for t in texts], add_special_tokens=True)
         return [e.ids for e in encs], [bool(e.overflowing) for e in encs]
 
-    def count_untruncated(self, text: str) -> int:
-        """Token count of ``text`` without truncation (used only to word an error; a separate tokenizer
-        object, so the shared one is never mutated)."""
+    def untruncated(self):
+        """The same tokenizer without truncation (a separate HF object built on first use and never mutated
+        afterwards, so the shared one is never touched): error messages and overflow='chunk'."""
         if self._full is None:
             from tokenizers import Tokenizer as HFTokenizer
             full = HFTokenizer.from_file(self.path)
             full.no_truncation()
             full.no_padding()
             self._full = full
-        return len(self._full.encode(clean_text(text), add_special_tokens=True).ids)
+        return self._full
+
+    def count_untruncated(self, text: str) -> int:
+        """Token count of ``text`` without truncation (used only to word an error). ``encode_batch``, not
+        ``encode``: only the batch call releases the GIL, and a megabyte text takes seconds."""
+        return len(self.untruncated().encode_batch([clean_text(text)], add_special_tokens=True)[0].ids)

@@ -944,3 +944,241 @@ def test_a_job_past_its_wait_is_served_first_whatever_its_kind(served, monkeypat
         for f in [fold, fa, fsmall, fblock] + [f for _, f in fresh]:
             f.result(WAIT_S)
     assert any(id(s) in {id(x) for x in old_ids} for s in log.batches[1])  # the batch after the blocker
+
+
+# ---- 9. overflow="chunk": windows of over-long texts ---------------------------------------------------------
+CHUNK_LEN = 24  # max_length of the chunking engines: a few dozen words span several windows
+LONG = ("The speed of light in vacuum is exactly 299,792,458 metres per second; nothing travels faster. " * 4
+        + "Ünïcödé and 東京 and emoji 🚀 at the end.")
+
+
+@pytest.fixture(scope="module")
+def chunking(ckpt_factory):
+    """(batcher's engine, reference engine) per family, both with max_length=CHUNK_LEN."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = tuple(jv5fast.Engine(ckpt_factory(family), device="cpu", max_length=CHUNK_LEN)
+                                  for _ in range(2))
+        return cache[family]
+
+    return get
+
+
+def _submit_chunked(b, texts, overlap=0, **options):
+    """``_submit`` in chunk mode: the over-long texts are planned into windows when tokenized."""
+    prefixed, opts = b.prepare(texts, **options)
+    prefix = b.engine._prefix(options.get("prompt_name"), options.get("prompt"))
+    ids = b.tokenize(prefixed, "chunk", prefix=prefix, chunk_overlap=overlap)
+    return ids, b.submit_ids(ids, **opts)
+
+
+def _window_tokens(ref, texts, overlap=0, **opts):
+    """Tokens ``Engine.embed(texts, overflow='chunk')`` feeds the model: every window's, prompts included."""
+    prefix = ref._prefix(opts.get("prompt_name"), opts.get("prompt"))
+    return ref._embed_chunked(texts, prefix, ref.task, ref.dim, "float32", overlap, False, False)[2]
+
+
+@pytest.mark.parametrize("family", ["nano", "small"])
+def test_chunked_jobs_equal_engine_embed_chunk_under_concurrency(chunking, family):
+    eng, ref = chunking(family)
+    rng = np.random.default_rng(101)
+    calls = [([LONG, "short"], dict(overlap=0)),
+             ([LONG[::-1], LONG + LONG, "x"], dict(overlap=5, prompt_name="query", truncate_dim=32)),
+             ([_text(rng, 40)], dict(overlap=2, precision="ubinary", truncate_dim=16)),
+             (_texts(rng, 3), dict(overlap=0, precision="float16")),  # nothing over max_length: today's path
+             ([LONG, _text(rng, 30)], dict(overlap=3, task="clustering", precision="binary"))]
+
+    async def main():
+        return await asyncio.gather(*[b.embed(texts, overflow="chunk", chunk_overlap=kw["overlap"],
+                                              **{k: v for k, v in kw.items() if k != "overlap"})
+                                      for texts, kw in calls])
+
+    with _serving(eng) as b:
+        results = _run(main())
+    for (texts, kw), res in zip(calls, results):
+        opts = {k: v for k, v in kw.items() if k != "overlap"}
+        _assert_matches(res.embeddings, ref, texts, overflow="chunk", chunk_overlap=kw["overlap"], **opts)
+        over = [len(ref.tokenize(t, prompt_name=opts.get("prompt_name"))) for t in texts]
+        assert res.tokens == _window_tokens(ref, texts, kw["overlap"], **opts)
+        assert res.chunked == sum(n == CHUNK_LEN for n in over) and res.truncated == 0
+        assert (res.windows > res.chunked) == (res.chunked > 0)
+
+
+def test_truncated_inputs_are_counted(chunking):
+    eng, ref = chunking("nano")
+    with _serving(eng) as b:
+        res = _run(b.embed([LONG, "short", LONG[::-1]]))
+        assert (res.truncated, res.chunked, res.windows) == (2, 0, 0)
+        assert res.tokens == sum(map(len, ref.tokenize([LONG, "short", LONG[::-1]])))
+        with pytest.raises(ValueError, match=r"input\[0\] has \d+ tokens .*max_length=24"):
+            _run(b.embed([LONG], overflow="error"))
+        with pytest.raises(ValueError, match=r"input\[1\] has \d+ tokens"):
+            _run(b.embed(["ok", LONG], truncate=False))
+
+
+def test_windows_are_cut_as_batches_take_them_and_share_batches(chunking, monkeypatch):
+    """A long text's windows exist only as batches take them (the job holds its token ids, and looks one window
+    ahead); every batch stays within the budget, and windows of two callers' long texts share batches."""
+    from jv5fast.overflow import TextWindows
+    eng, ref = chunking("nano")
+    cut, inner = [], TextWindows.ids
+
+    def counted(self, span):
+        cut.append(span)
+        return inner(self, span)
+
+    monkeypatch.setattr(TextWindows, "ids", counted)
+    log = _ForwardLog(eng, monkeypatch)
+    outstanding, logged = [], eng._forward
+
+    def spy(seqs, consume, *a, **kw):  # windows cut but not yet run, when a batch starts
+        outstanding.append((len(cut) - sum(map(len, log.batches[1:])), len(seqs)))
+        return logged(seqs, consume, *a, **kw)
+
+    monkeypatch.setattr(eng, "_forward", spy)
+    text_a, text_b = " ".join(["light"] * 400), " ".join(["vacuum"] * 300)
+    with _serving(eng) as b:
+        with _held(eng):
+            fblock = _block_scheduler(b, eng)
+            ids_a, fa = _submit_chunked(b, [text_a])
+            ids_b, fb = _submit_chunked(b, [text_b])
+            n_windows = ids_a.windows[0].num_windows + ids_b.windows[0].num_windows
+            assert n_windows > 30 and len(cut) == 2  # planned, not cut: one window looked ahead per job
+            assert b.queued_tokens == ids_a.windows[0].tokens + ids_b.windows[0].tokens
+            assert b.queued_texts == n_windows
+        ra, rb = fa.result(WAIT_S), fb.result(WAIT_S)
+        fblock.result(WAIT_S)
+    assert len(cut) == n_windows  # each window cut exactly once
+    assert all(waiting <= in_batch + 2 for waiting, in_batch in outstanding[1:]), outstanding
+    _assert_matches(ra.embeddings, ref, [text_a], overflow="chunk")
+    _assert_matches(rb.embeddings, ref, [text_b], overflow="chunk")
+    window_batches = log.batches[1:]
+    assert all(sum(map(len, batch)) <= BUDGET for batch in window_batches)
+    of_a, of_b = set(ids_a.windows[0].content.tolist()), set(ids_b.windows[0].content.tolist())
+    assert not of_a & of_b
+    mixed = [batch for batch in window_batches
+             if any(s[-2] in of_a for s in batch) and any(s[-2] in of_b for s in batch)]
+    assert mixed, "windows of the two texts never shared a batch"
+
+
+def test_a_short_job_is_served_between_the_batches_of_a_long_chunked_one(chunking, monkeypatch):
+    eng, ref = chunking("nano")
+    long_text = " ".join(["light"] * 600)
+    log = _ForwardLog(eng, monkeypatch)
+    done = []
+    with _serving(eng) as b:
+        with _held(eng):
+            ids, flong = _submit_chunked(b, [long_text])
+            n_windows = ids.windows[0].num_windows
+            _wait_until(lambda: b.queued_texts < n_windows, "the first window batch to be cut")
+            small_ids, fsmall = _submit(b, ["how fast is light", "x"])
+            flong.add_done_callback(lambda f: done.append("long"))
+            fsmall.add_done_callback(lambda f: done.append("small"))
+        concurrent.futures.wait([flong, fsmall], timeout=WAIT_S)
+    assert done == ["small", "long"] and len(log.batches) > 10
+    assert log.first_batch_with(small_ids) in (0, 1)  # between layers of the first window batch, or next
+    _assert_matches(fsmall.result(0).embeddings, ref, ["how fast is light", "x"])
+    _assert_matches(flong.result(0).embeddings, ref, [long_text], overflow="chunk")
+
+
+def test_cancelling_a_chunked_job_drops_its_untaken_windows(chunking, monkeypatch):
+    eng, _ = chunking("nano")
+    log = _ForwardLog(eng, monkeypatch)
+    long_text = " ".join(["light"] * 500)
+    with _serving(eng) as b:
+        with _held(eng):
+            ids, fut = _submit_chunked(b, [long_text, "short"])
+            _wait_until(lambda: len(b._queue) == 1 and b._queue[0].next > 0, "the first batch to be cut")
+            started = b._queue[0].next
+            assert started < ids.windows[0].num_windows
+            assert fut.cancel()
+            assert b.queued_tokens == 0 and b.queued_texts == 0
+        _, other = _submit(b, ["still serving"])
+        other.result(WAIT_S)
+    assert sum(map(len, log.batches)) == started + 1  # the windows taken before the cancel, and the other job
+
+
+def test_admission_counts_a_chunked_text_whole_and_never_sheds_small_requests_for_it(chunking):
+    """A chunked text costs all its tokens: a second long document is refused while one is queued, yet small
+    requests (they run first) are admitted and served; the same text truncated costs max_length."""
+    eng, ref = chunking("nano")
+    long_text = " ".join(["light"] * 300)
+    limit = 200
+    with _serving(eng, max_queue_tokens=limit) as b:
+        prefixed = [eng._prefix(None, None) + long_text]
+        assert b.estimate_tokens(prefixed, chunk=True) > limit > b.estimate_tokens(prefixed) == CHUNK_LEN
+        with _held(eng):
+            fblock = _block_scheduler(b, eng)
+            ids, flong = _submit_chunked(b, [long_text])
+            assert b.queued_tokens == ids.windows[0].tokens > limit  # alone, any size is admitted
+            with pytest.raises(Overloaded, match=rf"{b.queued_tokens} tokens are queued .* adds about"):
+                _run(b.embed([long_text], overflow="chunk"))
+            with pytest.raises(Overloaded):
+                _submit_chunked(b, [long_text])
+            small = [_submit(b, [f"word {i}"]) for i in range(5)]  # not refused for the document's tokens
+            truncated = _run_until_queued(b, [long_text])  # truncated: max_length tokens, a small job
+        for _, f in small:
+            f.result(WAIT_S)
+        _assert_matches(flong.result(WAIT_S).embeddings, ref, [long_text], overflow="chunk")
+        _assert_matches(truncated.result(WAIT_S).embeddings, ref, [long_text])
+        fblock.result(WAIT_S)
+
+
+def _run_until_queued(b, texts):
+    """``b.embed(texts)`` on a loop in another thread, returned as a future once its job is queued."""
+    subs = _count_submits(b)
+    fut = concurrent.futures.Future()
+
+    def run():
+        try:
+            fut.set_result(asyncio.run(b.embed(texts)))
+        except BaseException as e:  # noqa: BLE001
+            fut.set_exception(e)
+    threading.Thread(target=run, daemon=True).start()
+    _wait_until(lambda: subs or fut.done(), "the job to be queued")
+    return fut
+
+
+@pytest.mark.parametrize("kw, exc, msg", [
+    (dict(overflow="chunk", chunk_overlap=CHUNK_LEN), ValueError, r"chunk_overlap=24 must be in 0\.\.\d+: input\[0\]"),
+    (dict(overflow="chunk", normalize=False), ValueError, "normalize=False"),
+    (dict(overflow="split"), ValueError, r"overflow 'split' is not valid"),
+    (dict(overflow="chunk", truncate=False), ValueError, "conflicts"),
+    (dict(overflow="error", truncate=True), ValueError, "conflicts"),
+    (dict(chunk_overlap=3), ValueError, "overflow='chunk' only"),
+    (dict(overflow="chunk", chunk_overlap=-1), ValueError, "chunk_overlap must be >= 0"),
+    (dict(overflow="chunk", chunk_overlap=1.5), TypeError, "chunk_overlap must be an int"),
+])
+def test_bad_overflow_options_raise_as_engine_embed_does(chunking, kw, exc, msg):
+    eng, ref = chunking("nano")
+    with pytest.raises(exc, match=msg.replace("input", "texts")):
+        ref.embed([LONG], **kw)
+    with _serving(eng) as b:
+        with pytest.raises(exc, match=msg):
+            _run(b.embed([LONG], **kw))
+        assert b.queued_tokens == 0 and b._pending_tokens == 0
+
+
+def test_a_non_finite_window_fails_its_job_naming_the_input(chunking, monkeypatch):
+    eng, ref = chunking("nano")
+    inner, poison = eng._forward, []
+
+    def poisoned(seqs, consume, *a, **kw):
+        def consume_nan(lo, hi, rows):
+            rows = rows.clone()
+            for r, s in enumerate(seqs[lo:hi]):
+                if len(s) == CHUNK_LEN and s[-2] == poison[0]:
+                    rows[r] = float("nan")
+            return consume(lo, hi, rows)
+        return inner(seqs, consume_nan, *a, **kw)
+
+    monkeypatch.setattr(eng, "_forward", poisoned)
+    poison.append(ref.tokenize(" vacuum", prompt="")[0])
+    with _serving(eng) as b:
+        _, fbad = _submit_chunked(b, ["fine", " ".join(["vacuum"] * 60)])
+        _, fgood = _submit_chunked(b, [LONG])
+        with pytest.raises(FloatingPointError, match=r"non-finite embedding for input\[1\]"):
+            fbad.result(WAIT_S)
+        _assert_matches(fgood.result(WAIT_S).embeddings, ref, [LONG], overflow="chunk")

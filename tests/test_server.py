@@ -562,3 +562,45 @@ def test_sigterm_while_loading_past_the_drain_timeout_exits_one_and_says_so(nano
         assert "the model was still loading after --drain-timeout 0.5 s" in out, out
     finally:
         srv.stop()
+
+
+def test_chunked_document_over_http_with_short_requests_served_meanwhile(nano_ckpt):
+    """`jv5fast serve` with overflow 'chunk': a long document's vector and usage equal Engine.embed(overflow=
+    'chunk') on an engine of the same max_length; short requests sent while its windows run (a slow forward is
+    injected, and the document's tokens are over the queue limit) are answered before it; the counters count it."""
+    ref = jv5fast.Engine(nano_ckpt, device="cpu", max_length=24)
+    srv = Server(nano_ckpt, "--max-length", "24", "--max-batch-tokens", "48", "--max-queue-tokens", "300",
+                 forward_s=0.01)
+    try:
+        document = " ".join(WORDS * 150)  # ~2,500 tokens: some 130 windows of 24
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(srv.post, {"input": [document, "short"], "overflow": "chunk", "chunk_overlap": 2,
+                                          "dimensions": 32})
+            t0 = time.time()
+            while srv.metric("jv5fast_batch_size_count") < 3:
+                assert time.time() - t0 < 60 and not long.done(), long.done() and long.result().text
+                time.sleep(0.02)
+            for i, batch in enumerate([texts(2, seed=70 + i, hi=5) for i in range(3)]):  # each fits one batch
+                r = srv.post({"input": batch})
+                assert r.status_code == 200, r.text
+                assert close([d["embedding"] for d in r.json()["data"]], ref.embed(batch), 64)
+                assert not long.done(), "a short request waited for the whole document"
+            r = long.result(120)
+        assert r.status_code == 200, r.text
+        want = ref.embed([document, "short"], overflow="chunk", chunk_overlap=2, truncate_dim=32)
+        assert close([d["embedding"] for d in r.json()["data"]], want, 64)
+        prefix = ref._prefix(None, None)
+        ids, flags = ref._tokenize([prefix + document, prefix + "short"])
+        windows = ref._windows(prefix, [document, "short"], ids, flags, 2)
+        assert list(windows) == [0]
+        tokens = windows[0].tokens + len(ids[1])
+        assert r.json()["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+        assert srv.metric("jv5fast_inputs_chunked_total") == 1
+        assert srv.metric("jv5fast_chunk_windows_total") == windows[0].num_windows > 100
+        assert srv.metric("jv5fast_inputs_truncated_total") == 0
+        r = srv.post({"input": [document], "truncate": True})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 24
+        assert srv.metric("jv5fast_inputs_truncated_total") == 1
+        _err(srv.post({"input": [document], "overflow": "chunk", "truncate": False}), 400, "conflicts")
+    finally:
+        srv.stop()

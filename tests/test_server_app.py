@@ -7,6 +7,7 @@ import concurrent.futures
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import jv5fast
@@ -235,3 +236,128 @@ def test_leaving_the_client_while_loading_never_serves_the_late_model(eng, monke
     assert not t.is_alive() and not st.loading.is_alive()
     assert st.batcher is None and st.status == "draining" and warmups == []
     assert {t for t in threading.enumerate() if t.name == "jv5fast-batcher"} <= batchers
+
+
+# ---- 6. overflow: truncate | error | chunk -------------------------------------------------------------------
+CUT = 24  # max_length of the engines below: a few dozen words span several windows
+LONG = ("The speed of light in vacuum is exactly 299,792,458 metres per second; nothing travels faster. " * 4
+        + "Ünïcödé and 東京 and emoji 🚀 at the end.")
+
+
+@pytest.fixture(scope="module")
+def cut(nano_ckpt):
+    """(served engine, reference engine), both with max_length=CUT."""
+    return (jv5fast.Engine(nano_ckpt, device="cpu", max_length=CUT),
+            jv5fast.Engine(nano_ckpt, device="cpu", max_length=CUT))
+
+
+def _metric(tc, name):
+    for line in tc.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def _chunk_plan(ref, texts, prompt_name, overlap):
+    """(tokens the model sees, windows) of ``texts`` under overflow='chunk', by ``Engine``'s own planning."""
+    prefix = ref._prefix(prompt_name, None)
+    ids, flags = ref._tokenize([prefix + t for t in texts])
+    windows = ref._windows(prefix, texts, ids, flags, overlap)
+    tokens = sum(len(s) for i, s in enumerate(ids) if i not in windows) + sum(w.tokens for w in windows.values())
+    return tokens, sum(w.num_windows for w in windows.values())
+
+
+def test_http_chunk_equals_engine_embed_with_usage_and_counters(cut):
+    eng, ref = cut
+    texts = [LONG, "how fast is light", LONG[::-1] + LONG]
+    with TestClient(server.create_app(eng, max_batch_tokens=48)) as tc:
+        _ready(tc)
+        r = tc.post("/v1/embeddings", json={"input": texts, "overflow": "chunk", "chunk_overlap": 3, "dimensions": 32,
+                                            "task": "retrieval.query", "embedding_type": ["float", "ubinary"]})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"]["float"] for d in r.json()["data"]])
+        want = ref.embed(texts, overflow="chunk", chunk_overlap=3, truncate_dim=32, task="retrieval",
+                         prompt_name="query")
+        assert np.abs(got - want).max() <= 1e-6 * eng.dim / 32
+        bits = np.array([d["embedding"]["ubinary"] for d in r.json()["data"]], dtype=np.uint8)
+        np.testing.assert_array_equal(bits, np.packbits(got > 0, axis=-1))
+        tokens, windows = _chunk_plan(ref, texts, "query", 3)
+        assert r.json()["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+        assert tokens > 2 * CUT and windows > 4
+        assert (_metric(tc, "jv5fast_inputs_chunked_total"), _metric(tc, "jv5fast_chunk_windows_total"),
+                _metric(tc, "jv5fast_inputs_truncated_total")) == (2, windows, 0)
+        assert _metric(tc, "jv5fast_tokens_total") == tokens
+
+        # Jina's truncate is the alias: true cuts (counted), false refuses, as overflow truncate / error
+        for body in ({"truncate": True}, {}, {"overflow": "truncate"}, {"overflow": "truncate", "truncate": True}):
+            r = tc.post("/v1/embeddings", json={"input": [LONG, "x"], **body})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == CUT + len(ref.tokenize("x"))
+            row = np.array(r.json()["data"][0]["embedding"])
+            assert np.abs(row - ref.embed(LONG)).max() <= 1e-6
+        assert _metric(tc, "jv5fast_inputs_truncated_total") == 4
+        for body in ({"truncate": False}, {"overflow": "error"}, {"overflow": "error", "truncate": False}):
+            r = tc.post("/v1/embeddings", json={"input": ["x", LONG], **body})
+            assert r.status_code == 400 and "input[1]" in r.text and f"max_length={CUT}" in r.text, r.text
+        assert tc.post("/v1/embeddings", json={"input": ["x"], "overflow": "error"}).status_code == 200
+        assert _metric(tc, "jv5fast_inputs_chunked_total") == 2 and _metric(tc, "jv5fast_inputs_truncated_total") == 4
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"overflow": "split"}, "overflow", ["'split'", "['truncate', 'error', 'chunk']"]),
+    ({"overflow": 3}, "overflow", ["overflow"]),
+    ({"overflow": "chunk", "truncate": False}, "truncate", ["truncate=false conflicts with overflow='chunk'"]),
+    ({"overflow": "error", "truncate": True}, "truncate", ["truncate=true conflicts"]),
+    ({"chunk_overlap": 2}, "chunk_overlap", ["overflow 'chunk' only", "'truncate'"]),
+    ({"overflow": "error", "chunk_overlap": 2}, "chunk_overlap", ["'error'"]),
+    ({"overflow": "chunk", "chunk_overlap": -1}, "chunk_overlap", ["chunk_overlap=-1", f"0..{CUT - 1}"]),
+    ({"overflow": "chunk", "chunk_overlap": CUT}, "chunk_overlap", [f"chunk_overlap={CUT}"]),
+    ({"overflow": "chunk", "chunk_overlap": "2"}, "chunk_overlap", ["chunk_overlap"]),
+    ({"overflow": "chunk", "chunk_overlap": 1.5}, "chunk_overlap", ["chunk_overlap"]),
+    ({"overflow": "chunk", "normalized": False}, "normalized", ["normalized=false"]),
+    # over the window this input gets (max_length less its prompt and EOS): found when it is tokenized
+    ({"overflow": "chunk", "chunk_overlap": CUT - 3}, "chunk_overlap", [f"chunk_overlap={CUT - 3} must be in",
+                                                                        "input[1]'s windows"]),
+])
+def test_bad_overflow_fields_are_400_naming_the_field(cut, body, param, words):
+    eng, _ = cut
+    with TestClient(server.create_app(eng)) as tc:
+        _ready(tc)
+        r = tc.post("/v1/embeddings", json={"input": ["x", LONG], **body})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and all(w in err["message"] for w in words), err
+        assert tc.post("/v1/embeddings", json={"input": ["x", LONG], "overflow": "chunk"}).status_code == 200
+
+
+def test_a_short_request_completes_while_a_long_chunked_one_is_in_flight(cut, monkeypatch):
+    """A long document in chunk mode runs as many window batches; short requests are admitted (the document's
+    tokens, over the queue limit, do not count against them) and served between those batches."""
+    eng, ref = cut
+    batches, forward = [], eng._forward
+
+    def slow_forward(seqs, *a, **kw):
+        time.sleep(0.01)  # so the document takes a while whatever the CPU
+        batches.append(len(seqs))
+        return forward(seqs, *a, **kw)
+    monkeypatch.setattr(eng, "_forward", slow_forward)
+    document = " ".join(["light"] * 3000)
+    with TestClient(server.create_app(eng, max_batch_tokens=48, max_queue_tokens=300)) as tc:
+        _ready(tc)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(tc.post, "/v1/embeddings", json={"input": document, "overflow": "chunk"})
+            t0 = time.monotonic()
+            while len(batches) < 3:
+                assert time.monotonic() - t0 < WAIT_S and not long.done(), long.done() and long.result().text
+                time.sleep(0.005)
+            for i in range(4):
+                r = tc.post("/v1/embeddings", json={"input": f"short {i}"})
+                assert r.status_code == 200, r.text
+                assert np.abs(np.array(r.json()["data"][0]["embedding"]) - ref.embed(f"short {i}")).max() <= 1e-6
+                assert not long.done(), "the short request waited for the whole document"
+            r = long.result(WAIT_S)
+        assert r.status_code == 200, r.text
+        tokens, windows = _chunk_plan(ref, [document], "document", 0)
+        assert r.json()["usage"]["prompt_tokens"] == tokens > 300 and windows > 50
+        got = np.array(r.json()["data"][0]["embedding"])
+        assert np.abs(got - ref.embed(document, overflow="chunk")).max() <= 1e-6

@@ -201,7 +201,8 @@ def small(engines):
 
 
 @pytest.mark.parametrize("kw, exc, msg", [
-    ({"foo": 1}, ValueError, r"does not use: \['foo'\].*\['task', 'normalize', 'truncate'\].*'retrieval'"),
+    ({"foo": 1}, ValueError,
+     r"does not use: \['foo'\].*\['task', 'normalize', 'truncate', 'overflow', 'chunk_overlap'\].*'retrieval'"),
     ({"processing_kwargs": {}}, ValueError, r"'processing_kwargs' is not supported.*max_length"),
     ({"batch_size": 0}, ValueError, "batch_size must be a positive integer, got 0"),
     ({"batch_size": -3}, ValueError, "batch_size must be a positive integer, got -3"),

@@ -30,7 +30,7 @@ def error_response(status, message, type_="invalid_request_error", param=None, c
     return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-# what Batcher.embed raises on its own; ValueError/TypeError are its argument checks (e.g. truncate=false on
+# what Batcher.embed raises on its own; ValueError/TypeError are its argument checks (e.g. overflow error on
 # an over-long input), so they are the client's fault (400); the rest are the server's state or fault
 BATCHER_ERRORS = (Overloaded, Closed, FloatingPointError, BatchFailed, ValueError, TypeError)
 
@@ -47,7 +47,8 @@ def from_batcher(e: BaseException, batcher) -> APIError:
         return APIError(500, str(e), type_="server_error", code="non_finite_embedding")
     if isinstance(e, BatchFailed):
         return APIError(500, str(e), type_="server_error", code="batch_failed")
-    return APIError(400, str(e))
+    # overflow 'chunk': an overlap over the window of an input (it depends on the input's prompt and tokens)
+    return APIError(400, str(e), param="chunk_overlap" if str(e).startswith("chunk_overlap=") else None)
 
 
 def add_error_handlers(app) -> None:

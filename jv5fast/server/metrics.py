@@ -1,5 +1,5 @@
-"""Prometheus metrics for ``GET /metrics``: requests by endpoint and status, latency, texts and tokens, and
-the batcher's batches and queue.
+"""Prometheus metrics for ``GET /metrics``: requests by endpoint and status, latency, texts and tokens (and the
+texts truncated or embedded in windows, and those windows), the batcher's batches and queue.
 
 Each app has its own ``CollectorRegistry`` (several apps may share a process, as in tests or one per
 replica), reachable as ``app.state.jv5fast_metrics.registry`` for a host that serves or merges it itself.
@@ -27,7 +27,12 @@ class Metrics:
                                   buckets=lat, registry=r)
         self.in_progress = Gauge("jv5fast_requests_in_progress", "embedding requests being served", registry=r)
         self.inputs = Counter("jv5fast_inputs", "texts embedded", registry=r)
-        self.tokens = Counter("jv5fast_tokens", "tokens embedded (prompts included)", registry=r)
+        self.tokens = Counter("jv5fast_tokens", "tokens embedded (prompts included; every window's)", registry=r)
+        self.truncated = Counter("jv5fast_inputs_truncated", "texts cut at max_length (overflow truncate)",
+                                 registry=r)
+        self.chunked = Counter("jv5fast_inputs_chunked", "texts over max_length embedded in windows (overflow "
+                               "chunk)", registry=r)
+        self.windows = Counter("jv5fast_chunk_windows", "windows embedded for chunked texts", registry=r)
         self.batch_size = Histogram("jv5fast_batch_size", "texts per forward batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
         self.batch_tokens = Histogram("jv5fast_batch_tokens", "tokens per forward batch", registry=r,
@@ -35,7 +40,7 @@ class Metrics:
         self.forward = Histogram("jv5fast_forward_seconds", "time of one forward batch", buckets=lat, registry=r)
         self.queue_wait = Histogram("jv5fast_queue_wait_seconds", "time from queuing to a request's first "
                                     "batch", buckets=lat, registry=r)
-        Gauge("jv5fast_queue_depth", "texts waiting for a batch", registry=r).set_function(
+        Gauge("jv5fast_queue_depth", "texts (a chunked text: its windows) waiting for a batch", registry=r).set_function(
             lambda: state.batcher.queued_texts if state.batcher else 0)
         Gauge("jv5fast_queue_tokens", "tokens waiting for a batch", registry=r).set_function(
             lambda: state.batcher.queued_tokens if state.batcher else 0)

@@ -60,6 +60,9 @@ def add_routes(app, state, metrics, *, model_name, key_bytes, max_inputs, max_re
             return Response(status_code=499)
         metrics.inputs.inc(len(call.texts))
         metrics.tokens.inc(res.tokens)
+        metrics.truncated.inc(res.truncated)
+        metrics.chunked.inc(res.chunked)
+        metrics.windows.inc(res.windows)
         # encoding and serializing are proportional to the response: off the event loop, which serves everyone
         body = await off_loop(response_body, res, call.types, call.single, call.base64_floats, model_name())
         return Response(body, media_type="application/json")

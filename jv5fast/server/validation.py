@@ -3,7 +3,8 @@
 The body is read under a size limit before any parsing, parsed as JSON, checked by a pydantic model that
 refuses unknown fields (a misspelt option would otherwise be ignored silently), then each field is checked
 against the served engine (its tasks, its dimension). Every refusal is an ``APIError`` naming the field and
-the valid values. The request speaks OpenAI's API plus the Jina API's fields.
+the valid values. The request speaks OpenAI's API plus the Jina API's fields, plus ``overflow`` /
+``chunk_overlap`` (``Engine.embed``'s: a text over the context is truncated, refused, or embedded in windows).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, List, Optional, Union
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
 
+from ..overflow import OVERFLOW, resolve_overflow
 from .errors import APIError
 
 # Jina API task -> (adapter, prompt name). The query side of retrieval gets "Query: ", all else "Document: ".
@@ -43,8 +45,11 @@ class EmbeddingRequest(BaseModel):
     task: Optional[StrictStr] = None                             # Jina: retrieval.query, ...
     embedding_type: Optional[Union[StrictStr, List[StrictStr]]] = None  # Jina: float|base64|binary|ubinary
     normalized: StrictBool = True                                # Jina (default false there; true here)
-    truncate: StrictBool = True                                  # Jina (default false there; true here)
+    truncate: Optional[StrictBool] = None                        # Jina (default false there; true here):
+                                                                 # true = overflow "truncate", false = "error"
     late_chunking: StrictBool = False                            # Jina; only false is served
+    overflow: Optional[StrictStr] = None                         # truncate (default) | error | chunk
+    chunk_overlap: Optional[StrictInt] = None                    # chunk: tokens shared by neighbouring windows
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,15 @@ class EmbedCall:
     prompt_name: Optional[str]    # "query" | "document" | None where the model has no such prompt
     truncate_dim: Optional[int]   # Matryoshka dimension (None: full)
     normalize: bool
-    truncate: bool
+    overflow: str                 # truncate | error | chunk (Jina's truncate resolved into it)
+    chunk_overlap: int
     types: List[str]              # distinct embedding types, in the order first named
     single: bool                  # one type asked as a string (or none): each row is the embedding itself
     base64_floats: bool           # encoding_format=base64: float rows as base64 of little-endian float32
 
     def batcher_kwargs(self) -> dict:
         return dict(task=self.task, prompt_name=self.prompt_name, truncate_dim=self.truncate_dim,
-                    normalize=self.normalize, truncate=self.truncate)
+                    normalize=self.normalize, overflow=self.overflow, chunk_overlap=self.chunk_overlap)
 
 
 async def read_body(request: Request, max_request_bytes: int) -> bytes:
@@ -108,7 +114,8 @@ def parse_request(body: bytes) -> EmbeddingRequest:
 
 def embed_call(req: EmbeddingRequest, engine, model_name: str, max_inputs: int) -> EmbedCall:
     """Check ``req`` against the served ``engine`` (named ``model_name``), in the order the fields are named
-    in the errors: late_chunking, model, input, task, dimensions, embedding_type, encoding_format."""
+    in the errors: late_chunking, model, input, task, dimensions, embedding_type, encoding_format, overflow
+    (with truncate, its alias), chunk_overlap."""
     if req.late_chunking:
         raise APIError(400, "late_chunking=true is not supported by this server; send false or leave it out",
                        param="late_chunking")
@@ -122,7 +129,8 @@ def embed_call(req: EmbeddingRequest, engine, model_name: str, max_inputs: int) 
     if req.encoding_format is not None and req.encoding_format not in ENCODING_FORMATS:
         raise APIError(400, f"encoding_format {req.encoding_format!r} is not valid; choose one of "
                        f"{list(ENCODING_FORMATS)}", param="encoding_format")
-    return EmbedCall(texts, adapter, prompt_name, k, req.normalized, req.truncate, types,
+    policy, overlap = _overflow(req, engine)
+    return EmbedCall(texts, adapter, prompt_name, k, req.normalized, policy, overlap, types,
                      single=req.embedding_type is None or isinstance(req.embedding_type, str),
                      base64_floats=req.encoding_format == "base64")
 
@@ -163,6 +171,33 @@ def _task(task, engine):
         raise APIError(400, f"task {task!r} is not valid; choose one of {valid}", param="task")
     adapter, side = JINA_TASKS[task]
     return adapter, side if side in engine.prompts else None
+
+
+def _overflow(req, engine):
+    """(policy, chunk_overlap) from ``overflow``, Jina's ``truncate`` (its alias: true = "truncate", false =
+    "error"; both given must agree) and ``chunk_overlap`` (chunk only; under ``max_length``: the exact bound,
+    the window left once the prompt and special tokens are in, is checked per input when tokenized)."""
+    if req.overflow is not None and req.overflow not in OVERFLOW:
+        raise APIError(400, f"overflow {req.overflow!r} is not valid; choose one of {list(OVERFLOW)}",
+                       param="overflow")
+    alias = None if req.truncate is None else ("truncate" if req.truncate else "error")
+    if req.overflow is not None and alias is not None and alias != req.overflow:
+        raise APIError(400, f"truncate={str(req.truncate).lower()} conflicts with overflow={req.overflow!r} "
+                       f"(truncate=true means overflow 'truncate', false means 'error'); send overflow alone",
+                       param="truncate")
+    policy = resolve_overflow(req.overflow, req.truncate)
+    overlap = 0 if req.chunk_overlap is None else req.chunk_overlap
+    if overlap and policy != "chunk":
+        raise APIError(400, f"chunk_overlap applies to overflow 'chunk' only; overflow is {policy!r}",
+                       param="chunk_overlap")
+    if not 0 <= overlap < engine.max_length:
+        raise APIError(400, f"chunk_overlap={overlap} must be in 0..{engine.max_length - 1}, and under the window "
+                       f"(max_length={engine.max_length} less the prompt and special tokens)", param="chunk_overlap")
+    if policy == "chunk" and not req.normalized:
+        raise APIError(400, "overflow 'chunk' averages the windows' unit vectors, so normalized=false has no raw "
+                       "vector to return for a long input; send normalized=true (or another overflow)",
+                       param="normalized")
+    return policy, overlap
 
 
 def _dimensions(dimensions, engine):
