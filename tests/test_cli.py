@@ -60,13 +60,13 @@ def test_input_lines_split_on_newline_only(engines, nano_ckpt, tmp_path):
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
     assert [r["index"] for r in rows] == list(range(len(texts)))
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), engines["nano"].embed(texts), atol=1e-6)
-    from jv5fast.cli import split_lines
+    from jv5fast.cli.inputs import split_lines
     assert split_lines("a\nb") == split_lines("a\nb\n") == split_lines("a\r\nb\r\n") == ["a", "b"]
     assert split_lines("") == [] and split_lines("\n") == [""] and split_lines("a\r\r\n") == ["a\r"]
 
 
 def test_cli_words_leave_paths_and_file_fields_alone():
-    from jv5fast.cli import cli_words
+    from jv5fast.cli.messages import cli_words
     assert cli_words("truncate_dim=0 is out of range; pass overwrite=True") == \
         "--truncate-dim 0 is out of range; pass --overwrite"
     assert cli_words("max_length must be a positive int") == "--max-length must be a positive int"

@@ -129,7 +129,7 @@ def test_every_flag_has_help_and_choices_are_listed():
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert set(subs) == {"embed", "index", "search", "embed-corpus", "export-onnx", "train", "serve",
                          "make-checkpoint", "info"}
-    from jv5fast.distributed import cli as corpus_cli  # keeps its own copies so that its parser imports no torch
+    from jv5fast.distributed import cli as corpus_cli  # python -m jv5fast.distributed.cli: the same command
     from jv5fast.postprocess import PRECISIONS
     assert corpus_cli.TASKS == TASKS and corpus_cli.PRECISIONS == PRECISIONS
     for name, sub in subs.items():

@@ -142,8 +142,8 @@ def test_counts_are_pluralized(nano_ckpt, tmp_path, capsys):
     assert main(["index", "--model", nano_ckpt, "--input", str(docs), "--output", str(idx), "--device", "cpu",
                  "--no-progress"]) == 0
     assert "indexed 1 document from " in capsys.readouterr().err
-    from jv5fast.cli import _count
-    assert [_count(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    from jv5fast.cli.messages import count
+    assert [count(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
 
 
 def test_search_input_formats(nano_ckpt, tmp_path, capsys):
