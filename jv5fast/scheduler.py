@@ -30,6 +30,8 @@ text-embeddings-inference, plus what an embedding server with task adapters need
 
 Results equal ``Engine.embed`` of the same texts and options: the same tokenization, forward pass,
 pooling and quantization, only the batch composition differs (row-wise ops; GEMMs agree to fp rounding).
+Here: the callers' side (checks, tokenizer threads, admission) and the scheduler thread (which batch next);
+what a job is, its units and windows and how its rows are pooled, is in jv5fast/scheduler_jobs.py.
 """
 from __future__ import annotations
 
@@ -41,16 +43,11 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
 
-import numpy as np
-import torch
-
-from . import ops
 from .engine import CPU_BATCH_TOKENS
-from .overflow import WeightedMean, check_chunk_options, finish, resolve_overflow
+from .overflow import check_chunk_options, resolve_overflow
 from .postprocess import check_precision, quantize
+from .scheduler_jobs import EmbedResult, Job, Tokenized, check_ids, put_rows
 
 log = logging.getLogger("jv5fast")
 
@@ -73,90 +70,6 @@ class Closed(RuntimeError):
 
 class BatchFailed(RuntimeError):
     """The forward pass of a batch raised; every job in it fails with this (the cause is chained)."""
-
-
-@dataclass(frozen=True)
-class EmbedResult:
-    embeddings: np.ndarray  # (N, D') in the requested precision, rows in input order
-    tokens: int             # tokens the model saw, prompts and special tokens included (every window's)
-    truncated: int = 0      # texts cut at max_length (overflow="truncate")
-    chunked: int = 0        # texts over max_length embedded in windows (overflow="chunk")
-    windows: int = 0        # the windows of those texts
-
-
-class Tokenized(list):
-    """``Batcher.tokenize``'s token id lists, one per text (an over-long text's: its first window), plus what
-    tokenizing found: ``truncated``, the indices of texts cut at ``max_length``, and in chunk mode ``windows``,
-    ``{index: overflow.TextWindows}`` of the texts over it (their ids, cut into windows only when scheduled)."""
-
-    def __init__(self, ids, truncated=(), windows=None):
-        super().__init__(ids)
-        self.truncated, self.windows = list(truncated), dict(windows or {})
-
-
-class _Unit(NamedTuple):
-    """One sequence of a job to run: a whole text (``weight`` None) or one window of an over-long one."""
-    row: int                   # the text's row in the job's output
-    seq: list                  # its token ids
-    weight: Optional[int]      # a window's text tokens (its weight in the text's mean); None: a whole text
-
-
-class _Job:
-    """One ``embed`` call: its units (texts, then the windows of over-long texts, cut lazily), options, and the
-    rows filled in as batches finish."""
-
-    def __init__(self, ids, task, k, normalize, precision, windows=None, full_dim=None, truncated=0):
-        self.ids, self.task, self.k, self.normalize, self.precision = ids, task, k, normalize, precision
-        self.windows = windows or {}  # row -> overflow.TextWindows of a chunked text
-        self.full_dim = full_dim      # windows are pooled at the model's full width (then averaged)
-        self.truncated = truncated
-        self.tokens = (sum(len(s) for i, s in enumerate(ids) if i not in self.windows)
-                       + sum(tw.tokens for tw in self.windows.values()))
-        self.units = len(ids) - len(self.windows) + sum(tw.num_windows for tw in self.windows.values())
-        self.left = self.tokens      # tokens of the units not yet scheduled
-        self.out = torch.empty(len(ids), k, dtype=torch.float32)
-        self._means = {}             # row -> [WeightedMean, windows not yet added] of a chunked text in flight
-        self._units = self._iter_units()
-        self.peek = next(self._units, None)  # the next unit to schedule (None: all scheduled)
-        self.next = 0        # units scheduled
-        self.done = 0        # units whose rows are written
-        self.started = None  # when its first unit entered a batch
-        self.submitted = self.served = time.monotonic()  # served: when a batch last took one of its units
-        self.cancelled = False
-        self.future = concurrent.futures.Future()
-
-    def _iter_units(self):
-        for i, seq in enumerate(self.ids):
-            tw = self.windows.get(i)
-            if tw is None:
-                yield _Unit(i, seq, None)
-                continue
-            for span in tw.spans():  # lazily: only the window being scheduled exists
-                yield _Unit(i, tw.ids(span), max(span[1] - span[0], 1))
-
-    def take(self) -> _Unit:
-        """The next unit, now scheduled (under the batcher's lock)."""
-        u = self.peek
-        self.peek = next(self._units, None)
-        self.next += 1
-        self.left -= len(u.seq)
-        return u
-
-    def add_window(self, row, vector, weight):
-        """A window's full-width unit vector; the text's last one writes its row: the token-weighted mean,
-        renormalized, Matryoshka-truncated and renormalized (as ``Engine.embed``). A mean that cannot be
-        normalized (a non-finite window) leaves a NaN row, which fails the job naming the input."""
-        acc = self._means.get(row)
-        if acc is None:
-            acc = self._means[row] = [WeightedMean(vector.shape[0]), self.windows[row].num_windows]
-        acc[0].add(vector, weight)
-        acc[1] -= 1
-        if acc[1] == 0:
-            del self._means[row]
-            try:
-                self.out[row] = torch.from_numpy(finish(acc[0].result()[None], self.k, "float32")[0])
-            except FloatingPointError:
-                self.out[row] = float("nan")
 
 
 class Batcher:
@@ -264,20 +177,8 @@ class Batcher:
         """Queue token id lists (from ``tokenize``: a ``Tokenized`` also brings the windows of chunked texts) and
         return a future of ``EmbedResult``. Cancelling the future drops the texts (and windows) that have not
         started. Raises ``Overloaded`` or ``Closed``."""
-        vocab, limit_len = self.engine.args.vocab_size, self.engine.max_length
-        for i, seq in enumerate(ids):  # one bad row would fail every job of its batch
-            a = np.asarray(seq)
-            if (not 0 < a.size <= max(limit_len, 1) or a.ndim != 1 or a.dtype.kind not in "iu" or a.min() < 0
-                    or a.max() >= vocab):
-                raise ValueError(f"ids[{i}] must hold 1..{limit_len} integer token ids in 0..{vocab - 1}")
-        windows = getattr(ids, "windows", None) or {}
-        for i, tw in windows.items():
-            if not 0 <= i < len(ids) or (tw.content.size and not 0 <= tw.content.min() <= tw.content.max() < vocab):
-                raise ValueError(f"windows of ids[{i}] must hold token ids in 0..{vocab - 1}")
-        if windows and not normalize:
-            raise ValueError("overflow='chunk' averages the windows' unit vectors; pass normalize=True")
-        job = _Job(ids, task, k, normalize, precision, windows, self.engine.dim,
-                   len(getattr(ids, "truncated", ())))
+        windows = check_ids(ids, self.engine.args.vocab_size, self.engine.max_length, normalize)
+        job = Job(ids, task, k, normalize, precision, windows, self.engine.dim, len(getattr(ids, "truncated", ())))
         with self._cond:
             if self._closing or self.failed:
                 raise Closed(self.failed or "the server is shutting down and takes no new requests")
@@ -547,7 +448,7 @@ class Batcher:
         try:
             with eng._lock, eng._on_device():
                 eng._activate(task)
-                eng._forward(seqs, lambda lo, hi, rows: self._put(entries, lo, hi, rows), between=between)
+                eng._forward(seqs, lambda lo, hi, rows: put_rows(entries, lo, hi, rows), between=between)
         except Exception as e:  # noqa: BLE001 — the error goes to every caller in the batch
             log.exception("batch of %d texts failed", len(entries))
             with self._cond:
@@ -581,40 +482,10 @@ class Batcher:
             except Exception:  # noqa: BLE001 — metrics never fail a batch
                 log.exception("batch observer failed")
 
-    @staticmethod
-    def _put(entries, lo, hi, rows):
-        """Pool rows (B, E) of ``entries[lo:hi]`` with each job's options into its output rows; a window's row
-        is pooled at full width, unit norm, into its text's running mean."""
-        groups = {}
-        for p in range(lo, hi):
-            j, u = entries[p]
-            key = (j.k, j.normalize, False) if u.weight is None else (j.full_dim, True, True)
-            groups.setdefault(key, []).append(p)
-        for (k, normalize, window), ps in groups.items():
-            sel = rows if len(ps) == hi - lo else rows[torch.as_tensor([p - lo for p in ps], device=rows.device)]
-            one_each = torch.arange(sel.shape[0] + 1, device=sel.device, dtype=torch.int32)
-            emb = ops.pool_last(sel, one_each, truncate_dim=k, normalize=normalize).float().cpu()  # (B', k)
-            for r, p in enumerate(ps):
-                j, u = entries[p]
-                if window:
-                    j.add_window(u.row, emb[r].numpy(), u.weight)
-                else:
-                    j.out[u.row] = emb[r]
-
     def _finish(self, job):
         if job.cancelled:
             return
-        out, result, error = job.out, None, None
-        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
-        if bad:
-            error = FloatingPointError(
-                f"the model produced a non-finite embedding for input{bad[:10]} (dtype {self.engine.dtype}); "
-                f"the server's weights or dtype need attention (float32 avoids overflow)")
-        else:
-            res = out.numpy()
-            result = EmbedResult(res if job.precision == "float32" else quantize(res, job.precision), job.tokens,
-                                 truncated=job.truncated, chunked=len(job.windows),
-                                 windows=sum(tw.num_windows for tw in job.windows.values()))
+        result, error = job.result(self.engine.dtype)
         with self._cond:  # close() may fail the same future from another thread
             if job.future.done() or not job.future.set_running_or_notify_cancel():
                 return

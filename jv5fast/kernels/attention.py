@@ -8,6 +8,10 @@ out_h = softmax(q_h k_g^T * scale + M) v_g, M causal (within each sequence) or n
 (B, H, S, D) tensor only inside this function, runs ``scaled_dot_product_attention`` with a
 key-padding mask and gathers the real rows back. Batches formed by the engine are length-sorted, so
 the padding is small; when it would more than double the work, it loops over sequences instead.
+
+Over 500 lines and one file on purpose: it is the one attention op in the style.md kernel file shape (refs →
+Triton kernels → launchers → ``AttentionVarlenFunction`` → ``attention_varlen`` / ``attention_last``), and the
+forward, the last-token forward and the two backward kernels share one tiling, online softmax and block config.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ bidirectional L_NCE over 1 positive + 7 different-label negatives per anchor + 2
 the adapter-less model. Batches are sampled from a generator seeded by (seed, step), so a resumed run
 draws exactly the batches an uninterrupted one would. Optimizer AdamW, linear warmup then cosine or
 linear decay, gradient clipping, bf16 autocast on CUDA, DDP under torchrun with every rank's documents
-gathered as extra negatives.
+gathered as extra negatives. Just over 500 lines and one file on purpose: ``TrainConfig``, the example checks
+and the data fingerprint are the inputs the ``Trainer`` checks at start and compares on resume, kept beside it.
 """
 from __future__ import annotations
 
