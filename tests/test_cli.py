@@ -160,3 +160,59 @@ def test_closed_stdout_stops_quietly_with_141(nano_ckpt):
     assert proc.wait(timeout=300) == 141, err
     assert json.loads(first)["index"] == 0
     assert "Broken pipe" not in err and "Exception ignored" not in err and "Traceback" not in err, err
+
+
+LONG = " ".join(f"word{i} embedding vector search" for i in range(20))  # ~100 tokens: several 16-token windows
+
+
+def test_embed_overflow_chunk_equals_engine_embed(nano_ckpt, tmp_path):
+    """--overflow chunk [--chunk-overlap N] is Engine.embed(overflow="chunk", chunk_overlap=N): long texts in
+    windows, short ones as they are, with a prompt, a Matryoshka dim and a binary precision on top."""
+    import jv5fast
+    eng = jv5fast.Engine(nano_ckpt, device="cpu", max_length=16)
+    texts = [LONG, "short", LONG[:120]]
+    base = ["embed", "--model", nano_ckpt, "--device", "cpu", "--max-length", "16", "--no-progress", *texts]
+    for flags, kw in ((["--overflow", "chunk"], {}),
+                      (["--overflow", "chunk", "--chunk-overlap", "5", "--prompt-name", "query", "--truncate-dim",
+                        "32"], dict(chunk_overlap=5, prompt_name="query", truncate_dim=32)),
+                      (["--overflow", "chunk", "--precision", "ubinary"], dict(precision="ubinary"))):
+        out = tmp_path / "o.npy"
+        assert main([*base, *flags, "--output", str(out)]) == 0, flags
+        want = eng.embed(texts, overflow="chunk", **kw)
+        got = np.load(out)
+        if got.dtype == np.uint8:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-6)
+        # the windows matter: truncation gives another vector for the long text, the same for the short one
+        cut = eng.embed(texts, **{k: v for k, v in kw.items() if k != "chunk_overlap"})
+        assert not np.array_equal(got[0], cut[0]) and np.array_equal(got[1] != 0, cut[1] != 0), flags
+    assert main([*base, "--overflow", "truncate", "--output", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), eng.embed(texts), atol=1e-6)
+
+
+def test_embed_overflow_flag_errors(nano_ckpt, tmp_path, capsys):
+    base = ["embed", "--model", nano_ckpt, "--device", "cpu", "--max-length", "16", "--no-progress", LONG, "--output",
+            str(tmp_path / "o.npy")]
+    cases = [
+        (["--overflow", "error"], "more than --max-length 16; pass --overflow truncate to cut it, or --overflow "
+                                  "chunk to embed it whole in windows"),
+        (["--no-truncate"], "more than --max-length 16; leave out --no-truncate to cut it, or use --overflow chunk"),
+        (["--no-truncate", "--overflow", "chunk"], "--no-truncate means --overflow error; it conflicts with "
+                                                   "--overflow chunk"),
+        (["--no-truncate", "--overflow", "truncate"], "conflicts with --overflow truncate"),
+        (["--chunk-overlap", "2"], "--chunk-overlap applies to --overflow chunk; overflow is truncate"),
+        (["--overflow", "error", "--chunk-overlap", "0"], "--chunk-overlap applies to --overflow chunk"),
+        (["--overflow", "chunk", "--chunk-overlap", "-1"], "--chunk-overlap: expected an integer >= 0, got '-1'"),
+        (["--overflow", "chunk", "--no-normalize"], "leave out --no-normalize"),
+        (["--overflow", "chunk", "--chunk-overlap", "99"], "--chunk-overlap 99 must be in 0..12"),
+        (["--overflow", "chop"], "invalid choice: 'chop'"),
+    ]
+    for flags, needle in cases:
+        capsys.readouterr()
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert needle in err, (flags, err)
+    assert not (tmp_path / "o.npy").exists()
+    assert main([*base, "--no-truncate", "--overflow", "error"]) == 2  # the same thing said twice is fine
+    assert "leave out --no-truncate to cut it" in capsys.readouterr().err

@@ -90,6 +90,9 @@ def test_usage_and_input_errors(nano_ckpt, files, tmp_path):
         ((*emb, "x", "--truncate-dim", "999"), {}),
         (("train", "--stage", "retrieval"), {}),
         (("embed", "--help"), {}),
+        ((*emb, "x" * 200, "--max-length", "8", "--overflow", "error"), {}),
+        ((*emb, "x", "--no-truncate", "--overflow", "chunk"), {}),
+        ((*emb, "x", "--overflow", "chunk", "--chunk-overlap", "-3"), {}),
     ]
     r = run_many(cases)
     rc, stdout, _ = r[0]
@@ -116,6 +119,10 @@ def test_usage_and_input_errors(nano_ckpt, files, tmp_path):
     check(r[18], 2, "--truncate-dim 999 is out of range 1..64")
     check(r[19], 2, "the following arguments are required: --data")
     assert r[20][0] == 0 and "(default: torch)" in r[20][1] and "{float32,float16,binary,ubinary}" in r[20][1]
+    assert "--overflow {truncate,error,chunk}" in r[20][1]
+    check(r[21], 2, "more than --max-length 8", "pass --overflow truncate to cut it, or --overflow chunk")
+    check(r[22], 2, "--no-truncate means --overflow error; it conflicts with --overflow chunk")
+    check(r[23], 2, "argument --chunk-overlap: expected an integer >= 0, got '-3'")
 
 
 def test_every_flag_has_help_and_choices_are_listed():
@@ -224,6 +231,8 @@ def test_serve_errors_fail_before_binding(nano_ckpt, files, tmp_path):
         ((*s, "--backend", "onnx"), {}),
         ((*s, "--resident-tasks", "maybe"), {}),
         ((*s, "--device", "tpu"), {}),
+        ((*s, "--num-cpus-per-replica", "0.5"), {}),
+        ((*s, "--min-replicas", "3", "--max-replicas", "2"), {}),
     ])
     check(r[0], 2, "no-such-model", "no such folder")
     check(r[1], 2, "--port", "70000")
@@ -234,3 +243,5 @@ def test_serve_errors_fail_before_binding(nano_ckpt, files, tmp_path):
     check(r[6], 2, "not an ONNX export")
     check(r[7], 2, "--resident-tasks", "auto")
     check(r[8], 2, "tpu")
+    check(r[9], 2, "--num-cpus-per-replica shapes Ray Serve replicas: it needs --replicas")
+    check(r[10], 2, "--min-replicas 3 is over --max-replicas 2")

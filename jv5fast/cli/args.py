@@ -74,6 +74,7 @@ def checked(convert, ok, what):
 positive_int = checked(int, lambda n: n > 0, "a positive integer")
 nonneg_int = checked(int, lambda n: n >= 0, "an integer >= 0")
 nonneg_float = checked(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0")
+positive_float = checked(float, lambda x: 0 < x < float("inf"), "a finite number > 0")
 
 
 # ---- flags shared by several commands --------------------------------------------------------------------

@@ -12,12 +12,13 @@ import json
 import os
 import sys
 
+from ..overflow import OVERFLOW
 from .args import (MODEL_HELP, HelpWithDefaults, add_engine_flags, add_format, add_no_progress, add_precision,
-                   add_task)
+                   add_task, nonneg_int)
 from .checks import (check_cpu_precision, check_device, check_model, check_output_file, check_quantize,
                      quantize_kw, same_file)
 from .inputs import input_format, read_texts
-from .messages import CLIError, count
+from .messages import CLIError, count, too_long_fix
 
 
 def register(sub):
@@ -34,7 +35,12 @@ def register(sub):
     add_precision(e)
     e.add_argument("--no-normalize", action="store_true", help="skip L2 normalization")
     e.add_argument("--no-truncate", action="store_true", help="error on texts longer than --max-length "
-                   "instead of cutting them")
+                   "instead of cutting them (the same as --overflow error)")
+    e.add_argument("--overflow", choices=OVERFLOW, default=None, help="a text longer than --max-length: cut it "
+                   "(truncate, the default), refuse it (error), or embed it whole in windows of --max-length "
+                   "tokens, prompt included, whose unit vectors are averaged by token count (chunk)")
+    e.add_argument("--chunk-overlap", type=nonneg_int, default=None, help="with --overflow chunk: tokens "
+                   "shared by neighbouring windows (default: 0; less than a window)")
     e.add_argument("--max-length", type=int, default=None, help="tokens per text, prompt included (default: "
                    "the model's max_position_embeddings)")
     e.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one packed forward pass")
@@ -66,6 +72,7 @@ def run(a):
                        f"(one text per line): pass --format, or leave out --text-column")
     check_quantize(a)
     check_cpu_precision(a)
+    overflow = _overflow(a)
     if a.output is not None:
         check_output_file(a.output, "--output", (".npy", ".jsonl"))
         if a.input not in (None, "-") and same_file(a.output, a.input):
@@ -79,9 +86,12 @@ def run(a):
     kw = {} if a.task is None else {"task": a.task}
     eng = Engine(a.model, device=a.device, dtype=a.dtype, max_length=a.max_length, backend=a.backend,
                  max_batch_tokens=a.max_batch_tokens, **quantize_kw(a), **kw)
-    emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
-                    precision=a.precision, normalize=not a.no_normalize, truncate=not a.no_truncate,
-                    show_progress_bar=False if a.no_progress else None)
+    try:
+        emb = eng.embed(texts, prompt_name=a.prompt_name, prompt=a.prompt, truncate_dim=a.truncate_dim,
+                        precision=a.precision, normalize=not a.no_normalize, overflow=overflow,
+                        chunk_overlap=a.chunk_overlap or 0, show_progress_bar=False if a.no_progress else None)
+    except ValueError as err:  # a text over --max-length: say which of the flags refused it
+        raise ValueError(too_long_fix(str(err), "--no-truncate" if a.no_truncate else "--overflow error")) from None
     if a.output is None:  # JSON Lines on stdout; everything else (progress, warnings) is on stderr
         out = sys.stdout
         for i, row in enumerate(emb):
@@ -92,6 +102,20 @@ def run(a):
     print(f"embedded {count(len(texts), 'text')} -> {a.output or 'stdout'} {tuple(emb.shape)} {emb.dtype}",
           file=sys.stderr)
     return 0
+
+
+def _overflow(a) -> str:
+    """The overflow policy from --overflow, --no-truncate (its older spelling of 'error') and --chunk-overlap,
+    refusing the combinations that contradict each other."""
+    if a.no_truncate and a.overflow not in (None, "error"):
+        raise CLIError(f"--no-truncate means --overflow error; it conflicts with --overflow {a.overflow}: give one")
+    overflow = "error" if a.no_truncate else a.overflow or "truncate"
+    if a.chunk_overlap is not None and overflow != "chunk":
+        raise CLIError(f"--chunk-overlap applies to --overflow chunk; overflow is {overflow}")
+    if overflow == "chunk" and a.no_normalize:
+        raise CLIError("--overflow chunk averages the windows' unit vectors, so there is no unnormalized vector of a "
+                       "long text: leave out --no-normalize, or use --overflow truncate")
+    return overflow
 
 
 def _write(out: str, emb):

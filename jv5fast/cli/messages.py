@@ -67,8 +67,21 @@ _PHRASES = [
     (r"dtype='(\w+)'", r"--dtype \1"), (r"device='(\w+)'", r"--device \1"),
 ]
 _FLAG_WORDS = re.compile(r"(?<![\w/'\".-])(max_length|max_batch_tokens|truncate_dim|prompt_name|teacher_embeddings|"
-                         r"learn_temperature|matryoshka_dims|batch_size|grad_accum|lora_r|lora_alpha|"
-                         r"lora_targets|average_from_step|save_every|external_data|cosent_tau|n_negatives)\b(?![/'\"])=?")
+                         r"learn_temperature|matryoshka_dims|batch_size|grad_accum|lora_r|lora_alpha|chunk_overlap|"
+                         r"lora_targets|average_from_step|save_every|external_data|cosent_tau|n_negatives|"
+                         r"min_replicas|max_replicas|num_cpus_per_replica|num_gpus_per_replica|"
+                         r"target_ongoing_requests)\b(?![/'\"])=?")
+_TOO_LONG_FIX = "pass truncate=True to cut it"  # what Engine.embed says of a text over max_length
+
+
+def too_long_fix(msg: str, flag: str) -> str:
+    """Engine.embed's "too long" message with its fix in the words of ``flag``, the one that refused the text
+    (--no-truncate or --overflow error); any other message is returned as it is."""
+    if flag == "--no-truncate":
+        fix = "leave out --no-truncate to cut it, or use --overflow chunk instead to embed it whole in windows"
+    else:
+        fix = "pass --overflow truncate to cut it, or --overflow chunk to embed it whole in windows"
+    return msg.replace(_TOO_LONG_FIX, fix)
 
 
 def cli_words(msg: str) -> str:
