@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
-pytest.importorskip("ray.serve", reason='Ray Serve is not installed: pip install "ray[serve]"')
+pytest.importorskip("ray.serve", reason='Ray Serve is not installed: pip install "jv5fast[serve-ray]"')
 
 import jv5fast  # noqa: E402
 from jv5fast.distributed import serve_front, serve_replica  # noqa: E402

@@ -8,7 +8,8 @@ and ``python -m jv5fast.cli``). One module per command, each with ``register(sub
     embed_corpus.py     jv5fast embed-corpus: a corpus on Ray -> Parquet parts + manifest (resumable)
     export_onnx.py      jv5fast export-onnx: a checkpoint + one task -> a self-contained ONNX folder
     train.py            jv5fast train: stage 1 distillation or a stage 2 adapter, one flag per TrainConfig field
-    serve.py            jv5fast serve: flags and pre-bind checks for the HTTP server (jv5fast/server)
+    serve.py            jv5fast serve: flags and pre-bind checks for the HTTP server (jv5fast/server), or
+                        with --replicas the same app on Ray Serve (jv5fast/distributed/serve.py)
     make_checkpoint.py  jv5fast make-checkpoint: a RANDOM-weight checkpoint in the released layout, offline
     info.py             jv5fast info: what runs where (Engine.describe())
 and what they share:

@@ -27,7 +27,7 @@ log = logging.getLogger("jv5fast")
 # Engine(...) options, as jv5fast.server.serve passes them; every other option goes to create_app(...)
 ENGINE_OPTIONS = ("device", "dtype", "backend", "max_length", "onnx_quantize", "quantize", "cpu_precision")
 _NOT_APP_OPTIONS = ("engine", "loader", "warmup", "on_load_error")
-INSTALL = 'pip install "jv5fast[serve]" "ray[serve]>=2.60"'
+INSTALL = 'pip install "jv5fast[serve-ray]"'
 
 
 def _count(name, v, lo, optional=False, integer=True):
@@ -241,7 +241,8 @@ def run(model, *, host="127.0.0.1", port=8080, ray_address=None, name="jv5fast",
         if phase[0] == "serving":
             snap = _registry_snapshot(name) or {"replicas": []}
             ready = [r["replica"] for r in snap["replicas"] if r.get("kind") == "engine" and r["status"] == "ready"]
-            print(f"jv5fast serve: ready ({len(ready)} replicas: {', '.join(ready)})", flush=True)
+            print(f"jv5fast serve: ready ({len(ready)} replica{'' if len(ready) == 1 else 's'}: {', '.join(ready)})",
+                  flush=True)
             while not stop.wait(0.5):
                 pass
             print("jv5fast serve: draining", flush=True)
