@@ -419,7 +419,9 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(served, nano_ckpt, eng
 
 def test_replicas_killed_mid_request_and_mid_load_lose_no_request(served, engine):
     import ray
-    batch = texts(60, seed=9, lo=5, hi=30)
+    # long enough (~15k tokens, ~240 batches of 64) that each replica is always inside a request: the kill
+    # below must land on one in flight (a short request could finish between the busy check and the kill)
+    batch = texts(300, seed=9, lo=20, hi=60)
     ref = engine.embed(batch)
     results, stop = [], threading.Event()
 
