@@ -175,19 +175,26 @@ def _read_entries(path) -> list:
     return [e for e in data["entries"] if isinstance(e, dict) and isinstance(e.get("key"), dict)]
 
 
+def _shape(key: dict):
+    """A cache entry's shape as a tuple (ints, and a fused entry's op name first), or None when it is not one."""
+    shape = key.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in shape):
+        return None
+    return tuple(shape)
+
+
 def load_cached(path, fields: dict, shapes) -> dict:
     """{shape: timings} for the shapes whose entry in ``path`` has exactly ``fields`` plus that shape as its key
     and valid timings for exactly ``fields['candidates']``; other shapes are missing (to be measured)."""
     found = {}
     want = {tuple(s) for s in shapes}
     for e in _read_entries(path):
-        key = dict(e["key"])
-        shape = key.pop("shape", None)
-        if key != fields or not isinstance(shape, list) or tuple(shape) not in want:
+        shape = _shape(e["key"])
+        if shape not in want or {k: v for k, v in e["key"].items() if k != "shape"} != fields:
             continue
         t = _valid_timings(e.get("timings_ms"), fields["candidates"])
         if t is not None:
-            found[tuple(shape)] = t
+            found[shape] = t
     return found
 
 
@@ -199,8 +206,7 @@ def save_cached(path, fields: dict, timings: dict) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         mine = {tuple(s) for s in timings}
         keep = [e for e in _read_entries(path)
-                if not ({k: v for k, v in e["key"].items() if k != "shape"} == fields
-                        and isinstance(e["key"].get("shape"), list) and tuple(e["key"]["shape"]) in mine)]
+                if not (_shape(e["key"]) in mine and {k: v for k, v in e["key"].items() if k != "shape"} == fields)]
         new = [{"key": {**fields, "shape": list(s)},
                 "timings_ms": {k: {str(m): v for m, v in row.items()} for k, row in t.items()}}
                for s, t in timings.items()]
@@ -284,36 +290,44 @@ def choose(weights_by_shape: dict, *, threads: int | None = None, measure_fn=Non
         return {s: GemmChoice(s, kind, f"only candidate here ({', '.join(candidates) or 'none'})", {})
                 for s in shapes}
     threads = int(threads or torch.get_num_threads())
-    fields = key_fields(candidates, threads, ops.cpu_isa())
+    timings, reason = _timings(
+        shapes, candidates, key_fields(candidates, threads, ops.cpu_isa()), path or cache_path(), "GEMMs",
+        lambda todo: (measure_fn or measure)({s: weights_by_shape[s] for s in todo}, candidates, threads))
+    return {s: GemmChoice(s, pick(timings[s]), reason[s], timings[s], split(timings[s])) for s in shapes}
+
+
+def _timings(items, candidates, fields: dict, path: str, what: str, measure_todo) -> tuple:
+    """``({item: {kind: {M: ms}}}, {item: reason})`` for ``items`` (GEMM shapes, or fused (op, *shape)) under
+    the cache key ``fields``: remembered in this process, else read from ``path``, else timed together by
+    ``measure_todo(items)`` (written to ``path`` unless the machine was busy)."""
     memo_key = json.dumps(fields, sort_keys=True)
     timings, reason = {}, {}
-    for s in shapes:
-        if (memo_key, s) in _memo:
-            timings[s], was_busy = _memo[(memo_key, s)]
-            reason[s] = BUSY_AGAIN if was_busy else "cached"
-    path = path or cache_path()
-    todo = [s for s in shapes if s not in timings]
+    for it in items:
+        if (memo_key, it) in _memo:
+            timings[it], was_busy = _memo[(memo_key, it)]
+            reason[it] = BUSY_AGAIN if was_busy else "cached"
+    todo = [it for it in items if it not in timings]
     if todo:
-        for s, t in load_cached(path, fields, todo).items():
-            timings[s], reason[s] = t, "cached"
-    todo = [s for s in shapes if s not in timings]
+        for it, t in load_cached(path, fields, todo).items():
+            timings[it], reason[it] = t, "cached"
+    todo = [it for it in items if it not in timings]
     if todo:
         t0, busy = time.perf_counter(), _busy()
-        got = (measure_fn or measure)({s: weights_by_shape[s] for s in todo}, candidates, threads)
+        got = measure_todo(todo)
         busy = busy or _busy()
-        for s in todo:
-            t = _valid_timings({c: {str(m): v for m, v in got[s][c].items()} for c in got[s]}, candidates)
+        for it in todo:
+            t = _valid_timings({c: {str(m): v for m, v in got[it][c].items()} for c in got[it]}, candidates)
             if t is None:
-                raise RuntimeError(f"CPU GEMM timings for {s} are incomplete: {got[s]!r}")
-            timings[s] = t
-            reason[s] = "measured" if busy is None else f"measured on a busy machine ({busy}; not cached)"
-        log.info("jv5fast: timed the CPU GEMMs on %d shapes in %.2f s%s", len(todo), time.perf_counter() - t0,
+                raise RuntimeError(f"CPU {what} timings for {it} are incomplete: {got[it]!r}")
+            timings[it] = t
+            reason[it] = "measured" if busy is None else f"measured on a busy machine ({busy}; not cached)"
+        log.info("jv5fast: timed the CPU %s on %d shapes in %.2f s%s", what, len(todo), time.perf_counter() - t0,
                  "" if busy is None else f" on a busy machine ({busy}): not cached on disk")
         if busy is None:
-            save_cached(path, fields, {s: timings[s] for s in todo})
-    for s in shapes:
-        _memo[(memo_key, s)] = (timings[s], reason[s].startswith("measured on a busy"))
-    return {s: GemmChoice(s, pick(timings[s]), reason[s], timings[s], split(timings[s])) for s in shapes}
+            save_cached(path, fields, {it: timings[it] for it in todo})
+    for it in items:
+        _memo[(memo_key, it)] = (timings[it], reason[it].startswith("measured on a busy"))
+    return timings, reason
 
 
 # ---- fused ops: jv5fast._C's kernel or the torch reference -----------------------------------------------
@@ -401,7 +415,7 @@ def measure_fused(args, keys, threads: int, budget_s: float = FUSED_BUDGET_S) ->
 
 def choose_fused(args, *, threads: int | None = None, measure_fn=None, path: str | None = None) -> list:
     """[FusedChoice] for the fused ops of model ``args`` on CPU fp32, under JV5FAST_CPU_FUSED (forced, or
-    measured / cached like the GEMMs, in the same file with the op in the key), and records each in
+    measured / cached like the GEMMs, in the same file, keyed by the op and its shape), and records each in
     ``ops.set_fused_choice``. [] where jv5fast._C's fused kernels do not run (nothing to choose)."""
     from . import ops
     if ops._cpu_ext() is None or ops.backend() != "auto":
@@ -411,38 +425,16 @@ def choose_fused(args, *, threads: int | None = None, measure_fn=None, path: str
     if mode != "auto":
         return [FusedChoice(op, key, mode, f"forced (JV5FAST_CPU_FUSED={mode})", {}) for op, key in keys]
     threads = int(threads or torch.get_num_threads())
-    base = key_fields(FUSED_CANDIDATES, threads, ops.cpu_isa())
-    path = path or cache_path()
-    timings, reason = {}, {}
-    for op, key in keys:
-        fields = {**base, "op": op}
-        memo_key = (json.dumps(fields, sort_keys=True), key)
-        if memo_key in _memo:
-            timings[(op, key)], was_busy = _memo[memo_key]
-            reason[(op, key)] = BUSY_AGAIN if was_busy else "cached"
-            continue
-        found = load_cached(path, fields, [key])
-        if key in found:
-            timings[(op, key)], reason[(op, key)] = found[key], "cached"
-    todo = [k for k in keys if k not in timings]
-    if todo:
-        busy = _busy()
-        got = (measure_fn or measure_fused)(args, todo, threads)
-        busy = busy or _busy()
-        for op, key in todo:
-            t = _valid_timings({c: {str(m): v for m, v in got[(op, key)][c].items()} for c in got[(op, key)]},
-                               FUSED_CANDIDATES)
-            if t is None:
-                raise RuntimeError(f"CPU {op} timings for {key} are incomplete: {got[(op, key)]!r}")
-            timings[(op, key)] = t
-            reason[(op, key)] = "measured" if busy is None else f"measured on a busy machine ({busy}; not cached)"
-            if busy is None:
-                save_cached(path, {**base, "op": op}, {key: t})
+    items = [(op, *key) for op, key in keys]  # the cache keys: the op, then its shape
+
+    def measure_todo(todo):
+        got = (measure_fn or measure_fused)(args, [(it[0], tuple(it[1:])) for it in todo], threads)
+        return {(op, *key): t for (op, key), t in got.items()}
+    timings, reason = _timings(items, FUSED_CANDIDATES, key_fields(FUSED_CANDIDATES, threads, ops.cpu_isa()),
+                               path or cache_path(), "fused ops", measure_todo)
     out = []
-    for op, key in keys:
-        _memo[(json.dumps({**base, "op": op}, sort_keys=True), key)] = (
-            timings[(op, key)], reason[(op, key)].startswith("measured on a busy"))
-        c = FusedChoice(op, key, pick(timings[(op, key)]), reason[(op, key)], timings[(op, key)])
+    for (op, key), it in zip(keys, items):
+        c = FusedChoice(op, key, pick(timings[it]), reason[it], timings[it])
         ops.set_fused_choice(op, key, c.kind)
         out.append(c)
     return out

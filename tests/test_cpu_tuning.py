@@ -105,6 +105,22 @@ def test_a_corrupt_cache_is_measured_again_and_replaced(content):
 
 
 @needs_both
+@pytest.mark.parametrize("shape", [[[32], {}], [32, True], "32x32", [None, 32]])
+def test_an_entry_with_a_malformed_shape_is_ignored(shape):
+    """An untrusted file's shape that is not a list of ints (and op names) neither crashes nor matches."""
+    path = cpu_tuning.cache_path()
+    os.makedirs(os.path.dirname(path))
+    fields = cpu_tuning.key_fields(ops.available_gemms(), torch.get_num_threads(), ops.cpu_isa())
+    with open(path, "w") as f:
+        json.dump({"format": 1, "entries": [{"key": {**fields, "shape": shape},
+                                             "timings_ms": {"jv5fast": {"16": 1, "128": 1, "512": 1},
+                                                            "onednn": {"16": 2, "128": 2, "512": 2}}}]}, f)
+    fake = Fake({(32, 32): {"jv5fast": _t(1, 2, 3), "onednn": _t(2, 3, 4)}})
+    assert cpu_tuning.choose({(32, 32): [torch.randn(32, 32)]}, measure_fn=fake)[(32, 32)].reason == "measured"
+    assert fake.asked == [(32, 32)]
+
+
+@needs_both
 @pytest.mark.parametrize("mutate", [
     lambda f, t: ({**f, "cpu": "Another CPU"}, t),                      # foreign: another machine
     lambda f, t: ({**f, "threads": f["threads"] + 7}, t),               # another thread count
