@@ -1,9 +1,8 @@
 // jv5fast._C: the ISA levels the CPU kernels dispatch on at run time, and the process-wide cap on them.
 //
 // The extension is built without global ISA flags (-mavx2 etc.), so the .so loads on any x86-64 (and builds
-// on ARM, where only the portable code exists). Each ISA-specific function carries its own GCC target
-// (JV5_TARGET_AVX2 / JV5_TARGET_AVX512, or a `#pragma GCC target` region) and is only called after
-// active_isa() says the CPU has it. set_isa_limit (jv5fast.ops, from JV5FAST_CPU_ISA) caps the level for
+// on ARM, where only the portable code exists). Each ISA-specific function sits in a `#pragma GCC target`
+// region and is only called after active_isa() says the CPU has it. set_isa_limit (jv5fast.ops, from JV5FAST_CPU_ISA) caps the level for
 // tests and benchmarks; it never raises one above what the CPU has.
 #pragma once
 
@@ -11,10 +10,6 @@
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #define JV5_X86_DISPATCH 1
-// Kept for the sources that test it: the AVX2/FMA kernels are compiled (under their own target) here.
-#define JV5_AVX2_FMA 1
-#define JV5_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define JV5_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 #endif
 
 enum JvIsa : int { JV5_ISA_SCALAR = 0, JV5_ISA_AVX2 = 1, JV5_ISA_AVX512 = 2 };

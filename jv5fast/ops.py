@@ -443,13 +443,10 @@ def pack_linear(weight, kind=None):
             weight.detach().to(torch.bfloat16).contiguous(), 64), weight.shape[0])
     if kind == "jv5fast":
         return PackedLinear("jv5fast", _on_huge_pages(pack_panels(weight).numpy()), weight.shape[0])
-    if not torch.backends.mkldnn.is_available():
+    if not _onednn_linear_ok():  # no mkldnn, or a torch build without these ops
         return None
-    try:
-        return PackedLinear("onednn", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64),
-                            weight.shape[0])
-    except (RuntimeError, AttributeError):  # a torch build without these ops
-        return None
+    return PackedLinear("onednn", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64),
+                        weight.shape[0])
 
 
 def linear(x, weight, packed=None):

@@ -72,8 +72,9 @@ class Backbone:
             self.fused_choice = cpu_tuning.choose_fused(self.args)
         if not ops.cpu_packing() or (precision == "bf16" and not ops.bf16_linear_ok()):
             return False  # JV5FAST_CPU_PACK=0, or no packed GEMM here
+        projections = self._projections()
         by_shape: dict = {}
-        for (i, name), w in self._projections().items():
+        for w in projections.values():
             by_shape.setdefault(tuple(w.shape), []).append(w)
         if precision == "bf16":
             self.gemm_choice = {s: cpu_tuning.GemmChoice(s, "onednn_bf16", "cpu_precision='bf16' (opt-in)", {})
@@ -83,27 +84,30 @@ class Backbone:
                                                   for s, ws in by_shape.items()})
         logging.getLogger("jv5fast").info("jv5fast: CPU fp32 GEMMs: %s", "; ".join(
             f"{n}x{k} {c.describe()['kernel']} ({c.reason})" for (n, k), c in self.gemm_choice.items()))
-        self.packed = {}
-        for i, layer in enumerate(self.layers):
-            for name in list(layer):
-                if name in ("wqkv", "wo", "w13", "w2"):
-                    self._pack(i, name)
+        self.packed = {key: self._pack_one(w) for key, w in projections.items()}
         if not self.packed or any(v is None for v in self.packed.values()):
             self.packed = None
         return self.packed is not None
 
+    def _weight(self, i, name):
+        """Projection ``name`` of layer ``i``; 'wq' / 'wkv' are the row slices of its wqkv that the pruned last
+        layer reads apart."""
+        if name in ("wq", "wkv"):
+            dq = self.args.num_heads * self.args.head_dim
+            w = self.layers[i]["wqkv"]
+            return w[:dq] if name == "wq" else w[dq:]
+        return self.layers[i][name]
+
+    def _packed_names(self, i, names=("wqkv", "wo", "w13", "w2")) -> list:
+        """Which of ``names`` layer ``i`` has a packed copy of: those it holds, plus wq / wkv beside the last
+        layer's wqkv."""
+        out = [n for n in names if n in self.layers[i]]
+        return out + (["wq", "wkv"] if "wqkv" in out and i == len(self.layers) - 1 else [])
+
     def _projections(self) -> dict:
         """{(layer, name): weight} of every projection that gets a packed copy (the last layer's q and k/v
         row slices too)."""
-        out = {}
-        dq = self.args.num_heads * self.args.head_dim
-        for i, layer in enumerate(self.layers):
-            for name in ("wqkv", "wo", "w13", "w2"):
-                if name in layer:
-                    out[(i, name)] = layer[name]
-            if "wqkv" in layer and i == len(self.layers) - 1:
-                out[(i, "wq")], out[(i, "wkv")] = layer["wqkv"][:dq], layer["wqkv"][dq:]
-        return out
+        return {(i, n): self._weight(i, n) for i in range(len(self.layers)) for n in self._packed_names(i)}
 
     def _pack_one(self, w):
         c = self.gemm_choice.get(tuple(w.shape))
@@ -116,20 +120,11 @@ class Backbone:
         return ops.SplitLinear(bounds, [by_kind[k] for k in packs])
 
     def _pack(self, i, name):
-        w = self.layers[i][name]
-        self.packed[(i, name)] = self._pack_one(w)
-        if name == "wqkv" and i == len(self.layers) - 1:  # the pruned last layer reads q and k/v apart
-            dq = self.args.num_heads * self.args.head_dim
-            self.packed[(i, "wq")] = self._pack_one(w[:dq])
-            self.packed[(i, "wkv")] = self._pack_one(w[dq:])
+        for n in self._packed_names(i, (name,)):
+            self.packed[(i, n)] = self._pack_one(self._weight(i, n))
 
     def _linear(self, i, name, h):
-        if name in ("wq", "wkv"):  # row slices of wqkv, for the pruned last layer
-            dq = self.args.num_heads * self.args.head_dim
-            w = self.layers[i]["wqkv"][:dq] if name == "wq" else self.layers[i]["wqkv"][dq:]
-        else:
-            w = self.layers[i][name]
-        return ops.linear(h, w, self.packed.get((i, name)) if self.packed is not None else None)
+        return ops.linear(h, self._weight(i, name), self.packed.get((i, name)) if self.packed is not None else None)
 
     def set_linear(self, i: int, name: str, weight: torch.Tensor):
         """Set a fused projection. A tensor of the same shape is overwritten in place, so its address
