@@ -34,8 +34,8 @@ from .checkpoint import merged_task_from_name  # noqa: F401 (jv5fast.engine.merg
 from .config import load_model_args
 from .devices import check_device
 from .loading import load_prompts
-from .overflow import Splitter, check_chunk_options, check_window, embed_chunked, group_budget, resolve_overflow
-from .postprocess import check_precision, quantize
+from .overflow import Splitter, check_chunk_options, embed_chunked, group_budget, plan_prompts, resolve_overflow
+from .postprocess import check_precision, output_layout, quantize
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("jv5fast")
@@ -266,8 +266,7 @@ class Engine:
         n = len(items)
         chunks = [] if return_chunks else None
         if n == 0:
-            width = k if precision in ("float32", "float16") else (k + 7) // 8
-            dt = {"float32": np.float32, "float16": np.float16, "binary": np.int8, "ubinary": np.uint8}[precision]
+            width, dt = output_layout(k, precision)
             res = np.zeros((0, width), dtype=dt)
         elif policy == "chunk":
             res, chunks, _ = self._embed_chunked(items, prefix, task, k, precision, chunk_overlap, return_chunks,
@@ -287,7 +286,6 @@ class Engine:
         None, tokens the model saw)``."""
         ids, truncated = self._tokenize([prefix + t for t in items])
         splitter = self._chunk_splitter() if keep or any(truncated) else None
-        budget = min(self.max_batch_tokens, CPU_BATCH_TOKENS) if self.device.type == "cpu" else self.max_batch_tokens
         bar = None
         if show_progress_bar and any(truncated):  # a window count is known only as each text is tokenized whole
             from tqdm.auto import tqdm
@@ -297,7 +295,7 @@ class Engine:
                 splitter, prefix, items, ids, truncated, overlap=overlap, k=k, precision=precision, keep=keep,
                 embed_fit=lambda seqs: self._embed_ids(seqs, task, k, True, precision, show_progress_bar),
                 embed_ids=lambda seqs: self._embed_ids(seqs, task, self.dim, True, "float32", False),
-                group_tokens=group_budget(budget, self.max_length), on_group=bar.update if bar else None)
+                group_tokens=group_budget(self._batch_budget(), self.max_length), on_group=bar.update if bar else None)
         finally:
             if bar is not None:
                 bar.close()
@@ -321,21 +319,19 @@ class Engine:
         if not over:
             return {}
         sp = self._chunk_splitter()
-        plans = {}
-        for i in over:
-            plans[i] = sp.prompt_len(prefix, ids[i])
-            check_window(sp.window(plans[i]), overlap, f"{label}[{i}]")
+        plans = plan_prompts(sp, prefix, ids, over, overlap, label)
         return {i: sp.windows(i, prefix, items[i], plans[i], overlap, first=ids[i]) for i in over}
+
+    def _batch_budget(self) -> int:
+        """Tokens per packed forward: max_batch_tokens, capped at CPU_BATCH_TOKENS on the CPU."""
+        return min(self.max_batch_tokens, CPU_BATCH_TOKENS) if self.device.type == "cpu" else self.max_batch_tokens
 
     def _embed_ids(self, ids, task, k, normalize, precision, show_progress_bar):
         """``embed`` from token ids (``_encode``'s, non-empty; arguments checked): (N, width) numpy. Also for
         callers that need the ids themselves (embed-corpus counts tokens without tokenizing twice)."""
         n = len(ids)
         lengths = [len(s) for s in ids]
-        budget = self.max_batch_tokens
-        if self.device.type == "cpu":
-            budget = min(budget, CPU_BATCH_TOKENS)
-        batches = plan_batches(lengths, budget, balance=self.device.type == "cpu")
+        batches = plan_batches(lengths, self._batch_budget(), balance=self.device.type == "cpu")
         if show_progress_bar is None:
             show = len(batches) > _PROGRESS_MIN_BATCHES and n > 64
         else:

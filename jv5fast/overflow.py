@@ -19,12 +19,11 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .postprocess import quantize
+from .postprocess import output_layout, quantize
 from .tokenizer import clean_text
 
 OVERFLOW = ("truncate", "error", "chunk")
 GROUP_BATCHES = 4  # windows are embedded in groups of this many batches' tokens (see group_budget)
-_FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16, "binary": np.int8, "ubinary": np.uint8}
 
 
 def group_budget(max_batch_tokens: int, max_length: int) -> int:
@@ -253,8 +252,17 @@ class WeightedMean:
 def finish(vectors, k: int, precision: str) -> np.ndarray:
     """Full-width unit vectors (m, E) -> Matryoshka-truncated to ``k``, renormalized, in ``precision``."""
     x = np.asarray(vectors, dtype=np.float64)[:, :k]
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    return x if precision == "float32" else quantize(x, precision)
+    return quantize((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), precision)
+
+
+def plan_prompts(splitter, prefix: str, ids, over, overlap: int, label: str = "texts") -> dict:
+    """{i: prompt tokens in its windows} for the over-long texts ``over`` (``ids``: their truncated
+    tokenization), each text's window checked against ``overlap`` before any is embedded."""
+    plans = {}
+    for i in over:
+        plans[i] = splitter.prompt_len(prefix, ids[i])
+        check_window(splitter.window(plans[i]), overlap, f"{label}[{i}]")
+    return plans
 
 
 def stream_windows(texts: Iterable[TextWindows], embed_ids: Callable, group_tokens: int, keep: bool = False,
@@ -319,13 +327,9 @@ def embed_chunked(splitter: Splitter, prefix: str, items, ids, truncated, *, ove
     n = len(items)
     fit = [i for i in range(n) if not truncated[i]]
     over = [i for i in range(n) if truncated[i]]
-    plans = {}  # index -> prompt tokens in its windows
-    for i in over:
-        p = splitter.prompt_len(prefix, ids[i])
-        check_window(splitter.window(p), overlap, f"texts[{i}]")
-        plans[i] = p
-    width = k if precision in ("float32", "float16") else (k + 7) // 8
-    out = np.empty((n, width), dtype=_FLOAT_DTYPES[precision])
+    plans = plan_prompts(splitter, prefix, ids, over, overlap)  # index -> prompt tokens in its windows
+    width, dtype = output_layout(k, precision)
+    out = np.empty((n, width), dtype=dtype)
     tokens = sum(len(ids[i]) for i in fit)
     chunks = [None] * n if keep else None
     if fit:

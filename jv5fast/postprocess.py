@@ -18,6 +18,13 @@ def check_precision(precision) -> str:
     return precision
 
 
+def output_layout(dim: int, precision: str) -> tuple:
+    """(row width, numpy dtype) of ``dim``-wide embeddings in ``precision`` (binary ones pack 8 dims a byte)."""
+    packed = precision in ("binary", "ubinary")
+    return ((dim + 7) // 8 if packed else dim,
+            {"float32": np.float32, "float16": np.float16, "binary": np.int8, "ubinary": np.uint8}[precision])
+
+
 def quantize(embeddings, precision: str):
     """Convert float embeddings (N, K) or (K,) — numpy or torch — to ``precision``; returns numpy."""
     check_precision(precision)
