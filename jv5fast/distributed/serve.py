@@ -54,18 +54,14 @@ def _options(model, options, num_gpus_per_replica, drain_timeout):
                          f"only the GPUs it reserves)")
     app_options = dict(options, drain_timeout=drain_timeout)
     if not app_options.get("served_model_name"):  # as jv5fast serve names it: the folder, or the hub id as given
-        try:
-            from ..server import display_name
-        except ImportError:  # the server's layout changed: its folder name
-            def display_name(path):
-                return os.path.basename(os.path.normpath(path))
+        from ..server import display_name
         model = os.fspath(model)
         app_options["served_model_name"] = display_name(model) if os.path.isdir(model) else model
     create_app(loader=lambda: None, **app_options)  # checks every option (nothing starts)
     limit = inspect.signature(create_app).parameters["max_request_bytes"].default
     app_options.setdefault("max_request_bytes", limit)  # the front reads a body up to this
-    if app_options.get("api_key") is None:  # read here: a replica on another node may not have the variable
-        app_options["api_key"] = os.environ.get("JV5FAST_API_KEY")
+    from ..server import _api_key  # resolved here: a replica on another node may not have $JV5FAST_API_KEY
+    app_options["api_key"] = _api_key(app_options.get("api_key"))
     return engine_options, app_options
 
 
@@ -154,7 +150,7 @@ def _free_port(host):
 def _registry_snapshot(name, timeout_s=5.0):
     from ray import serve
     try:
-        return serve.get_deployment_handle("Registry", app_name=name).snapshot.remote().result(timeout_s=timeout_s)
+        return serve.get_deployment_handle("Registry", app_name=name).snapshot.remote(False).result(timeout_s=timeout_s)
     except Exception:  # noqa: BLE001 — not deployed (yet, or any more)
         return None
 

@@ -168,15 +168,15 @@ class FrontApp:
                 log.debug("jv5fast front %s: report failed: %s", self.name, e)
             await asyncio.sleep(self.report_s)
 
-    async def _snapshot(self):
+    async def _snapshot(self, metrics=True):
         try:
-            return await within(self.registry.snapshot.remote(), 2.0)
+            return await within(self.registry.snapshot.remote(metrics), 2.0)
         except Exception as e:  # noqa: BLE001
             log.warning("jv5fast serve: the replica registry did not answer: %s", e)
             return None
 
     async def _health(self):
-        snap = await self._snapshot()
+        snap = await self._snapshot(metrics=False)
         if snap is None:  # the registry restarting: ask any replica itself
             code, body = 503, {"status": "unavailable", "error": "the replica registry did not answer"}
             try:

@@ -12,7 +12,6 @@ Ray is not imported here: these classes become deployments in ``serve.app()``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
@@ -71,21 +70,6 @@ async def within(awaitable, timeout_s):
         raise
 
 
-def _prometheus_registry(app):
-    """The app's prometheus CollectorRegistry, where ``create_app`` exposes it (None: ask ``GET /metrics``)."""
-    from prometheus_client import CollectorRegistry
-    for holder in (getattr(app.state, "jv5fast_metrics", None), getattr(app, "metrics", None)):
-        reg = getattr(holder, "registry", holder)
-        if isinstance(reg, CollectorRegistry):
-            return reg
-    return None
-
-
-def _local(method, path):
-    return {"http_version": "1.1", "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-            "root_path": "", "query_string": b"", "headers": [], "client": None, "server": None, "body": b""}
-
-
 class Replica:
     """One Engine, its Batcher and the ``jv5fast serve`` app over them (a Ray Serve deployment)."""
 
@@ -109,7 +93,7 @@ class Replica:
             self.app, self.lifespan = app, lifespan
             status = await self.status()
             if status != "ready":
-                why = getattr(getattr(app.state, "jv5fast", None), "error", None)
+                why = app.state.jv5fast.error
                 raise RuntimeError(why or f"the app is {status!r} after its warm-up, not ready")
         except BaseException as e:
             self.error = f"{type(e).__name__}: {e}"
@@ -121,31 +105,16 @@ class Replica:
         log.info("jv5fast replica %s: ready (%s)", self.name, engine)
         await self._report()
 
-    @staticmethod
-    def _status(app) -> str:
-        state = getattr(app.state, "jv5fast", None)
-        current = getattr(state, "current", None)
-        return current() if current is not None else "unknown"
-
     async def status(self) -> str:
         if self.error is not None:
             return "failed"
-        if self.app is None:
-            return "loading"
-        status = self._status(self.app)
-        if status == "unknown":  # create_app keeps its state elsewhere: ask it
-            res = await call_asgi(self.app, _local("GET", "/health"))
-            status = json.loads(res["body"]).get("status", "unknown")
-        return status
+        return "loading" if self.app is None else self.app.state.jv5fast.current()
 
     async def metrics_text(self) -> str:
         if self.app is None:
             return ""
-        reg = _prometheus_registry(self.app)
-        if reg is not None:
-            from prometheus_client import generate_latest
-            return generate_latest(reg).decode()
-        return (await call_asgi(self.app, _local("GET", "/metrics")))["body"].decode()
+        from prometheus_client import generate_latest
+        return generate_latest(self.app.state.jv5fast_metrics.registry).decode()
 
     async def _report(self, status=None, timeout_s=5.0):
         try:
@@ -207,9 +176,10 @@ class Registry:
     def set_draining(self, draining: bool = True):
         self.draining = bool(draining)
 
-    def snapshot(self) -> dict:
+    def snapshot(self, metrics: bool = True) -> dict:
         """``{"draining", "replicas": [...]}``: each report with its ``age`` in seconds; a replica silent for
-        ``stale_s`` is ``unreachable`` (killed, or its node lost), and reports older than ``keep_s`` are dropped."""
+        ``stale_s`` is ``unreachable`` (killed, or its node lost), and reports older than ``keep_s`` are dropped.
+        ``metrics=False`` leaves out the replicas' Prometheus text (what /health, polled often, does not need)."""
         now, out = time.monotonic(), []
         for name, e in list(self.entries.items()):
             age = now - e["seen"]
@@ -217,5 +187,6 @@ class Registry:
                 del self.entries[name]
                 continue
             status = e["status"] if e["status"] == "failed" or age <= self.stale_s else "unreachable"
-            out.append({**{k: v for k, v in e.items() if k != "seen"}, "status": status, "age": round(age, 3)})
+            out.append({**{k: v for k, v in e.items() if k != "seen" and (metrics or k != "metrics")},
+                        "status": status, "age": round(age, 3)})
         return {"draining": self.draining, "replicas": sorted(out, key=lambda e: e["replica"])}
