@@ -19,9 +19,9 @@ that load's GEMMs for this process (every engine it loads gets the same choice, 
 written to the file. ``JV5FAST_CPU_GEMM=jv5fast|onednn`` forces one kernel and measures
 nothing; delete the file to measure again.
 
-Just over 500 lines and one file on purpose: the fused ops (``choose_fused``) are chosen by the same machinery
-as the GEMMs (``pick``, the cache file, the in-process memo, the busy-machine check, ``M_BUCKETS``), and
-``describe`` reports both; split, the fused half would reach back here for all of it.
+One file on purpose: the fused ops (``choose_fused``) are chosen by the same machinery as the GEMMs (``pick``,
+``_timings``: the cache file, the in-process memo, the busy-machine check; ``M_BUCKETS``), and ``describe``
+reports both; split, the fused half would reach back here for all of it.
 """
 from __future__ import annotations
 
