@@ -15,7 +15,17 @@ os.environ["JV5FAST_CACHE"] = _CACHE
 
 import pytest  # noqa: E402
 
+from jv5fast import ops  # noqa: E402
 from jv5fast.testing import write_checkpoint  # noqa: E402
+
+# One kernel choice for the session and every process it starts (CLIs, servers, Ray workers). Left to
+# measurement, each process times the GEMMs and fused ops for itself (the cache above starts empty, and timings
+# taken on a busy machine are not written to it), so two processes could pick differently and their vectors
+# differ by ~1e-6, at the edge of the cross-process checks. The measured choice itself is tested in
+# test_cpu_tuning.py, which unsets both.
+if ops._cpu_ext() is not None:
+    os.environ.setdefault("JV5FAST_CPU_GEMM", "jv5fast")
+    os.environ.setdefault("JV5FAST_CPU_FUSED", "jv5fast")
 
 
 def _kernel_isas():
