@@ -220,8 +220,10 @@ def test_serve_replicas_end_to_end(nano_ckpt):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     lines, errs = [], []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    threading.Thread(target=lambda: errs.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    pumps = [threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True),
+             threading.Thread(target=lambda: errs.extend(iter(proc.stderr.readline, "")), daemon=True)]
+    for t in pumps:
+        t.start()
 
     def said():
         return "".join(lines) + "".join(errs)[-3000:]
@@ -251,6 +253,7 @@ def test_serve_replicas_end_to_end(nano_ckpt):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-    time.sleep(0.2)  # the reader threads take the last lines
+    for t in pumps:  # the last lines, read once the driver has exited
+        t.join(10)
     assert any("jv5fast serve: draining" in ln for ln in lines) and lines[-1].startswith("jv5fast serve: stopped"), \
         said()

@@ -365,12 +365,24 @@ sys.exit(run(sys.argv[1], ray_address=sys.argv[2], name=sys.argv[3], route_prefi
 
 
 def launch(model, name):
-    """run() in a subprocess that joins this module's Ray (a cluster, as --ray-address does); its stdout lines."""
+    """run() in a subprocess that joins this module's Ray (a cluster, as --ray-address does); its stdout lines.
+    Both pipes are pumped (an unread stderr would block the driver once Ray's log lines fill it); proc.said()
+    waits for the pumps after exit, so the last line printed is in `lines`, and tells what the driver said."""
     import ray
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, model, ray.get_runtime_context().gcs_address, name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    lines, errs = [], []
+    pumps = [threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True),
+             threading.Thread(target=lambda: errs.extend(iter(proc.stderr.readline, "")), daemon=True)]
+    for t in pumps:
+        t.start()
+
+    def said():
+        if proc.poll() is not None:
+            for t in pumps:
+                t.join(10)
+        return "".join(lines) + "".join(errs)[-3000:]
+    proc.said = said
     return proc, lines
 
 
@@ -381,11 +393,12 @@ def test_sigterm_while_the_replicas_load_stops_and_exits_zero(served, nano_ckpt)
         wait_for("the listening line", lambda: any("listening on" in ln for ln in lines) or proc.poll(), 120,
                  every=0.02)
         proc.send_signal(signal.SIGTERM)  # a replica takes seconds to start: it is loading now
-        assert proc.wait(120) == 0, "".join(lines) + proc.stderr.read()[-3000:]
+        assert proc.wait(120) == 0, proc.said()
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.2)
+            proc.wait(30)
+    proc.said()  # the pumps have the last line
     assert "jv5fast serve: stopped while loading; not serving\n" in lines, lines
     assert "early" not in serve.status().applications
 
@@ -395,7 +408,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(served, nano_ckpt, eng
     proc, lines = launch(nano_ckpt, "sigterm")
     try:
         wait_for("the ready line", lambda: any("jv5fast serve: ready" in ln for ln in lines) or proc.poll(), 240)
-        assert proc.poll() is None, "".join(lines) + proc.stderr.read()[-3000:]
+        assert proc.poll() is None, proc.said()
         url = [ln for ln in lines if "listening on" in ln][0].split("listening on ")[1].split()[0]
         assert url == served + "/sigterm"
         jobs = [texts(300, seed=500 + i, lo=8, hi=30) for i in range(4)]  # 16-token batches: seconds each
@@ -405,10 +418,12 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(served, nano_ckpt, eng
                 s.value for s in metrics(url)["jv5fast_requests_in_progress"].samples) >= 4, 60)
             proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=120) for f in futs]
-        assert proc.wait(120) == 0, "".join(lines) + proc.stderr.read()[-3000:]
+        assert proc.wait(120) == 0, proc.said()
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
+    proc.said()  # the pumps have the last line
     for batch, r in zip(jobs, results):
         assert r.status_code == 200, r.text
         assert close([d["embedding"] for d in r.json()["data"]], engine.embed(batch))
