@@ -26,17 +26,20 @@ openai = pytest.importorskip("openai")
 WORDS = "the model embedding vector search query document token fast kernel attention über naïve 12.5% GPU".split()
 
 # `jv5fast serve` with slow steps injected, so a test never depends on how fast this CPU is:
-# JV5FAST_TEST_FORWARD_S sleeps that long before every forward batch; JV5FAST_TEST_LOAD_S makes loading the
-# model run native torch work (no GIL, as loading a checkpoint does) for that long, between the lines
-# "test: loading" and "test: loaded".
+# JV5FAST_TEST_FORWARD_S sleeps that long before every forward batch; while the file JV5FAST_TEST_HOLD names
+# exists, every forward batch waits; JV5FAST_TEST_LOAD_S makes loading the model run native torch work (no GIL,
+# as loading a checkpoint does) for that long, between the lines "test: loading" and "test: loaded".
 LAUNCHER = """
 import os, sys, time
 import jv5fast.engine as engine
 forward_s = float(os.environ.get("JV5FAST_TEST_FORWARD_S") or 0)
+hold = os.environ.get("JV5FAST_TEST_HOLD")
 load_s = float(os.environ.get("JV5FAST_TEST_LOAD_S") or 0)
-if forward_s:
+if forward_s or hold:
     forward = engine.Engine._forward
     def slow_forward(self, seqs, *args, **kw):
+        while hold and os.path.exists(hold):
+            time.sleep(0.01)
         time.sleep(forward_s)
         return forward(self, seqs, *args, **kw)
     engine.Engine._forward = slow_forward
@@ -58,13 +61,14 @@ sys.exit(main(sys.argv[1:]))
 
 class Server:
     """``jv5fast serve`` in a subprocess; the port is read from its 'listening on' line. ``forward_s`` /
-    ``load_s``: slow steps injected through ``LAUNCHER``."""
+    ``load_s`` / ``hold`` (a path): slow steps injected through ``LAUNCHER``."""
 
-    def __init__(self, model, *args, env=None, ready=True, forward_s=None, load_s=None):
-        if forward_s or load_s:
+    def __init__(self, model, *args, env=None, ready=True, forward_s=None, load_s=None, hold=None):
+        slow = forward_s or load_s or hold
+        if slow:
             env = {**(env or {}), "JV5FAST_TEST_FORWARD_S": str(forward_s or 0),
-                   "JV5FAST_TEST_LOAD_S": str(load_s or 0)}
-        run = [sys.executable, "-c", LAUNCHER] if forward_s or load_s else [sys.executable, "-m", "jv5fast"]
+                   "JV5FAST_TEST_LOAD_S": str(load_s or 0), "JV5FAST_TEST_HOLD": str(hold or "")}
+        run = [sys.executable, "-c", LAUNCHER] if slow else [sys.executable, "-m", "jv5fast"]
         cmd = [*run, "serve", "--model", model, "--port", "0", "--device", "cpu", "--log-level", "warning",
                *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -359,12 +363,14 @@ def test_overload_is_429_with_retry_after_and_the_server_recovers(strict, engine
     assert strict.metric('jv5fast_requests_total{endpoint="/v1/embeddings",status="429"}') >= 1
 
 
-def test_sigterm_drains_twenty_requests_in_flight_and_exits_zero(nano_ckpt, engines):
-    # 0.005 s a batch: the 800 texts take seconds, so all 20 requests are in flight before any finishes
-    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0", "--drain-timeout", "120",
-                 forward_s=0.005)
+def test_sigterm_drains_twenty_requests_in_flight_and_exits_zero(nano_ckpt, engines, tmp_path):
+    # the forward is held (no batch runs) until all 20 requests are in flight and SIGTERM has been sent, so none
+    # can finish first however slowly a busy machine sends them; then the 800 texts drain
+    hold = tmp_path / "hold"
+    srv = Server(nano_ckpt, "--max-batch-tokens", "8", "--max-wait-ms", "0", "--drain-timeout", "120", hold=hold)
     jobs = [texts(40, seed=300 + i, lo=2, hi=5) for i in range(20)]
     try:
+        hold.touch()
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
             futs = [pool.submit(srv.post, {"input": jobs[i]}) for i in range(20)]
             t0 = time.time()
@@ -372,6 +378,9 @@ def test_sigterm_drains_twenty_requests_in_flight_and_exits_zero(nano_ckpt, engi
                 assert time.time() - t0 < 60 and not any(f.done() for f in futs), "requests finished too soon"
                 time.sleep(0.02)
             srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)  # time for the server to take the signal while all 20 are held
+            assert not any(f.done() for f in futs)
+            hold.unlink()
             results = [f.result(timeout=120) for f in futs]
         assert srv.proc.wait(60) == 0, "".join(srv.stderr)[-3000:]
     finally:
@@ -570,7 +579,7 @@ def test_chunked_document_over_http_with_short_requests_served_meanwhile(nano_ck
     injected, and the document's tokens are over the queue limit) are answered before it; the counters count it."""
     ref = jv5fast.Engine(nano_ckpt, device="cpu", max_length=24)
     srv = Server(nano_ckpt, "--max-length", "24", "--max-batch-tokens", "48", "--max-queue-tokens", "300",
-                 forward_s=0.01)
+                 forward_s=0.02)  # ~130 windows: the document runs for seconds, the short requests take ms
     try:
         document = " ".join(WORDS * 150)  # ~2,500 tokens: some 130 windows of 24
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
