@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ import jv5fast  # noqa: E402
 from jv5fast.cli import main  # noqa: E402
 from jv5fast.cli import serve as serve_cli  # noqa: E402
 from jv5fast.distributed import serve as on_ray  # noqa: E402
+from pumped import Pumped  # noqa: E402
 
 RUN = on_ray.run  # the real one (the fixture below replaces it)
 
@@ -219,14 +219,8 @@ def test_serve_replicas_end_to_end(nano_ckpt):
     # its own session: a failed test kills the driver and the Ray it started, nothing else
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
-    lines, errs = [], []
-    pumps = [threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True),
-             threading.Thread(target=lambda: errs.extend(iter(proc.stderr.readline, "")), daemon=True)]
-    for t in pumps:
-        t.start()
-
-    def said():
-        return "".join(lines) + "".join(errs)[-3000:]
+    out = Pumped(proc)
+    lines, said = out.lines, out.said
     try:
         wait_for("the ready line", lambda: any("jv5fast serve: ready" in ln for ln in lines) or proc.poll() is not None,
                  120)
@@ -253,7 +247,6 @@ def test_serve_replicas_end_to_end(nano_ckpt):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-    for t in pumps:  # the last lines, read once the driver has exited
-        t.join(10)
+    said()  # waits for the last lines
     assert any("jv5fast serve: draining" in ln for ln in lines) and lines[-1].startswith("jv5fast serve: stopped"), \
         said()

@@ -34,6 +34,7 @@ import jv5fast  # noqa: E402
 from jv5fast.distributed import serve_front, serve_replica  # noqa: E402
 from jv5fast.distributed.serve import app as serve_app  # noqa: E402
 from jv5fast.distributed.serve import run  # noqa: E402
+from pumped import Pumped  # noqa: E402
 
 WORDS = "the model embedding vector search query document token fast kernel attention über naïve 12.5% GPU".split()
 DIM = 64  # the tiny nano checkpoint
@@ -366,24 +367,13 @@ sys.exit(run(sys.argv[1], ray_address=sys.argv[2], name=sys.argv[3], route_prefi
 
 def launch(model, name):
     """run() in a subprocess that joins this module's Ray (a cluster, as --ray-address does); its stdout lines.
-    Both pipes are pumped (an unread stderr would block the driver once Ray's log lines fill it); proc.said()
-    waits for the pumps after exit, so the last line printed is in `lines`, and tells what the driver said."""
+    proc.said(): what the driver said, with its last line once it has exited (pumped.Pumped)."""
     import ray
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, model, ray.get_runtime_context().gcs_address, name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines, errs = [], []
-    pumps = [threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True),
-             threading.Thread(target=lambda: errs.extend(iter(proc.stderr.readline, "")), daemon=True)]
-    for t in pumps:
-        t.start()
-
-    def said():
-        if proc.poll() is not None:
-            for t in pumps:
-                t.join(10)
-        return "".join(lines) + "".join(errs)[-3000:]
-    proc.said = said
-    return proc, lines
+    out = Pumped(proc)
+    proc.said = out.said
+    return proc, out.lines
 
 
 def test_sigterm_while_the_replicas_load_stops_and_exits_zero(served, nano_ckpt):
