@@ -29,9 +29,9 @@ def _scores(engine, docs, query, truncate_dim=None, task=None):
 
 def _assert_top_k(got, scores, k, atol=1e-5):
     """`got` (document positions in rank order) is a brute-force top k: the exact score of the hit at each rank
-    equals the brute-force score at that rank to atol. Random documents repeat (a one-word text drawn twice), and a repeated text embeds
-    to the last bit only by row position in the GEMM, so equal scores may come in either order; a document that
-    scores below the top k by more than atol fails."""
+    equals the brute-force score at that rank to atol. Random documents repeat (a one-word text drawn twice), and a
+    repeated text embeds to the last bit only by its row position in the batch, so equal scores may come in either
+    order; a document that scores below the top k by more than atol fails."""
     got = list(got)
     assert len(got) == min(k, len(scores)) and len(set(got)) == len(got), got
     np.testing.assert_allclose(scores[got], np.sort(scores)[::-1][:len(got)], rtol=0, atol=atol)
