@@ -11,10 +11,8 @@ from __future__ import annotations
 import inspect
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ import jv5fast  # noqa: E402
 from jv5fast.cli import main  # noqa: E402
 from jv5fast.cli import serve as serve_cli  # noqa: E402
 from jv5fast.distributed import serve as on_ray  # noqa: E402
-from pumped import Pumped  # noqa: E402
+from procs import Pumped, free_port, wait_for  # noqa: E402
 
 RUN = on_ray.run  # the real one (the fixture below replaces it)
 
@@ -192,19 +190,6 @@ sys.exit(f"imported {{bad}}" if bad else 0)
 
 
 # ---- end to end, on a local Ray ------------------------------------------------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what, cond, timeout, every=0.1):
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(every)
-
-
 def test_serve_replicas_end_to_end(nano_ckpt):
     """`jv5fast serve --replicas 2 --num-cpus-per-replica 0.5 --port P` on a Ray of its own (no RAY_ADDRESS):
     the ready line, vectors equal to Engine.embed, the API key enforced, /health 200 with both replicas, and
@@ -244,9 +229,6 @@ def test_serve_replicas_end_to_end(nano_ckpt):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0, said()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    said()  # waits for the last lines
+        out.stop(group=True)  # kills the driver and its Ray if a check failed; reads the last lines
     assert any("jv5fast serve: draining" in ln for ln in lines) and lines[-1].startswith("jv5fast serve: stopped"), \
         said()

@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ import jv5fast  # noqa: E402
 from jv5fast.distributed import serve_front, serve_replica  # noqa: E402
 from jv5fast.distributed.serve import app as serve_app  # noqa: E402
 from jv5fast.distributed.serve import run  # noqa: E402
-from pumped import Pumped  # noqa: E402
+from procs import Pumped, free_port, wait_for  # noqa: E402
 
 WORDS = "the model embedding vector search query document token fast kernel attention über naïve 12.5% GPU".split()
 DIM = 64  # the tiny nano checkpoint
@@ -49,22 +48,6 @@ def close(got, ref, dim=DIM):
     """Equal to Engine.embed up to GEMM rounding (batch composition differs): 1e-6, x D/k for a k-dim prefix."""
     got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     return got.shape == ref.shape and np.abs(got - ref).max() <= 1e-6 * dim / ref.shape[-1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what, cond, timeout, every=0.2):
-    t0 = time.monotonic()
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() - t0 < timeout, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -366,39 +349,35 @@ sys.exit(run(sys.argv[1], ray_address=sys.argv[2], name=sys.argv[3], route_prefi
 
 
 def launch(model, name):
-    """run() in a subprocess that joins this module's Ray (a cluster, as --ray-address does); its stdout lines.
-    proc.said(): what the driver said, with its last line once it has exited (pumped.Pumped)."""
+    """run() in a subprocess that joins this module's Ray (a cluster, as --ray-address does), its output pumped
+    (procs.Pumped)."""
     import ray
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, model, ray.get_runtime_context().gcs_address, name],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = Pumped(proc)
-    proc.said = out.said
-    return proc, out.lines
+    return Pumped(subprocess.Popen([sys.executable, "-c", LAUNCH, model, ray.get_runtime_context().gcs_address, name],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
 def test_sigterm_while_the_replicas_load_stops_and_exits_zero(served, nano_ckpt):
     from ray import serve
-    proc, lines = launch(nano_ckpt, "early")
+    run = launch(nano_ckpt, "early")
+    proc, lines = run.proc, run.lines
     try:
         wait_for("the listening line", lambda: any("listening on" in ln for ln in lines) or proc.poll(), 120,
                  every=0.02)
         proc.send_signal(signal.SIGTERM)  # a replica takes seconds to start: it is loading now
-        assert proc.wait(120) == 0, proc.said()
+        assert proc.wait(120) == 0, run.said()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-    proc.said()  # the pumps have the last line
+        run.stop()  # kills it if a check failed; reads the last lines
     assert "jv5fast serve: stopped while loading; not serving\n" in lines, lines
     assert "early" not in serve.status().applications
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_zero(served, nano_ckpt, engine):
     from ray import serve
-    proc, lines = launch(nano_ckpt, "sigterm")
+    run = launch(nano_ckpt, "sigterm")
+    proc, lines = run.proc, run.lines
     try:
         wait_for("the ready line", lambda: any("jv5fast serve: ready" in ln for ln in lines) or proc.poll(), 240)
-        assert proc.poll() is None, proc.said()
+        assert proc.poll() is None, run.said()
         url = [ln for ln in lines if "listening on" in ln][0].split("listening on ")[1].split()[0]
         assert url == served + "/sigterm"
         jobs = [texts(300, seed=500 + i, lo=8, hi=30) for i in range(4)]  # 16-token batches: seconds each
@@ -408,12 +387,9 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(served, nano_ckpt, eng
                 s.value for s in metrics(url)["jv5fast_requests_in_progress"].samples) >= 4, 60)
             proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=120) for f in futs]
-        assert proc.wait(120) == 0, proc.said()
+        assert proc.wait(120) == 0, run.said()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-    proc.said()  # the pumps have the last line
+        run.stop()  # kills it if a check failed; reads the last lines
     for batch, r in zip(jobs, results):
         assert r.status_code == 200, r.text
         assert close([d["embedding"] for d in r.json()["data"]], engine.embed(batch))
